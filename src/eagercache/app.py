@@ -1,0 +1,134 @@
+"""The Starlette app: routes, problem documents, and the lifespan that runs the refresher."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .engine import Engine
+from .errors import EagerCacheError, FetchFailed, StoreUnavailable
+from .fetchers import build_registry
+from .keys import Keys
+from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
+from .refresher import Refresher
+from .settings import Settings, load_settings
+from .store import Store, redact
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem_response(doc: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(doc), status_code=doc["status"], media_type=PROBLEM_JSON, headers=headers)
+
+
+def create_app(
+    fetchers: Iterable[Any] | Mapping[str, Any] = (),
+    *,
+    redis_url: str | None = None,
+    namespace: str | None = None,
+    settings: Settings | None = None,
+    use_entry_points: bool = False,
+) -> Starlette:
+    """Build the eagercache ASGI app.
+
+    `fetchers` are async functions (optionally decorated with `@fetcher`), or a mapping of name to
+    function; `settings.fetchers` specs and, with `use_entry_points`, the `eagercache.fetchers`
+    entry points are added to them. Keyword arguments override the matching settings.
+    """
+    settings = settings or load_settings(environ={})
+    settings = msgspec.structs.replace(
+        settings, **{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v is not None}
+    )
+    registry = build_registry(fetchers, specs=settings.fetchers, use_entry_points=use_entry_points)
+    metrics = Metrics()
+    store = Store.from_url(settings.redis_url, Keys(settings.namespace))
+    engine = Engine(registry, store, metrics)
+    refresher = Refresher(engine, store, max_concurrent=settings.max_concurrent_refreshes)
+    kind = "in-memory store: this process only, lost on exit" if store.is_memory else "Redis"
+    log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
+
+    async def data(request: Request) -> Response:
+        name: str = request.path_params["fetcher"]
+        try:
+            read = await engine.read(name, request.scope["query_string"])
+        except EagerCacheError as exc:
+            label = name if name in registry else UNKNOWN_FETCHER_LABEL
+            metrics.requests.labels(label, "error").inc()
+            if isinstance(exc, StoreUnavailable):
+                log.warning("read failed: store unavailable", extra={"fetcher": name, "error": exc.detail})
+            elif not isinstance(exc, FetchFailed):  # fetch failures were logged once by the fetch itself
+                log.debug("bad request", extra={"fetcher": name, "error": exc.detail})
+            return problem_response(exc.problem())
+        metrics.requests.labels(name, read.cache.lower()).inc()
+        return Response(read.body, media_type="application/json", headers={"X-Cache": read.cache})
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def readyz(request: Request) -> Response:
+        reasons = []
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            reasons.append(exc.detail)
+        if refresher.uses_events and not refresher.subscribed:
+            reasons.append("not subscribed to Redis expiry events")
+        if reasons:
+            return problem_response(StoreUnavailable("; ".join(reasons)).problem())
+        return Response(b'{"status":"ready"}', media_type="application/json")
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        doc = {"type": "about:blank", "title": exc.detail, "status": exc.status_code}
+        return problem_response(doc, headers=exc.headers)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        doc = {
+            "type": "urn:eagercache:problem:internal-error",
+            "title": "Internal error",
+            "status": 500,
+            "detail": "the server failed to answer; the error is in its log",
+        }
+        return problem_response(doc)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.ping()
+        await refresher.start()
+        try:
+            yield
+        finally:
+            await refresher.stop()
+            await store.aclose()
+
+    app = Starlette(
+        routes=[
+            Route("/data/{fetcher}", data, methods=["GET", "HEAD"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.refresher = refresher
+    app.state.metrics = metrics
+    app.state.registry = registry
+    app.state.store = store
+    return app

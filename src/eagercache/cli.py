@@ -1,0 +1,94 @@
+"""`eagercache serve` and `eagercache fetchers`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from .app import create_app
+from .errors import ConfigurationError
+from .fetchers import build_registry
+from .logs import configure
+from .settings import load_settings
+
+log = logging.getLogger("eagercache")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eagercache", description="A refresh-ahead cache server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetcher_help = "an extra fetcher as package.module:function (repeatable); entry points are always loaded"
+
+    serve = commands.add_parser("serve", help="run the HTTP server and the refresher")
+    serve.add_argument("--host", help="address to listen on (EAGERCACHE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (EAGERCACHE_PORT, default 8000)")
+    serve.add_argument("--redis-url", help="redis://… or memory:// (EAGERCACHE_REDIS_URL, default memory://)")
+    serve.add_argument("--namespace", help="prefix of every Redis key (EAGERCACHE_NAMESPACE, default eagercache:)")
+    serve.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
+    serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default)")
+
+    listing = commands.add_parser("fetchers", help="list the registered fetchers")
+    listing.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "fetchers":
+            return _list_fetchers(args.fetchers or ())
+        return _serve(vars(args))
+    except ConfigurationError as exc:
+        print(f"eagercache: {exc.detail}", file=sys.stderr)
+        return 2
+
+
+def _serve(flags: dict[str, object]) -> int:
+    flags.pop("command")
+    if flags["fetchers"] is not None:
+        flags["fetchers"] = tuple(flags["fetchers"])  # type: ignore[arg-type]
+    settings = load_settings(flags)
+    configure(settings.log_level, settings.log_format)
+    app = create_app(settings=settings, use_entry_points=True)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=settings.access_log,
+        lifespan="on",
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _list_fetchers(specs: Sequence[str]) -> int:
+    registry = build_registry(
+        specs=load_settings({"fetchers": tuple(specs)} if specs else None).fetchers, use_entry_points=True
+    )
+    if not registry:
+        print("no fetchers registered (entry-point group eagercache.fetchers, or --fetchers package.module:function)")
+        return 0
+    for f in registry.values():
+        params = ", ".join(
+            f"{p.name}: {_type_name(p.annotation)}" + ("" if p.required else f" = {p.default!r}")
+            for p in f.signature.params
+        )
+        print(f"{f.name}({params})  ttl={f.ttl:g}s jitter={f.jitter:g}s timeout={f.timeout:g}s  [{f.source}]")
+    return 0
+
+
+def _type_name(annotation: object) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

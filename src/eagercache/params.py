@@ -1,0 +1,216 @@
+"""Query strings ↔ fetcher keyword arguments, and the canonical form that names a cache entry.
+
+The canonical query lists, sorted by name, every parameter whose value differs from its default,
+each value in one fixed spelling and percent-encoded with nothing left safe. Two requests for the
+same call therefore get the same entry, and no value (``&``, ``=``, ``:``, unicode, empty) can make
+two different calls collide: the encoding is injective and decodes back to the same arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+from urllib.parse import quote, unquote_to_bytes
+
+import msgspec
+
+from .errors import ConfigurationError, InvalidParameters
+
+_SCALARS = (str, int, float, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One keyword parameter of a fetcher, as the query string sees it."""
+
+    name: str
+    annotation: Any
+    element: Any
+    many: bool
+    required: bool
+    default: Any
+    # The default's canonical spelling, so that `?x=1.0` and an omitted `x: float = 1` share one entry.
+    default_spelling: list[str] | None = None
+
+    def convert(self, raw: list[str]) -> Any:
+        """Convert the query's values for this parameter; raise ValueError with a reader-facing reason."""
+        if not self.many and len(raw) > 1:
+            raise ValueError(f"expected one value, got {len(raw)}")
+        values = [self._convert_one(text) for text in raw]
+        return values if self.many else values[0]
+
+    def _convert_one(self, text: str) -> Any:
+        try:
+            value = msgspec.convert(text, self.element, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(_describe(exc, self.element, text)) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        return value
+
+    def canonical(self, value: Any) -> list[str]:
+        return [_spell(v) for v in value] if self.many else [_spell(value)]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A validated call of one fetcher: its arguments and the id of the cache entry that holds its result."""
+
+    fetcher_name: str
+    kwargs: dict[str, Any]
+    entry_id: str
+
+
+class Signature:
+    """The query-facing signature of a fetcher function."""
+
+    def __init__(self, func: Callable[..., Any], fetcher_name: str) -> None:
+        self.fetcher_name = fetcher_name
+        self.params = _params_of(func, fetcher_name)
+        self._by_name = {p.name: p for p in self.params}
+
+    def call_from_query(self, query: bytes | str) -> Call:
+        """Validate a raw query string (bytes as received, or the canonical text) into a Call."""
+        pairs = parse_query(query)
+        errors: dict[str, str] = {}
+        grouped: dict[str, list[str]] = {}
+        for name, value in pairs:
+            if name not in self._by_name:
+                errors[name] = "unknown parameter"
+            else:
+                grouped.setdefault(name, []).append(value)
+        kwargs: dict[str, Any] = {}
+        for param in self.params:
+            raw = grouped.get(param.name)
+            if raw is None:
+                if param.required:
+                    errors[param.name] = "required parameter is missing"
+                else:
+                    kwargs[param.name] = param.default
+                continue
+            try:
+                kwargs[param.name] = param.convert(raw)
+            except ValueError as exc:
+                errors[param.name] = str(exc)
+        if errors:
+            raise InvalidParameters(errors)
+        return Call(self.fetcher_name, kwargs, f"{self.fetcher_name}?{self._canonical(kwargs)}")
+
+    def _canonical(self, kwargs: dict[str, Any]) -> str:
+        parts: list[str] = []
+        for param in self.params:  # already sorted by name
+            value = kwargs[param.name]
+            if value is None:  # only a default can be None: the query string has no spelling for it
+                continue
+            spelled = param.canonical(value)
+            if not param.required and spelled == param.default_spelling:
+                continue
+            name = quote(param.name, safe="")
+            parts.extend(f"{name}={quote(text, safe='')}" for text in spelled)
+        return "&".join(parts)
+
+
+def parse_query(query: bytes | str) -> list[tuple[str, str]]:
+    """Split a query string into decoded (name, value) pairs.
+
+    Unlike urllib's parse_qsl this refuses invalid UTF-8 instead of replacing it with U+FFFD, which
+    would silently merge distinct requests into one entry.
+    """
+    raw = query.encode("ascii") if isinstance(query, str) else query
+    pairs: list[tuple[str, str]] = []
+    for chunk in raw.split(b"&"):
+        if not chunk:
+            continue
+        name, _, value = chunk.partition(b"=")
+        try:
+            pairs.append((_unquote(name), _unquote(value)))
+        except UnicodeDecodeError:
+            raise InvalidParameters({_unquote(name, errors="replace"): "not valid UTF-8"}) from None
+    return pairs
+
+
+def _unquote(text: bytes, errors: str = "strict") -> str:
+    # application/x-www-form-urlencoded: '+' is a space (WHATWG URL standard, section 5.1).
+    return unquote_to_bytes(text.replace(b"+", b" ")).decode("utf-8", errors)
+
+
+def _spell(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _describe(exc: msgspec.ValidationError, element: Any, text: str) -> str:
+    if typing.get_origin(element) is Literal:
+        allowed = ", ".join(repr(choice) for choice in typing.get_args(element))
+        return f"expected one of {allowed}, got {text!r}"
+    if isinstance(element, type) and issubclass(element, enum.Enum):
+        allowed = ", ".join(repr(member.value) for member in element)
+        return f"expected one of {allowed}, got {text!r}"
+    names = {bool: "a boolean (true/false/1/0)", int: "an integer", float: "a number", str: "a string"}
+    return f"expected {names.get(element, getattr(element, '__name__', str(element)))}, got {text!r}"
+
+
+def _params_of(func: Callable[..., Any], fetcher_name: str) -> tuple[Param, ...]:
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception as exc:
+        raise ConfigurationError(f"fetcher {fetcher_name!r}: cannot resolve type hints: {exc}") from exc
+    params = []
+    for p in inspect.signature(func).parameters.values():
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            raise ConfigurationError(
+                f"fetcher {fetcher_name!r}: parameter {p.name!r} must be a keyword parameter (no *args, **kwargs, "
+                "positional-only)"
+            )
+        annotation = hints.get(p.name, str)
+        element, many = _shape(annotation, fetcher_name, p.name)
+        required = p.default is inspect.Parameter.empty
+        param = Param(p.name, annotation, element, many, required, None if required else p.default)
+        if not required and p.default is not None:
+            try:
+                spelling = param.canonical(param.convert(param.canonical(p.default)))
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(
+                    f"fetcher {fetcher_name!r}: default {p.default!r} of parameter {p.name!r} does not fit its type "
+                    f"{annotation!r}: {exc}"
+                ) from exc
+            param = dataclasses.replace(param, default_spelling=spelling)
+        params.append(param)
+    return tuple(sorted(params, key=lambda param: param.name))
+
+
+def _shape(annotation: Any, fetcher_name: str, name: str) -> tuple[Any, bool]:
+    """Return (element type, is-a-list) for a supported annotation, or refuse it at registration."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _shape(rest[0], fetcher_name, name)
+    if typing.get_origin(annotation) is list and len(args) == 1 and _is_scalar(args[0]):
+        return args[0], True
+    if _is_scalar(annotation):
+        return annotation, False
+    raise ConfigurationError(
+        f"fetcher {fetcher_name!r}: parameter {name!r} has type {annotation!r}; supported are str, int, float, bool, "
+        "Literal, Enum, list[...] of those, and X | None"
+    )
+
+
+def _is_scalar(annotation: Any) -> bool:
+    if annotation in _SCALARS:
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(choice, (str, int)) for choice in typing.get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, enum.Enum)

@@ -1,0 +1,73 @@
+"""Settings, from command-line flags over `EAGERCACHE_*` environment variables over defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import ConfigurationError
+from .keys import DEFAULT_NAMESPACE
+from .store import MEMORY_URL
+
+ENV_PREFIX = "EAGERCACHE_"
+LogFormat = Literal["text", "json"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str = MEMORY_URL
+    namespace: str = DEFAULT_NAMESPACE
+    fetchers: tuple[str, ...] = ()
+    """Extra fetchers as `package.module:function`, besides the `eagercache.fetchers` entry points."""
+    max_concurrent_refreshes: int = 64
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: LogFormat = "text"
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, got {self.port}")
+        if not self.namespace or any(c.isspace() for c in self.namespace):
+            raise ValueError(f"namespace must be non-empty without whitespace, got {self.namespace!r}")
+        if self.max_concurrent_refreshes < 1:
+            raise ValueError("max_concurrent_refreshes must be at least 1")
+        if not self.redis_url.startswith((MEMORY_URL, "redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"redis_url must start with memory://, redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings: `overrides` (flags; None values ignored) win over the environment."""
+    environ = os.environ if environ is None else environ
+    fields = set(Settings.__struct_fields__)
+    raw: dict[str, Any] = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and (field := name[len(ENV_PREFIX) :].lower()) in fields:
+            raw[field] = _from_env(field, value)
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"invalid setting: {_with_env_name(str(exc))}") from exc
+
+
+def _from_env(field: str, value: str) -> Any:
+    if field == "fetchers":
+        return tuple(spec.strip() for spec in value.split(",") if spec.strip())
+    if field == "log_level":
+        return value.upper()
+    return value
+
+
+def _with_env_name(message: str) -> str:
+    # msgspec says "- at `$.port`"; operators know the setting as --port / EAGERCACHE_PORT.
+    if "`$." in message:
+        head, _, tail = message.partition("`$.")
+        field = tail.split("`", 1)[0]
+        return f"{field} (--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}): {head.rstrip(' -')}"
+    return message
