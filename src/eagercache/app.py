@@ -118,7 +118,7 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/data/{fetcher}", data, methods=["GET", "HEAD"]),
+            Route("/data/{fetcher:path}", data, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),

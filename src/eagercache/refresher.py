@@ -32,6 +32,7 @@ LEASE_MARGIN_MS = 5_000
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 5.0
 DRAIN_TIMEOUT_S = 10.0
+FIRST_SUBSCRIPTION_TIMEOUT_S = 5.0
 
 
 class Refresher:
@@ -43,9 +44,13 @@ class Refresher:
         self.max_concurrent = max_concurrent
         slowest_s = max((f.timeout for f in engine.registry.values()), default=0.0)
         self.lease_ms = int(slowest_s * 1000) + LEASE_MARGIN_MS
-        self.subscribed = False
+        self._subscribed = asyncio.Event()
+        self.schedule_max_wait_s = SCHEDULE_MAX_WAIT_S
         self.uses_events = not store.is_memory
         self._wake = asyncio.Event()
+        # Loops also stop on this flag: a CancelledError that lands inside a redis-py call can be
+        # swallowed there (it drops the connection instead), and the loop would then run on.
+        self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
         engine.on_write(self._wake.set)
@@ -54,9 +59,14 @@ class Refresher:
         if self.uses_events:
             await self.store.enable_expiry_events()
             self._loops.append(self._loop(self._follow_events(), "expiry events"))
+            # Ready means subscribed; a failure here is retried by the loop (and /readyz says so).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), FIRST_SUBSCRIPTION_TIMEOUT_S)
         self._loops.append(self._loop(self._follow_schedule(), "schedule"))
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -95,7 +105,7 @@ class Refresher:
 
     async def _follow_schedule(self) -> None:
         outage = _Outage("schedule")
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 claimed = await self.store.claim_due(self.lease_ms, min(self._capacity, CLAIM_BATCH))
@@ -110,20 +120,21 @@ class Refresher:
             if self._capacity <= 0:
                 await self._wake.wait()
                 continue
-            wait_s = SCHEDULE_MAX_WAIT_S if next_due is None else (next_due - now_ms()) / 1000
+            max_wait_s = self.schedule_max_wait_s
+            wait_s = max_wait_s if next_due is None else (next_due - now_ms()) / 1000
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, min(wait_s, SCHEDULE_MAX_WAIT_S)))
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(wait_s, max_wait_s)))
 
     async def _follow_events(self) -> None:
         outage = _Outage("expiry events")
         keys = self.store.keys
-        while True:
+        while not self._stopping:
             pubsub = self.store.pubsub()
             try:
                 await pubsub.psubscribe(EXPIRED_CHANNEL)
                 self._set_subscribed(True)
                 outage.over()
-                while True:
+                while not self._stopping:
                     message = await pubsub.get_message(timeout=SCHEDULE_MAX_WAIT_S)
                     if message is None:
                         continue
@@ -140,8 +151,15 @@ class Refresher:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed.is_set()
+
     def _set_subscribed(self, up: bool) -> None:
-        self.subscribed = up
+        if up:
+            self._subscribed.set()
+        else:
+            self._subscribed.clear()
         self.engine.metrics.subscribed.set(1 if up else 0)
 
 

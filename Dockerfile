@@ -1,0 +1,28 @@
+# eagercache with the example fetchers as demo content, on the embedded memory:// store by default.
+#   docker build -t eagercache .
+#   docker run --rm -p 8000:8000 eagercache
+#   docker run --rm -p 8000:8000 -e EAGERCACHE_REDIS_URL=redis://redis:6379/0 eagercache
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+# The project and the examples package (its entry points register clock, greeting and prices).
+COPY pyproject.toml README.md /tmp/eagercache/
+COPY src /tmp/eagercache/src
+COPY examples /tmp/eagercache/examples
+RUN pip install --no-cache-dir /tmp/eagercache /tmp/eagercache/examples \
+    && rm -rf /tmp/eagercache
+
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin eagercache
+USER eagercache
+
+EXPOSE 8000
+# The probe follows EAGERCACHE_PORT; if you change the port, change it there rather than with --port.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('EAGERCACHE_PORT', '8000') + '/healthz', timeout=4)"]
+
+ENTRYPOINT ["eagercache"]
+CMD ["serve", "--host", "0.0.0.0"]

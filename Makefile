@@ -1,0 +1,33 @@
+# The single entry point for routine work. `make run` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint format clean
+
+$(STAMP): pyproject.toml examples/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]' -e ./examples
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install  ## serve the example fetchers on the in-memory store at http://127.0.0.1:8000
+	$(BIN)/eagercache serve
+
+test: lint  ## lint, then the whole suite (starts its own redis-server)
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache src/*.egg-info examples/*.egg-info

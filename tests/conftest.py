@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from eagercache import create_app
+from eagercache.keys import DEFAULT_NAMESPACE
+from starlette.applications import Starlette
+
+from .redis_server import RedisServer
+
+AppFactory = Callable[..., Awaitable[tuple[Starlette, httpx.AsyncClient]]]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """One real server per test session, unless EAGERCACHE_TEST_REDIS_URL names one to reuse."""
+    if url := os.environ.get("EAGERCACHE_TEST_REDIS_URL"):
+        yield url
+        return
+    server = RedisServer()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_sync(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["redis", "memory"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Behaviour tests run on a real Redis and on the memory store."""
+    if request.param == "memory":
+        return "memory://"
+    request.getfixturevalue("redis_sync")  # flushed before the test
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture
+async def make_app(store_url: str) -> AsyncIterator[AppFactory]:
+    """Build an app on the test's store, run its lifespan, and give an HTTP client talking to it."""
+    async with AsyncExitStack() as stack:
+
+        async def factory(fetchers: Any, **kwargs: Any) -> tuple[Starlette, httpx.AsyncClient]:
+            kwargs.setdefault("redis_url", store_url)
+            app = create_app(fetchers, **kwargs)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+            await stack.enter_async_context(client)
+            return app, client
+
+        yield factory
+
+
+@pytest.fixture
+def namespace() -> str:
+    return DEFAULT_NAMESPACE

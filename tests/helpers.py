@@ -1,0 +1,26 @@
+"""Small awaitable counters, so tests wait for events instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+class Counter:
+    """Counts occurrences; `await counter.reach(n)` returns once it has counted n (or times out)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    def hit(self) -> None:
+        self.count += 1
+        self._changed.set()
+
+    async def reach(self, n: int, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.count < n:
+                self._changed.clear()
+                await self._changed.wait()
