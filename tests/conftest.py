@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from starlette.applications import Starlette
 
 from eagercache import create_app
 from eagercache.keys import DEFAULT_NAMESPACE
-from starlette.applications import Starlette
 
 from .redis_server import RedisServer
 

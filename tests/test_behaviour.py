@@ -6,7 +6,6 @@ import asyncio
 import logging
 from typing import Any, Literal
 
-import httpx
 import pytest
 from starlette.applications import Starlette
 
@@ -189,7 +188,7 @@ async def test_equivalent_queries_share_one_entry(make_app: AppFactory) -> None:
 async def test_different_calls_never_share_an_entry(make_app: AppFactory) -> None:
     echo = Echo()
     _, client = await make_app({"echo": echo_fetcher(echo)})
-    distinct = {
+    distinct: dict[str, dict[str, Any]] = {
         "": {"s": "x"},
         "s=": {"s": ""},
         "s=a%26n%3D2": {"s": "a&n=2"},
@@ -378,5 +377,3 @@ async def test_metrics_count_hits_misses_and_fetches(make_app: AppFactory) -> No
     assert 'eagercache_requests_total{fetcher="echo",result="miss"} 1.0' in text
     assert 'eagercache_requests_total{fetcher="echo",result="hit"} 1.0' in text
     assert 'eagercache_fetches_total{cause="cold",fetcher="echo",outcome="ok"} 1.0' in text
-
-
