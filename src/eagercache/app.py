@@ -46,7 +46,7 @@ def create_app(
     function; `settings.fetchers` specs and, with `use_entry_points`, the `eagercache.fetchers`
     entry points are added to them. Keyword arguments override the matching settings.
     """
-    settings = settings or load_settings(environ={})
+    settings = settings or load_settings()
     settings = msgspec.structs.replace(
         settings, **{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v is not None}
     )

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
 import uvicorn
 
 from .app import create_app
-from .errors import ConfigurationError
+from .errors import EagerCacheError
 from .fetchers import build_registry
+from .keys import Keys
 from .logs import configure
-from .settings import load_settings
-
-log = logging.getLogger("eagercache")
+from .settings import ENV_PREFIX, Settings, from_env, load_settings
+from .store import Store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "fetchers":
             return _list_fetchers(args.fetchers or ())
         return _serve(vars(args))
-    except ConfigurationError as exc:
+    except EagerCacheError as exc:  # configuration, or a store that cannot work: one line, no traceback
         print(f"eagercache: {exc.detail}", file=sys.stderr)
         return 2
 
@@ -56,6 +57,7 @@ def _serve(flags: dict[str, object]) -> int:
     settings = load_settings(flags)
     configure(settings.log_level, settings.log_format)
     app = create_app(settings=settings, use_entry_points=True)
+    asyncio.run(_preflight(settings))
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -70,10 +72,23 @@ def _serve(flags: dict[str, object]) -> int:
     return 0 if server.started else 1
 
 
+async def _preflight(settings: Settings) -> None:
+    """Check the store before uvicorn starts, so a bad URL or server setting is one clear line, not a traceback.
+
+    The app's lifespan does the same again; both are idempotent.
+    """
+    store = Store.from_url(settings.redis_url, Keys(settings.namespace))
+    try:
+        await store.ping()
+        if not store.is_memory:
+            await store.enable_expiry_events()
+    finally:
+        await store.aclose()
+
+
 def _list_fetchers(specs: Sequence[str]) -> int:
-    registry = build_registry(
-        specs=load_settings({"fetchers": tuple(specs)} if specs else None).fetchers, use_entry_points=True
-    )
+    specs = specs or from_env("fetchers", os.environ.get(f"{ENV_PREFIX}FETCHERS", ""))
+    registry = build_registry(specs=specs, use_entry_points=True)
     if not registry:
         print("no fetchers registered (entry-point group eagercache.fetchers, or --fetchers package.module:function)")
         return 0

@@ -180,13 +180,15 @@ def _params_of(func: Callable[..., Any], fetcher_name: str) -> tuple[Param, ...]
         param = Param(p.name, annotation, element, many, required, None if required else p.default)
         if not required and p.default is not None:
             try:
-                spelling = param.canonical(param.convert(param.canonical(p.default)))
+                # Through the query path and back: `x: float = 1` then passes 1.0 whether or not `x` was given.
+                default = param.convert(param.canonical(p.default))
+                spelling = param.canonical(default)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(
                     f"fetcher {fetcher_name!r}: default {p.default!r} of parameter {p.name!r} does not fit its type "
                     f"{annotation!r}: {exc}"
                 ) from exc
-            param = dataclasses.replace(param, default_spelling=spelling)
+            param = dataclasses.replace(param, default=default, default_spelling=spelling)
         params.append(param)
     return tuple(sorted(params, key=lambda param: param.name))
 

@@ -19,11 +19,10 @@ from redis.exceptions import RedisError
 
 from .engine import Cause, Engine
 from .errors import StoreUnavailable
-from .store import Store, now_ms
+from .store import EXPIRED_CHANNEL, Store, now_ms
 
 log = logging.getLogger(__name__)
 
-EXPIRED_CHANNEL = "__keyevent@*__:expired"
 # The schedule is re-read at least this often, to see entries other replicas scheduled.
 SCHEDULE_MAX_WAIT_S = 1.0
 CLAIM_BATCH = 256

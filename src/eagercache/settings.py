@@ -48,7 +48,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[s
     raw: dict[str, Any] = {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and (field := name[len(ENV_PREFIX) :].lower()) in fields:
-            raw[field] = _from_env(field, value)
+            raw[field] = from_env(field, value)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return msgspec.convert(raw, Settings, strict=False)
@@ -56,11 +56,12 @@ def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[s
         raise ConfigurationError(f"invalid setting: {_with_env_name(str(exc))}") from exc
 
 
-def _from_env(field: str, value: str) -> Any:
+def from_env(field: str, value: str) -> Any:
+    """Parse one setting's environment text (comma-separated lists, case-insensitive enums)."""
     if field == "fetchers":
         return tuple(spec.strip() for spec in value.split(",") if spec.strip())
-    if field == "log_level":
-        return value.upper()
+    if field in ("log_level", "log_format"):
+        return value.upper() if field == "log_level" else value.lower()
     return value
 
 
@@ -69,5 +70,5 @@ def _with_env_name(message: str) -> str:
     if "`$." in message:
         head, _, tail = message.partition("`$.")
         field = tail.split("`", 1)[0]
-        return f"{field} (--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}): {head.rstrip(' -')}"
+        return f"{field} (--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}): {head.removesuffix(' - at ')}"
     return message

@@ -8,6 +8,7 @@ the events is what the refresher trusts.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import redis.asyncio as redis
+from redis import exceptions as redis_exceptions
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
@@ -24,6 +26,8 @@ from .keys import Keys
 MEMORY_URL = "memory://"
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
+EXPIRED_CHANNEL = "__keyevent@*__:expired"
+EVENT_PROBE_TIMEOUT_S = 2.0
 # Keyspace notification flags: E = keyevent channel, x = expired events; A is an alias that includes x.
 _NEEDED_EVENT_FLAGS = "Ex"
 
@@ -63,7 +67,7 @@ def redact(url: str) -> str:
 def _redis_errors(url: str) -> Iterator[None]:
     try:
         yield
-    except (ConnectionError, OSError) as exc:  # raw socket errors that redis-py lets through
+    except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError, OSError) as exc:
         raise StoreUnavailable(f"cannot reach the store at {redact(url)}: {exc}") from exc
     except RedisError as exc:
         raise StoreUnavailable(f"store error at {redact(url)}: {type(exc).__name__}: {exc}") from exc
@@ -160,27 +164,52 @@ class Store:
         """
         with _redis_errors(self.url):
             try:
-                current = (await self.client.config_get("notify-keyspace-events")).get("notify-keyspace-events", "")
-            except ResponseError:
-                current = None  # CONFIG is disabled (managed Redis); we can only tell from the error below
-            if current is not None and _has_expired_events(_text(current)):
+                current = _text((await self.client.config_get("notify-keyspace-events")).get("notify-keyspace-events"))
+            except ResponseError as exc:
+                # CONFIG is disabled or not allowed for this user (managed Redis, ACLs): see for ourselves.
+                if await self._expiry_events_arrive():
+                    return
+                raise self._events_off(_NEEDED_EVENT_FLAGS, exc) from exc
+            if _has_expired_events(current):
                 return
-            wanted = _merge_flags(_text(current or ""))
+            wanted = _merge_flags(current)
             try:
                 await self.client.config_set("notify-keyspace-events", wanted)
             except ResponseError as exc:
-                raise ConfigurationError(
-                    f"the Redis server at {redact(self.url)} does not publish key expiry events and refused to "
-                    f"enable them ({exc}). Set `notify-keyspace-events {wanted}` on the server (redis.conf, or the "
-                    "parameter group of a managed Redis), then start eagercache again."
-                ) from exc
+                raise self._events_off(wanted, exc) from exc
+
+    def _events_off(self, wanted: str, exc: Exception) -> ConfigurationError:
+        return ConfigurationError(
+            f"the Redis server at {redact(self.url)} does not publish key expiry events and eagercache cannot "
+            f"enable them ({exc}). Set `notify-keyspace-events {wanted}` on the server (redis.conf, or the "
+            "parameter group of a managed Redis), then start eagercache again."
+        )
+
+    async def _expiry_events_arrive(self) -> bool:
+        """Expire a probe key under the namespace and wait briefly for its `expired` event."""
+        probe = f"{self.keys.namespace}probe:{uuid.uuid4().hex}"
+        pubsub = self.pubsub()
+        try:
+            await pubsub.psubscribe(EXPIRED_CHANNEL)
+            await self.client.set(probe, b"", px=1)
+            deadline = time.monotonic() + EVENT_PROBE_TIMEOUT_S
+            while time.monotonic() < deadline:
+                # Touching an expired key deletes it at once (lazy expiry), which publishes the event.
+                await self.client.exists(probe)
+                message = await pubsub.get_message(timeout=0.05)
+                if message is not None and _text(message["data"]) == probe:
+                    return True
+            return False
+        finally:
+            await self.client.delete(probe)
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def pubsub(self) -> PubSub:
         return self.client.pubsub(ignore_subscribe_messages=True)
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def _has_expired_events(flags: str) -> bool:
