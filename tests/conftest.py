@@ -57,9 +57,13 @@ async def make_app(store_url: str) -> AsyncIterator[AppFactory]:
     """Build an app on the test's store, run its lifespan, and give an HTTP client talking to it."""
     async with AsyncExitStack() as stack:
 
-        async def factory(fetchers: Any, **kwargs: Any) -> tuple[Starlette, httpx.AsyncClient]:
+        async def factory(
+            fetchers: Any, prepare: Callable[[Starlette], None] | None = None, **kwargs: Any
+        ) -> tuple[Starlette, httpx.AsyncClient]:
             kwargs.setdefault("redis_url", store_url)
             app = create_app(fetchers, **kwargs)
+            if prepare is not None:
+                prepare(app)  # e.g. tune the refresher before it starts
             await stack.enter_async_context(app.router.lifespan_context(app))
             client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
             await stack.enter_async_context(client)

@@ -108,9 +108,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.ping()
-        await refresher.start()
         try:
+            await store.ping()
+            await refresher.start()
             yield
         finally:
             await refresher.stop()

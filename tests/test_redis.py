@@ -1,0 +1,132 @@
+"""What only a real Redis can show: expiry events, server configuration, outages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import redis
+from starlette.applications import Starlette
+
+from eagercache import ConfigurationError, create_app, fetcher
+
+from .helpers import Counter
+from .redis_server import RedisServer
+
+
+@fetcher(ttl=0.5, jitter=0)
+async def stamp(k: str = "a") -> str:
+    return f"{k}@{asyncio.get_running_loop().time()}"
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server of the test's own, to stop, restart or configure."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@asynccontextmanager
+async def running(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            yield client
+
+
+async def test_expired_events_drive_refresh_of_entries_written_elsewhere(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """Replica B refreshes an entry that replica A wrote and left, learning of it only from the event."""
+    replica_b = create_app([stamp], redis_url=redis_url)
+    replica_b.state.refresher.schedule_max_wait_s = 30.0  # B would not look at the schedule in time
+    writes_b = Counter()
+    replica_b.state.engine.on_write(writes_b.hit)
+    async with running(replica_b):
+        assert replica_b.state.refresher.subscribed
+        replica_a = create_app([stamp], redis_url=redis_url)
+        async with running(replica_a) as client_a:
+            first = (await client_a.get("/data/stamp?k=z")).json()
+        await writes_b.reach(1, timeout=5)
+        metrics = replica_b.state.metrics
+        assert metrics.sample("eagercache_fetches_total", fetcher="stamp", cause="event", outcome="ok") >= 1
+        stored = redis_sync.get("eagercache:item:stamp?k=z")
+        assert stored is not None and first["last_retrieved"].encode() not in stored
+
+
+async def test_expiry_events_are_enabled_by_adding_flags(redis_url: str, redis_sync: redis.Redis) -> None:
+    redis_sync.config_set("notify-keyspace-events", "Kg")
+    try:
+        async with running(create_app([stamp], redis_url=redis_url)):
+            flags = redis_sync.config_get("notify-keyspace-events")["notify-keyspace-events"]
+        assert set(flags) >= {"K", "g", "E", "x"}
+    finally:
+        redis_sync.config_set("notify-keyspace-events", "")
+
+
+async def test_server_without_config_and_without_events_fails_start_up_clearly() -> None:
+    server = RedisServer("--rename-command", "CONFIG", '""')
+    server.start()
+    try:
+        app = create_app([stamp], redis_url=server.url)
+        with pytest.raises(ConfigurationError) as caught:
+            async with running(app):
+                pass
+        assert "notify-keyspace-events Ex" in caught.value.detail
+        assert server.client().keys("*") == []  # the probe key is gone
+    finally:
+        server.stop()
+
+
+async def test_server_without_config_but_with_events_works() -> None:
+    server = RedisServer("--rename-command", "CONFIG", '""', "--notify-keyspace-events", "Ex")
+    server.start()
+    try:
+        app = create_app([stamp], redis_url=server.url)
+        writes = Counter()
+        app.state.engine.on_write(writes.hit)
+        async with running(app) as client:
+            assert app.state.refresher.subscribed
+            assert (await client.get("/data/stamp")).status_code == 200
+            await writes.reach(2)
+    finally:
+        server.stop()
+
+
+async def test_store_outage_is_503_and_the_service_recovers(own_server: RedisServer) -> None:
+    app = create_app([stamp], redis_url=own_server.url)
+    async with running(app) as client:
+        assert (await client.get("/data/stamp")).status_code == 200
+        own_server.stop()
+        down = await client.get("/data/stamp")
+        assert down.status_code == 503
+        assert down.headers["content-type"] == "application/problem+json"
+        assert down.json()["type"] == "urn:eagercache:problem:store-unavailable"
+        assert "Traceback" not in down.text
+        assert (await client.get("/readyz")).status_code == 503
+
+        own_server.start()
+        async with asyncio.timeout(10):
+            while (await client.get("/readyz")).status_code != 200:
+                await asyncio.sleep(0.05)  # polling an outside process: there is no event to await
+        back = await client.get("/data/stamp")
+        assert (back.status_code, back.headers["x-cache"]) == (200, "MISS")  # the server kept nothing
+
+
+async def test_an_entry_is_stored_whole(redis_url: str, redis_sync: redis.Redis) -> None:
+    async with running(create_app([stamp], redis_url=redis_url)) as client:
+        body = (await client.get("/data/stamp?k=q")).content
+        with redis_sync.pipeline(transaction=True) as pipe:
+            pipe.get("eagercache:item:stamp?k=q")
+            pipe.pttl("eagercache:shadow:stamp?k=q")
+            pipe.zscore("eagercache:due", "stamp?k=q")
+            item, shadow_ttl, due = pipe.execute()
+    assert item == body
+    assert 0 < shadow_ttl <= 500
+    assert due is not None
