@@ -32,7 +32,7 @@ async def sample(
 
 
 SIG = Signature(sample, "sample")
-text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
+text = st.text(st.characters(codec="utf-8"), max_size=8)
 calls = st.fixed_dictionaries(
     {},
     optional={

@@ -65,7 +65,7 @@ async def test_expiry_events_are_enabled_by_adding_flags(redis_url: str, redis_s
     try:
         async with running(create_app([stamp], redis_url=redis_url)):
             flags = redis_sync.config_get("notify-keyspace-events")["notify-keyspace-events"]
-        assert set(flags) >= {"K", "g", "E", "x"}
+        assert set(str(flags)) >= {"K", "g", "E", "x"}
     finally:
         redis_sync.config_set("notify-keyspace-events", "")
 
