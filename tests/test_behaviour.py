@@ -60,11 +60,11 @@ async def test_concurrent_cold_reads_fetch_once(make_app: AppFactory, monkeypatc
     store = app.state.store
     original_get = store.get
 
-    async def counting_get(entry_id: str) -> bytes | None:
-        body: bytes | None = await original_get(entry_id)
+    async def counting_get(entry_id: str) -> tuple[bytes | None, Any]:
+        body, stale = await original_get(entry_id)
         if body is None:
             misses.hit()
-        return body
+        return body, stale
 
     monkeypatch.setattr(store, "get", counting_get)
     requests = [asyncio.create_task(client.get("/data/slow?n=7")) for _ in range(50)]

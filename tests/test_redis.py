@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +12,7 @@ import pytest
 import redis
 from starlette.applications import Starlette
 
-from eagercache import ConfigurationError, create_app, fetcher
+from eagercache import create_app, fetcher
 
 from .helpers import Counter
 from .redis_server import RedisServer
@@ -70,16 +71,28 @@ async def test_expiry_events_are_enabled_by_adding_flags(redis_url: str, redis_s
         redis_sync.config_set("notify-keyspace-events", "")
 
 
-async def test_server_without_config_and_without_events_fails_start_up_clearly() -> None:
+async def test_server_without_config_and_without_events_runs_on_the_schedule(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Managed Redis with CONFIG off and no keyspace events: one warning naming the setting, and refresh still works."""
     server = RedisServer("--rename-command", "CONFIG", '""')
     server.start()
     try:
         app = create_app([stamp], redis_url=server.url)
-        with pytest.raises(ConfigurationError) as caught:
-            async with running(app):
-                pass
-        assert "notify-keyspace-events Ex" in caught.value.detail
-        assert server.client().keys("*") == []  # the probe key is gone
+        writes = Counter()
+        app.state.engine.on_write(writes.hit)
+        with caplog.at_level(logging.WARNING, logger="eagercache"):
+            async with running(app) as client:
+                assert (await client.get("/data/stamp")).status_code == 200
+                await writes.reach(3)  # the cold write and two refreshes, from the schedule alone
+                assert (await client.get("/readyz")).status_code == 200
+                metrics = (await client.get("/metrics")).text
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "notify-keyspace-events Ex" in warnings[0].__dict__["why"]
+        assert 'eagercache_refresh_mode{mode="schedule"} 1.0' in metrics
+        assert 'eagercache_fetches_total{cause="schedule",fetcher="stamp",outcome="ok"}' in metrics
+        assert not [k for k in server.client().keys("*") if b"probe" in k]
     finally:
         server.stop()
 

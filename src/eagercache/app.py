@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .engine import Engine
-from .errors import EagerCacheError, FetchFailed, StoreUnavailable
+from .errors import DataTooStale, EagerCacheError, FetchFailed, StoreUnavailable
 from .fetchers import build_registry
 from .keys import Keys
 from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
@@ -53,8 +53,14 @@ def create_app(
     registry = build_registry(fetchers, specs=settings.fetchers, use_entry_points=use_entry_points)
     metrics = Metrics()
     store = Store.from_url(settings.redis_url, Keys(settings.namespace))
-    engine = Engine(registry, store, metrics)
-    refresher = Refresher(engine, store, max_concurrent=settings.max_concurrent_refreshes)
+    engine = Engine(registry, store, metrics, max_concurrent_fetches=settings.max_concurrent_fetches)
+    refresher = Refresher(
+        engine,
+        store,
+        max_concurrent=settings.max_concurrent_fetches,
+        backstop_interval_s=settings.backstop_interval,
+        shutdown_timeout_s=settings.shutdown_timeout,
+    )
     kind = "in-memory store: this process only, lost on exit" if store.is_memory else "Redis"
     log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
 
@@ -65,8 +71,8 @@ def create_app(
         except EagerCacheError as exc:
             label = name if name in registry else UNKNOWN_FETCHER_LABEL
             metrics.requests.labels(label, "error").inc()
-            if isinstance(exc, StoreUnavailable):
-                log.warning("read failed: store unavailable", extra={"fetcher": name, "error": exc.detail})
+            if isinstance(exc, (StoreUnavailable, DataTooStale)):
+                log.warning("read failed", extra={"fetcher": name, "error": exc.detail})
             elif not isinstance(exc, FetchFailed):  # fetch failures were logged once by the fetch itself
                 log.debug("bad request", extra={"fetcher": name, "error": exc.detail})
             return problem_response(exc.problem())

@@ -30,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="redis://… or memory:// (EAGERCACHE_REDIS_URL, default memory://)")
     serve.add_argument("--namespace", help="prefix of every Redis key (EAGERCACHE_NAMESPACE, default eagercache:)")
     serve.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
+    serve.add_argument("--max-concurrent-fetches", type=int, metavar="N", help="fetches at once per process (64)")
+    serve.add_argument(
+        "--backstop-interval", type=float, metavar="S", help="re-read the refresh schedule at least every S seconds (1)"
+    )
+    serve.add_argument(
+        "--shutdown-timeout", type=float, metavar="S", help="seconds in-flight fetches get at shutdown (10)"
+    )
     serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default)")

@@ -1,28 +1,33 @@
-"""The cache engine: reads (hit, or a single-flight fetch on a miss) and refreshes of claimed entries."""
+"""The cache engine: reads (hit, stale, or a single-flight fetch on a miss) and refreshes of claimed entries."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from .errors import EagerCacheError, FetchFailed, FetchTimeout, InvalidParameters, UnknownFetcher
+from .errors import DataTooStale, EagerCacheError, FetchFailed, FetchTimeout, InvalidParameters, UnknownFetcher
 from .fetchers import Fetcher, Registry
 from .item import build_body, encode_data
 from .keys import split_entry_id
 from .metrics import Metrics
 from .params import Call
-from .store import Store
+from .store import GONE, OVER_LIMIT, Stale, Store, now_ms
 
 log = logging.getLogger(__name__)
 
 # An entry whose fetcher this process does not know (a rolling deploy) is left for a replica that does.
 UNKNOWN_FETCHER_RETRY_MS = 60_000
+# A failing refresh is retried after 0.5 s, 1 s, 2 s, ... but never later than the fetcher's ttl.
+RETRY_BASE_MS = 500
+# "Over max_entries" is logged at most this often per fetcher; the metric counts every time.
+OVER_LIMIT_LOG_INTERVAL_S = 60.0
 
 Cause = Literal["cold", "schedule", "event"]
 
@@ -30,18 +35,25 @@ Cause = Literal["cold", "schedule", "event"]
 @dataclass(frozen=True, slots=True)
 class Read:
     body: bytes
-    cache: Literal["HIT", "MISS"]
+    cache: Literal["HIT", "MISS", "STALE"]
 
 
 class Engine:
     """Owns the fetch-and-store path, shared by readers and the refresher."""
 
-    def __init__(self, registry: Registry, store: Store, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, store: Store, metrics: Metrics, *, max_concurrent_fetches: int = 64) -> None:
         self.registry = registry
         self.store = store
         self.metrics = metrics
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
         self._on_write: list[Callable[[], None]] = []
+        self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
+        self._fetcher_slots = {
+            f.name: asyncio.Semaphore(f.max_concurrency) for f in registry.values() if f.max_concurrency is not None
+        }
+        # Entries read since the refresher last recorded reads in the store (batched: no write per hit).
+        self.reads: set[str] = set()
+        self._over_limit_logged: dict[str, float] = {}
 
     def on_write(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every stored entry (the refresher re-reads its schedule)."""
@@ -49,15 +61,22 @@ class Engine:
 
     async def read(self, fetcher_name: str, query: bytes | str) -> Read:
         fetcher, call = self.registry.call(fetcher_name, query)
-        body = await self.store.get(call.entry_id)
+        body, stale = await self.store.get(call.entry_id)
         if body is not None:
-            return Read(body, "HIT")
+            self.reads.add(call.entry_id)
+            if stale is None:
+                return Read(body, "HIT")
+            if fetcher.max_stale is not None and now_ms() - stale.since_ms > fetcher.max_stale * 1000:
+                raise DataTooStale(
+                    f"refreshes of this entry have failed for over {fetcher.max_stale:g} s (its max_stale)"
+                )
+            return Read(body, "STALE")
         task = self._inflight.get(call.entry_id) or self._start(fetcher, call, "cold")
         # shield: a reader that disconnects must not cancel the fetch the other readers are waiting for
         return Read(await asyncio.shield(task), "MISS")
 
-    async def refresh(self, entry_id: str, cause: Cause) -> None:
-        """Refresh an entry this process has claimed. Never raises for a failing fetcher or store."""
+    async def refresh(self, entry_id: str, cause: Cause, last_read_ms: int | None) -> None:
+        """Refresh an entry this process has claimed. Never raises for a failing fetcher."""
         if entry_id in self._inflight:
             return  # a cold read is fetching it right now; its write reschedules the entry
         name, query = split_entry_id(entry_id)
@@ -66,19 +85,35 @@ class Engine:
         except UnknownFetcher:
             log.warning("refresh skipped: unknown fetcher", extra={"fetcher": name, "entry": entry_id})
             self.metrics.background_errors.labels("unknown-fetcher").inc()
-            await self.store.postpone(entry_id, UNKNOWN_FETCHER_RETRY_MS)
+            await self.store.postpone(entry_id, UNKNOWN_FETCHER_RETRY_MS, None)
             return
         except InvalidParameters as exc:
             # The fetcher's signature changed: this entry can never be fetched or read again.
             log.warning("entry removed: parameters no longer valid", extra={"entry": entry_id, "error": exc.detail})
             self.metrics.background_errors.labels("stale-signature").inc()
-            await self.store.forget(entry_id)
+            await self.store.forget(entry_id, name)
+            return
+        if self._idle(fetcher, entry_id, last_read_ms):
+            log.debug("entry removed: idle", extra={"entry": entry_id, "max_idle_s": fetcher.max_idle})
+            self.metrics.idle_removed.labels(fetcher.name).inc()
+            await self.store.forget(entry_id, fetcher.name)
             return
         try:
             await self._start(fetcher, call, cause)
         except FetchFailed:
-            # Keep the last good body; try again on the fetcher's normal cadence.
-            await self.store.postpone(entry_id, _due_in_ms(fetcher))
+            await self._postpone_failed(fetcher, entry_id)
+
+    def _idle(self, fetcher: Fetcher, entry_id: str, last_read_ms: int | None) -> bool:
+        if last_read_ms is None or entry_id in self.reads:
+            return False
+        return now_ms() - last_read_ms > fetcher.max_idle * 1000
+
+    async def _postpone_failed(self, fetcher: Fetcher, entry_id: str) -> None:
+        """Keep the last good body, mark it stale, and retry with exponential backoff bounded by the ttl."""
+        previous = await self.store.stale(entry_id)
+        stale = Stale(now_ms(), 1) if previous is None else Stale(previous.since_ms, previous.failures + 1)
+        delay_ms = min(int(fetcher.ttl * 1000), RETRY_BASE_MS * 2 ** min(stale.failures - 1, 30))
+        await self.store.postpone(entry_id, delay_ms, stale)
 
     def _start(self, fetcher: Fetcher, call: Call, cause: Cause) -> asyncio.Task[bytes]:
         task = asyncio.create_task(self._fetch_and_store(fetcher, call, cause), name=f"fetch {call.entry_id}")
@@ -91,34 +126,66 @@ class Engine:
         if not task.cancelled():
             task.exception()  # retrieved here: a fetch whose readers all left must not warn "never retrieved"
 
+    @contextlib.asynccontextmanager
+    async def _slot(self, fetcher: Fetcher) -> AsyncIterator[None]:
+        """Bound concurrent fetches per process and per fetcher; extra fetches wait their turn."""
+        per_fetcher = self._fetcher_slots.get(fetcher.name)
+        async with self._fetch_slots:
+            if per_fetcher is None:
+                yield
+            else:
+                async with per_fetcher:
+                    yield
+
     async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:
         extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
-        started = time.perf_counter()
-        try:
-            data = await asyncio.wait_for(fetcher.func(**call.kwargs), fetcher.timeout)
-            data_json = encode_data(data, fetcher.name)
-        except TimeoutError:
-            self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
-            log.warning("fetch timed out", extra={**extra, "timeout_s": fetcher.timeout})
-            raise FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout} s") from None
-        except EagerCacheError as exc:
-            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-            log.warning("fetch failed", extra={**extra, "error": exc.detail})
-            raise
-        except Exception as exc:
-            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-            log.warning("fetch failed", extra={**extra, "error": repr(exc)})
-            raise FetchFailed(f"fetcher {fetcher.name!r} failed: {type(exc).__name__}") from exc
+        async with self._slot(fetcher):
+            self.metrics.inflight.inc()
+            started = time.perf_counter()
+            try:
+                data = await asyncio.wait_for(fetcher.func(**call.kwargs), fetcher.timeout)
+                data_json = encode_data(data, fetcher.name)
+            except TimeoutError:
+                self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
+                log.warning("fetch timed out", extra={**extra, "timeout_s": fetcher.timeout})
+                raise FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout} s") from None
+            except EagerCacheError as exc:
+                self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+                log.warning("fetch failed", extra={**extra, "error": exc.detail})
+                raise
+            except Exception as exc:
+                self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+                log.warning("fetch failed", extra={**extra, "error": repr(exc)})
+                raise FetchFailed(f"fetcher {fetcher.name!r} failed: {type(exc).__name__}") from exc
+            finally:
+                self.metrics.inflight.dec()
         self.metrics.fetches.labels(fetcher.name, cause, "ok").inc()
         self.metrics.fetch_seconds.labels(fetcher.name).observe(time.perf_counter() - started)
-        previous = None if cause == "cold" else await self.store.get(call.entry_id)
+        previous = None if cause == "cold" else (await self.store.get(call.entry_id))[0]
         body, changed = build_body(data_json, previous, datetime.now(UTC))
-        await self.store.write(call.entry_id, body, _due_in_ms(fetcher))
-        if changed and previous is not None:
+        mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"
+        outcome = await self.store.write(
+            call.entry_id, fetcher.name, body, _due_in_ms(fetcher), mode=mode, max_entries=fetcher.max_entries
+        )
+        if outcome == OVER_LIMIT:
+            self._over_limit(fetcher)
+        elif outcome == GONE:
+            log.debug("refreshed entry was removed meanwhile; not stored", extra=extra)
+        elif changed and previous is not None:
             self.metrics.changes.labels(fetcher.name).inc()
         for callback in self._on_write:
             callback()
         return body
+
+    def _over_limit(self, fetcher: Fetcher) -> None:
+        self.metrics.uncached.labels(fetcher.name).inc()
+        last = self._over_limit_logged.get(fetcher.name, 0.0)
+        if time.monotonic() - last > OVER_LIMIT_LOG_INTERVAL_S:
+            self._over_limit_logged[fetcher.name] = time.monotonic()
+            log.warning(
+                "fetcher has max_entries entries: new parameter combinations are answered but not cached",
+                extra={"fetcher": fetcher.name, "max_entries": fetcher.max_entries},
+            )
 
     async def drain(self, timeout: float) -> None:
         """Wait for in-flight fetches to finish (shutdown), cancelling what is left after `timeout` seconds."""

@@ -77,3 +77,11 @@ class StoreUnavailable(EagerCacheError):
     status = 503
     slug = "store-unavailable"
     title = "Store unavailable"
+
+
+class DataTooStale(EagerCacheError):
+    """Refreshes have failed for longer than the fetcher's `max_stale`: the last good data is too old to serve."""
+
+    status = 503
+    slug = "data-too-stale"
+    title = "Data too stale"

@@ -16,6 +16,8 @@ from .params import Call, Signature
 ENTRY_POINT_GROUP = "eagercache.fetchers"
 DEFAULT_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_IDLE_S = 3600.0
+DEFAULT_MAX_ENTRIES = 100_000
 # Fetcher names appear in URLs and Redis keys: no '/', '?', ':' or whitespace.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _OPTIONS_ATTR = "__eagercache_options__"
@@ -32,13 +34,25 @@ class FetcherOptions:
     jitter: float = 0.0
     timeout: float = DEFAULT_TIMEOUT_S
     name: str | None = None
+    max_stale: float | None = None
+    max_idle: float = DEFAULT_MAX_IDLE_S
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    max_concurrency: int | None = None
 
 
 @overload
 def fetcher(func: F, /) -> F: ...
 @overload
 def fetcher(
-    *, ttl: float = ..., jitter: float = ..., timeout: float = ..., name: str | None = ...
+    *,
+    ttl: float = ...,
+    jitter: float = ...,
+    timeout: float = ...,
+    name: str | None = ...,
+    max_stale: float | None = ...,
+    max_idle: float = ...,
+    max_entries: int = ...,
+    max_concurrency: int | None = ...,
 ) -> Callable[[F], F]: ...
 def fetcher(
     func: F | None = None,
@@ -48,12 +62,34 @@ def fetcher(
     jitter: float = 0.0,
     timeout: float = DEFAULT_TIMEOUT_S,
     name: str | None = None,
+    max_stale: float | None = None,
+    max_idle: float = DEFAULT_MAX_IDLE_S,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_concurrency: int | None = None,
 ) -> F | Callable[[F], F]:
-    """Mark an async function as a fetcher: refreshed every `ttl` (+ up to `jitter`) seconds.
+    """Mark an async function as a fetcher. Times are in seconds.
+
+    - `ttl` (+ a random `0..jitter`): how often an entry is refreshed; `timeout`: the longest a fetch may take.
+    - `max_stale`: while refreshes fail, the last good data is served marked stale for at most this
+      long, then reads answer 503 (None: no limit).
+    - `max_idle`: an entry nobody reads for this long stops being refreshed and is removed.
+    - `max_entries`: past this many entries, new parameter combinations are fetched and answered but
+      not cached.
+    - `max_concurrency`: fetches of this fetcher running at once in one process (None: only the
+      process-wide limit).
 
     The function is returned unchanged, so it stays a plain async function that tests can call.
     """
-    options = FetcherOptions(ttl=ttl, jitter=jitter, timeout=timeout, name=name)
+    options = FetcherOptions(
+        ttl=ttl,
+        jitter=jitter,
+        timeout=timeout,
+        name=name,
+        max_stale=max_stale,
+        max_idle=max_idle,
+        max_entries=max_entries,
+        max_concurrency=max_concurrency,
+    )
 
     def mark(f: F) -> F:
         setattr(f, _OPTIONS_ATTR, options)
@@ -73,6 +109,10 @@ class Fetcher:
     jitter: float
     timeout: float
     source: str
+    max_stale: float | None = None
+    max_idle: float = DEFAULT_MAX_IDLE_S
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    max_concurrency: int | None = None
 
     @classmethod
     def from_callable(cls, func: Any, *, name: str | None = None, source: str = "code") -> Fetcher:
@@ -89,7 +129,27 @@ class Fetcher:
             raise ConfigurationError(f"{where}: jitter must be >= 0 seconds, got {options.jitter}")
         if not options.timeout > 0:
             raise ConfigurationError(f"{where}: timeout must be > 0 seconds, got {options.timeout}")
-        return cls(name, func, Signature(func, name), options.ttl, options.jitter, options.timeout, source)
+        if options.max_stale is not None and not options.max_stale >= 0:
+            raise ConfigurationError(f"{where}: max_stale must be >= 0 seconds or None, got {options.max_stale}")
+        if not options.max_idle > 0:
+            raise ConfigurationError(f"{where}: max_idle must be > 0 seconds, got {options.max_idle}")
+        if not options.max_entries >= 1:
+            raise ConfigurationError(f"{where}: max_entries must be >= 1, got {options.max_entries}")
+        if options.max_concurrency is not None and not options.max_concurrency >= 1:
+            raise ConfigurationError(f"{where}: max_concurrency must be >= 1 or None, got {options.max_concurrency}")
+        return cls(
+            name,
+            func,
+            Signature(func, name),
+            options.ttl,
+            options.jitter,
+            options.timeout,
+            source,
+            max_stale=options.max_stale,
+            max_idle=options.max_idle,
+            max_entries=options.max_entries,
+            max_concurrency=options.max_concurrency,
+        )
 
 
 class Registry(Mapping[str, Fetcher]):

@@ -2,7 +2,11 @@
 
 - `{ns}item:{entry}`   the entry's response body (a DataItem as JSON)
 - `{ns}shadow:{entry}` empty, with TTL = ttl + jitter; its `expired` event says "refresh me"
+- `{ns}stale:{entry}`  present while refreshes fail: "<first failure ms> <failures>"
 - `{ns}due`            sorted set: entry id -> due time (ms since the epoch); the schedule and the claim
+- `{ns}read`           sorted set: entry id -> last read (ms), written in batches; for max_idle
+- `{ns}counts`         hash: fetcher name -> number of entries; for max_entries
+- `{ns}probe:{uuid}`   short-lived, only at start-up on servers that refuse CONFIG
 """
 
 from __future__ import annotations
@@ -11,19 +15,25 @@ DEFAULT_NAMESPACE = "eagercache:"
 
 
 class Keys:
-    __slots__ = ("due", "item_prefix", "namespace", "shadow_prefix")
+    __slots__ = ("counts", "due", "item_prefix", "namespace", "read", "shadow_prefix", "stale_prefix")
 
     def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
         self.namespace = namespace
         self.item_prefix = f"{namespace}item:"
         self.shadow_prefix = f"{namespace}shadow:"
+        self.stale_prefix = f"{namespace}stale:"
         self.due = f"{namespace}due"
+        self.read = f"{namespace}read"
+        self.counts = f"{namespace}counts"
 
     def item(self, entry_id: str) -> str:
         return self.item_prefix + entry_id
 
     def shadow(self, entry_id: str) -> str:
         return self.shadow_prefix + entry_id
+
+    def stale(self, entry_id: str) -> str:
+        return self.stale_prefix + entry_id
 
     def entry_of_shadow(self, key: str) -> str | None:
         """The entry id behind a shadow key, or None for any other key (other namespaces, other apps)."""

@@ -12,7 +12,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "eagercache_requests",
-            "Reads of /data by fetcher and result (hit, miss, error).",
+            "Reads of /data by fetcher and result (hit, stale, miss, error).",
             ["fetcher", "result"],
             registry=self.registry,
         )
@@ -36,6 +36,33 @@ class Metrics:
             "Failures in background work, by component.",
             ["component"],
             registry=self.registry,
+        )
+        self.inflight = Gauge("eagercache_fetches_in_flight", "Fetcher runs in progress.", registry=self.registry)
+        self.idle_removed = Counter(
+            "eagercache_idle_removed",
+            "Entries removed because nobody read them for max_idle.",
+            ["fetcher"],
+            registry=self.registry,
+        )
+        self.uncached = Counter(
+            "eagercache_uncached",
+            "Fetches answered but not stored because the fetcher has max_entries entries.",
+            ["fetcher"],
+            registry=self.registry,
+        )
+        self.reconnects = Counter(
+            "eagercache_subscription_reconnects",
+            "Re-subscriptions to expiry events after the connection was lost.",
+            registry=self.registry,
+        )
+        self.mode = Gauge(
+            "eagercache_refresh_mode",
+            "1 for the active refresh mode: events+schedule, or schedule (the backstop) alone.",
+            ["mode"],
+            registry=self.registry,
+        )
+        self.released_claims = Counter(
+            "eagercache_released_claims", "Refresh claims given back at shutdown.", registry=self.registry
         )
         self.subscribed = Gauge(
             "eagercache_expiry_subscription_up",

@@ -23,7 +23,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     namespace: str = DEFAULT_NAMESPACE
     fetchers: tuple[str, ...] = ()
     """Extra fetchers as `package.module:function`, besides the `eagercache.fetchers` entry points."""
-    max_concurrent_refreshes: int = 64
+    max_concurrent_fetches: int = 64
+    """Fetches running at once in this process (reads and refreshes); more wait their turn."""
+    backstop_interval: float = 1.0
+    """Seconds: the schedule is re-read at least this often, bounding how late a lost event makes a refresh."""
+    shutdown_timeout: float = 10.0
+    """Seconds that in-flight fetches get to finish at shutdown."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: LogFormat = "text"
     access_log: bool = False
@@ -33,8 +38,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if not self.namespace or any(c.isspace() for c in self.namespace):
             raise ValueError(f"namespace must be non-empty without whitespace, got {self.namespace!r}")
-        if self.max_concurrent_refreshes < 1:
-            raise ValueError("max_concurrent_refreshes must be at least 1")
+        if self.max_concurrent_fetches < 1:
+            raise ValueError(f"max_concurrent_fetches must be at least 1, got {self.max_concurrent_fetches}")
+        if not 0 < self.backstop_interval <= 60:
+            raise ValueError(f"backstop_interval must be > 0 and <= 60 seconds, got {self.backstop_interval}")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if not self.redis_url.startswith((MEMORY_URL, "redis://", "rediss://", "unix://")):
             raise ValueError(
                 f"redis_url must start with memory://, redis://, rediss:// or unix://, got {self.redis_url!r}"

@@ -2,7 +2,7 @@
 
 `memory://` is fakeredis in this process: the same commands and scripts, no server, nothing shared or
 kept. It publishes no `expired` events, which is why the schedule (the `due` sorted set) and not
-the events is what the refresher trusts.
+the events is what the refresher trusts. Key names are in keys.py, scripts in scripts.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
@@ -20,6 +21,7 @@ from redis import exceptions as redis_exceptions
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
+from . import scripts
 from .errors import ConfigurationError, StoreUnavailable
 from .keys import Keys
 
@@ -30,24 +32,6 @@ EXPIRED_CHANNEL = "__keyevent@*__:expired"
 EVENT_PROBE_TIMEOUT_S = 2.0
 # Keyspace notification flags: E = keyevent channel, x = expired events; A is an alias that includes x.
 _NEEDED_EVENT_FLAGS = "Ex"
-
-# Claim the entries due by ARGV[1] (ms) by moving them to ARGV[2] (the lease end): whoever claims
-# an entry owns its refresh; if it dies, the lease runs out and the entry is due again.
-_CLAIM_DUE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
-return ids
-"""
-# Claim one entry (an expired shadow key says it is due). An entry missing from the schedule but
-# still stored is claimed too, so a damaged schedule heals instead of orphaning the entry.
-_CLAIM_ONE = """
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if (due and tonumber(due) <= tonumber(ARGV[2])) or (not due and redis.call('EXISTS', KEYS[2]) == 1) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return 1
-end
-return 0
-"""
 
 
 def now_ms() -> int:
@@ -73,16 +57,42 @@ def _redis_errors(url: str) -> Iterator[None]:
         raise StoreUnavailable(f"store error at {redact(url)}: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """An entry whose refreshes fail: since when (ms since the epoch), and how many times in a row."""
+
+    since_ms: int
+    failures: int
+
+    @classmethod
+    def parse(cls, raw: bytes | str | None) -> Stale | None:
+        if raw is None:
+            return None
+        since, _, failures = _text(raw).partition(" ")
+        return cls(int(since), int(failures or 1))
+
+    def encode(self) -> str:
+        return f"{self.since_ms} {self.failures}"
+
+
+WriteMode = Literal["cold", "refresh"]
+STORED, OVER_LIMIT, GONE = 1, 0, -1
+
+
 class Store:
-    """The cache's storage: entry bodies, shadow keys and the due schedule."""
+    """The cache's storage: entry bodies, shadow keys, the due schedule, read times and entry counts."""
 
     def __init__(self, client: redis.Redis, keys: Keys, *, url: str) -> None:
         self.client = client
         self.keys = keys
         self.url = url
         self.is_memory = url.startswith(MEMORY_URL)
-        self._claim_due = client.register_script(_CLAIM_DUE)
-        self._claim_one = client.register_script(_CLAIM_ONE)
+        self._claim_due = client.register_script(scripts.CLAIM_DUE)
+        self._claim_one = client.register_script(scripts.CLAIM_ONE)
+        self._release = client.register_script(scripts.RELEASE)
+        self._write = client.register_script(scripts.WRITE)
+        self._postpone = client.register_script(scripts.POSTPONE)
+        self._forget = client.register_script(scripts.FORGET)
 
     @classmethod
     def from_url(cls, url: str, keys: Keys) -> Store:
@@ -104,58 +114,83 @@ class Store:
         with _redis_errors(self.url):
             await self.client.ping()
 
-    async def get(self, entry_id: str) -> bytes | None:
+    async def get(self, entry_id: str) -> tuple[bytes | None, Stale | None]:
+        """The entry's body and, if its refreshes are failing, its stale marker: one round trip."""
         with _redis_errors(self.url):
-            body = await self.client.get(self.keys.item(entry_id))
+            body, stale = await self.client.mget(self.keys.item(entry_id), self.keys.stale(entry_id))
         assert body is None or isinstance(body, bytes)  # the client is built without decode_responses
-        return body
+        return body, Stale.parse(stale)
 
-    async def write(self, entry_id: str, body: bytes, due_in_ms: int) -> None:
-        """Store the body and schedule the next refresh, in one transaction (never half-written)."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.item(entry_id), body)
-            pipe.set(self.keys.shadow(entry_id), b"", px=due_in_ms)
-            pipe.zadd(self.keys.due, {entry_id: now_ms() + due_in_ms})
-            with _redis_errors(self.url):
-                await pipe.execute()
-
-    async def postpone(self, entry_id: str, due_in_ms: int) -> None:
-        """Leave the stored body as it is and try again later (after a failed refresh)."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.shadow(entry_id), b"", px=due_in_ms)
-            pipe.zadd(self.keys.due, {entry_id: now_ms() + due_in_ms})
-            with _redis_errors(self.url):
-                await pipe.execute()
-
-    async def forget(self, entry_id: str) -> None:
-        """Remove an entry and its schedule."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.item(entry_id), self.keys.shadow(entry_id))
-            pipe.zrem(self.keys.due, entry_id)
-            with _redis_errors(self.url):
-                await pipe.execute()
-
-    async def claim_due(self, lease_ms: int, limit: int) -> list[str]:
-        """Claim up to `limit` entries whose refresh is due now."""
+    async def write(
+        self, entry_id: str, fetcher: str, body: bytes, due_in_ms: int, *, mode: WriteMode, max_entries: int
+    ) -> int:
+        """Store the body and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE."""
         now = now_ms()
+        keys = self._entry_keys(entry_id)
+        args: list[str | bytes | int] = [entry_id, body, due_in_ms, now, now + due_in_ms, fetcher, max_entries, mode]
         with _redis_errors(self.url):
-            ids: list[bytes] = await self._claim_due(keys=[self.keys.due], args=[now, now + lease_ms, limit])
-        return [i.decode() for i in ids]
+            result: int = await self._write(keys=keys, args=args)
+        return result
 
-    async def claim(self, entry_id: str, lease_ms: int) -> bool:
-        """Claim one entry if it is due; False if it is not (already refreshed, or claimed elsewhere)."""
-        now = now_ms()
+    async def stale(self, entry_id: str) -> Stale | None:
         with _redis_errors(self.url):
-            won = await self._claim_one(
-                keys=[self.keys.due, self.keys.item(entry_id)], args=[entry_id, now, now + lease_ms]
+            return Stale.parse(await self.client.get(self.keys.stale(entry_id)))
+
+    async def postpone(self, entry_id: str, due_in_ms: int, stale: Stale | None) -> bool:
+        """Keep the body, mark the entry stale (unless `stale` is None), try again later; False if it is gone."""
+        keys = [self.keys.item(entry_id), self.keys.shadow(entry_id), self.keys.due, self.keys.stale(entry_id)]
+        marker = stale.encode() if stale is not None else ""
+        with _redis_errors(self.url):
+            kept: int = await self._postpone(keys=keys, args=[entry_id, due_in_ms, now_ms() + due_in_ms, marker])
+        return bool(kept)
+
+    async def forget(self, entry_id: str, fetcher: str) -> None:
+        """Remove an entry and everything about it."""
+        with _redis_errors(self.url):
+            await self._forget(keys=self._entry_keys(entry_id), args=[entry_id, fetcher])
+
+    def _entry_keys(self, entry_id: str) -> list[str]:
+        k = self.keys
+        return [k.item(entry_id), k.shadow(entry_id), k.due, k.read, k.stale(entry_id), k.counts]
+
+    async def claim_due(self, lease_end_ms: int, limit: int) -> list[tuple[str, int | None]]:
+        """Claim up to `limit` entries whose refresh is due now: (entry id, last read ms) pairs."""
+        with _redis_errors(self.url):
+            flat: list[bytes] = await self._claim_due(
+                keys=[self.keys.due, self.keys.read], args=[now_ms(), lease_end_ms, limit]
             )
-        return bool(won)
+        return [(flat[i].decode(), _ms(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def claim(self, entry_id: str, lease_end_ms: int) -> tuple[bool, int | None]:
+        """Claim one entry if it is due: (claimed, last read ms)."""
+        keys = [self.keys.due, self.keys.item(entry_id), self.keys.read]
+        with _redis_errors(self.url):
+            last_read = await self._claim_one(keys=keys, args=[entry_id, now_ms(), lease_end_ms])
+        return last_read is not None, _ms(last_read) if last_read is not None else None
+
+    async def release(self, claims: dict[str, int]) -> int:
+        """Give back claims still held (shutdown): those entries are due again at once, for any replica."""
+        now = now_ms()
+        with _redis_errors(self.url):
+            released = [await self._release(keys=[self.keys.due], args=[i, end, now]) for i, end in claims.items()]
+        return sum(released)
+
+    async def touch(self, entry_ids: list[str]) -> None:
+        """Record reads, in one command: only for entries that exist, and never moving a time back."""
+        if entry_ids:
+            now = now_ms()
+            with _redis_errors(self.url):
+                await self.client.zadd(self.keys.read, dict.fromkeys(entry_ids, now), xx=True, gt=True)
 
     async def next_due_ms(self) -> int | None:
         """When the earliest scheduled refresh falls due (ms since the epoch), None if nothing is scheduled."""
         with _redis_errors(self.url):
             first = await self.client.zrange(self.keys.due, 0, 0, withscores=True)
         return int(first[0][1]) if first else None
+
+    async def entry_count(self, fetcher: str) -> int:
+        with _redis_errors(self.url):
+            return int(await self.client.hget(self.keys.counts, fetcher) or 0)
 
     async def enable_expiry_events(self) -> None:
         """Make Redis publish `expired` keyevents (notify-keyspace-events must include E and x).
@@ -206,6 +241,11 @@ class Store:
 
     def pubsub(self) -> PubSub:
         return self.client.pubsub(ignore_subscribe_messages=True)
+
+
+def _ms(raw: bytes | str) -> int | None:
+    value = int(float(raw))
+    return None if value < 0 else value
 
 
 def _text(value: Any) -> str:

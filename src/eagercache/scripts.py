@@ -1,0 +1,89 @@
+"""The Lua scripts the store runs. Each runs atomically in Redis (and in fakeredis, through lupa).
+
+Times are milliseconds since the epoch, passed in by the caller: one clock for the whole script.
+Scores come back from ZSCORE as strings; '-1' stands for "no score" because a nil would cut a Lua
+array short.
+"""
+
+from __future__ import annotations
+
+# Claim up to ARGV[3] entries due by ARGV[1] by moving their score to ARGV[2], the lease end: whoever
+# moved an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
+# KEYS: due, read. Returns id, last-read, id, last-read, ...
+CLAIM_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('ZSCORE', KEYS[2], id) or '-1'
+end
+return out
+"""
+
+# Claim one entry that an expired shadow key says is due (ARGV: id, now, lease end). An entry that
+# is stored but missing from the schedule is claimed too, so a damaged schedule heals.
+# KEYS: due, item, read. Returns the last-read time, or nil when not claimed.
+CLAIM_ONE = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (due and tonumber(due) <= tonumber(ARGV[2])) or (not due and redis.call('EXISTS', KEYS[2]) == 1) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return redis.call('ZSCORE', KEYS[3], ARGV[1]) or '-1'
+end
+return false
+"""
+
+# Give a claim back (ARGV: id, lease end, now) if it is still ours: due again at once, for anyone.
+# KEYS: due.
+RELEASE = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if due and tonumber(due) == tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# Store an entry and schedule its next refresh.
+# KEYS: item, shadow, due, read, stale, counts.
+# ARGV: id, body, due-in ms, now, due at, fetcher, max entries, mode.
+# mode 'cold': a reader's fetch; a new entry counts against max entries and is marked read now.
+# mode 'refresh': only an entry that still exists is written (one removed meanwhile stays removed).
+# Returns 1 stored, 0 not stored (fetcher at max entries), -1 not stored (entry gone).
+WRITE = """
+local is_new = redis.call('EXISTS', KEYS[1]) == 0
+if is_new then
+  if ARGV[8] ~= 'cold' then return -1 end
+  if tonumber(redis.call('HGET', KEYS[6], ARGV[6]) or '0') >= tonumber(ARGV[7]) then return 0 end
+  redis.call('HINCRBY', KEYS[6], ARGV[6], 1)
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], '', 'PX', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+if ARGV[8] == 'cold' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
+redis.call('DEL', KEYS[5])
+return 1
+"""
+
+# After a failed refresh: keep the body, mark the entry stale, try again later.
+# KEYS: item, shadow, due, stale. ARGV: id, due-in ms, due at, stale marker ('' to leave the marker alone).
+# Returns 0 if the entry is gone.
+POSTPONE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 0
+end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4]) end
+redis.call('SET', KEYS[2], '', 'PX', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+return 1
+"""
+
+# Remove an entry and everything about it. KEYS: item, shadow, due, read, stale, counts. ARGV: id, fetcher.
+FORGET = """
+if redis.call('DEL', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[2], -1) end
+redis.call('DEL', KEYS[2], KEYS[5])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+"""
