@@ -52,7 +52,7 @@ def create_app(
     )
     registry = build_registry(fetchers, specs=settings.fetchers, use_entry_points=use_entry_points)
     metrics = Metrics()
-    store = Store.from_url(settings.redis_url, Keys(settings.namespace))
+    store = Store.from_url(settings.redis_url, Keys(settings.namespace), max_connections=settings.redis_max_connections)
     engine = Engine(registry, store, metrics, max_concurrent_fetches=settings.max_concurrent_fetches)
     refresher = Refresher(
         engine,

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="redis://… or memory:// (EAGERCACHE_REDIS_URL, default memory://)")
     serve.add_argument("--namespace", help="prefix of every Redis key (EAGERCACHE_NAMESPACE, default eagercache:)")
     serve.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
+    serve.add_argument("--redis-max-connections", type=int, metavar="N", help="Redis connections per process (64)")
     serve.add_argument("--max-concurrent-fetches", type=int, metavar="N", help="fetches at once per process (64)")
     serve.add_argument(
         "--backstop-interval", type=float, metavar="S", help="re-read the refresh schedule at least every S seconds (1)"

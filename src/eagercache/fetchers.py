@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -117,12 +118,16 @@ class Fetcher:
     @classmethod
     def from_callable(cls, func: Any, *, name: str | None = None, source: str = "code") -> Fetcher:
         options = getattr(func, _OPTIONS_ATTR, None) or FetcherOptions()
-        name = str(name or options.name or getattr(func, "__name__", ""))
+        name = str(next((n for n in (name, options.name) if n is not None), getattr(func, "__name__", "")))
         where = f"fetcher {name!r} ({source})"
         if not inspect.iscoroutinefunction(func):
             raise ConfigurationError(f"{where}: must be an async function (async def), got {func!r}")
         if not _NAME.fullmatch(name):
             raise ConfigurationError(f"{where}: name must match {_NAME.pattern}")
+        for option in ("ttl", "jitter", "timeout", "max_idle", "max_stale"):
+            value = getattr(options, option)
+            if value is not None and not math.isfinite(value):
+                raise ConfigurationError(f"{where}: {option} must be a finite number of seconds, got {value}")
         if not options.ttl > 0:
             raise ConfigurationError(f"{where}: ttl must be > 0 seconds, got {options.ttl}")
         if not options.jitter >= 0:

@@ -215,4 +215,8 @@ def _is_scalar(annotation: Any) -> bool:
         return True
     if typing.get_origin(annotation) is Literal:
         return all(isinstance(choice, (str, int)) for choice in typing.get_args(annotation))
-    return isinstance(annotation, type) and issubclass(annotation, enum.Enum)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        # msgspec converts query text only to enums whose values are all str or all int
+        values = [member.value for member in annotation]
+        return all(type(v) is str for v in values) or all(type(v) is int for v in values)
+    return False

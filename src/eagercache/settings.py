@@ -10,7 +10,7 @@ import msgspec
 
 from .errors import ConfigurationError
 from .keys import DEFAULT_NAMESPACE
-from .store import MEMORY_URL
+from .store import DEFAULT_MAX_CONNECTIONS, MEMORY_URL
 
 ENV_PREFIX = "EAGERCACHE_"
 LogFormat = Literal["text", "json"]
@@ -23,6 +23,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     namespace: str = DEFAULT_NAMESPACE
     fetchers: tuple[str, ...] = ()
     """Extra fetchers as `package.module:function`, besides the `eagercache.fetchers` entry points."""
+    redis_max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Connections to Redis per process (the pub/sub one included); commands wait for a free one."""
     max_concurrent_fetches: int = 64
     """Fetches running at once in this process (reads and refreshes); more wait their turn."""
     backstop_interval: float = 1.0
@@ -38,6 +40,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if not self.namespace or any(c.isspace() for c in self.namespace):
             raise ValueError(f"namespace must be non-empty without whitespace, got {self.namespace!r}")
+        if self.redis_max_connections < 2:
+            raise ValueError(f"redis_max_connections must be at least 2, got {self.redis_max_connections}")
         if self.max_concurrent_fetches < 1:
             raise ValueError(f"max_concurrent_fetches must be at least 1, got {self.max_concurrent_fetches}")
         if not 0 < self.backstop_interval <= 60:
@@ -75,9 +79,14 @@ def from_env(field: str, value: str) -> Any:
 
 
 def _with_env_name(message: str) -> str:
-    # msgspec says "- at `$.port`"; operators know the setting as --port / EAGERCACHE_PORT.
-    if "`$." in message:
+    """Name the setting as operators know it: --port / EAGERCACHE_PORT."""
+    if "`$." in message:  # a type error: msgspec says "... - at `$.port`"
         head, _, tail = message.partition("`$.")
         field = tail.split("`", 1)[0]
-        return f"{field} (--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}): {head.removesuffix(' - at ')}"
-    return message
+        detail = head.removesuffix(" - at ")
+    else:  # a range check from __post_init__, which starts with the field's name
+        field = message.split(" ", 1)[0]
+        detail = message
+        if field not in Settings.__struct_fields__:
+            return message
+    return f"{field} (--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}): {detail}"

@@ -28,6 +28,7 @@ from .keys import Keys
 MEMORY_URL = "memory://"
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
+DEFAULT_MAX_CONNECTIONS = 64
 EXPIRED_CHANNEL = "__keyevent@*__:expired"
 EVENT_PROBE_TIMEOUT_S = 2.0
 # Keyspace notification flags: E = keyevent channel, x = expired events; A is an alias that includes x.
@@ -95,16 +96,23 @@ class Store:
         self._forget = client.register_script(scripts.FORGET)
 
     @classmethod
-    def from_url(cls, url: str, keys: Keys) -> Store:
+    def from_url(cls, url: str, keys: Keys, *, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Store:
         if url.startswith(MEMORY_URL):
             client: redis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
         else:
             try:
-                client = redis.Redis.from_url(
-                    url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S
+                # Blocking: at max_connections a command waits for a free connection (up to the command
+                # timeout) instead of failing with "Too many connections" under a burst of reads.
+                pool = redis.BlockingConnectionPool.from_url(
+                    url,
+                    max_connections=max_connections,
+                    timeout=COMMAND_TIMEOUT_S,
+                    socket_connect_timeout=CONNECT_TIMEOUT_S,
+                    socket_timeout=COMMAND_TIMEOUT_S,
                 )
             except ValueError as exc:
                 raise ConfigurationError(f"redis_url {redact(url)!r} is not a valid Redis URL: {exc}") from exc
+            client = redis.Redis.from_pool(pool)
         return cls(client, keys, url=url)
 
     async def aclose(self) -> None:

@@ -1,0 +1,35 @@
+"""Fetchers for tests that run real `eagercache serve` processes.
+
+Each call is logged in Redis outside the service's namespace (`fleet:*`), so a test can count fetches
+across processes. The URL comes from FLEET_REDIS_URL; FLEET_FETCH_S makes every fetch take that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import redis.asyncio as redis
+
+from eagercache import fetcher
+
+_client: redis.Redis | None = None
+
+
+def _redis() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(os.environ["FLEET_REDIS_URL"])
+    return _client
+
+
+@fetcher(ttl=1, jitter=0, timeout=30)
+async def counted(k: str) -> dict[str, str]:
+    await _redis().rpush(f"fleet:calls:{k}", f"{time.time():.6f} {os.getpid()}")
+    pause = float(os.environ.get("FLEET_FETCH_S", "0"))
+    if pause:
+        await _redis().incr("fleet:started")
+        await asyncio.sleep(pause)
+        await _redis().incr("fleet:finished")
+    return {"k": k, "pid": str(os.getpid())}
