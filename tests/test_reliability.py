@@ -360,3 +360,20 @@ async def test_sigterm_leaves_a_consistent_store_and_no_claims(
         assert finished == started  # in-flight fetches were allowed to finish
     else:
         assert "gave back refresh claims" in log
+
+
+async def test_cold_reads_from_three_processes_fetch_once(redis_url: str, redis_sync: redis.Redis) -> None:
+    env = {"FLEET_REDIS_URL": redis_url, "FLEET_FETCH_S": "0.5"}
+    fleet = [ServeProcess("--redis-url", redis_url, "--fetchers", "tests.fleet:counted", env=env) for _ in range(3)]
+    try:
+        for server in fleet:
+            server.wait_ready()
+        async with httpx.AsyncClient(timeout=10) as client:
+            answers = await asyncio.gather(*(client.get(f"{fleet[i % 3].url}/data/counted?k=cold") for i in range(60)))
+    finally:
+        for server in fleet:
+            server.close()
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert redis_sync.llen("fleet:calls:cold") == 1
+    assert not redis_sync.exists("eagercache:fill:counted?k=cold")

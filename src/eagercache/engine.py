@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 UNKNOWN_FETCHER_RETRY_MS = 60_000
 # A failing refresh is retried after 0.5 s, 1 s, 2 s, ... but never later than the fetcher's ttl.
 RETRY_BASE_MS = 500
+# A replica waiting for another's fetch of a missing entry looks for its write this often.
+FILL_POLL_S = 0.01
+FILL_MARGIN_MS = 1_000
 # "Over max_entries" is logged at most this often per fetcher; the metric counts every time.
 OVER_LIMIT_LOG_INTERVAL_S = 60.0
 
@@ -138,6 +141,37 @@ class Engine:
                     yield
 
     async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:
+        if cause == "cold" and not self.store.is_memory:
+            filled = await self._fill_elsewhere(fetcher, call.entry_id)
+            if filled is not None:
+                return filled
+        try:
+            return await self._fetch_and_store_here(fetcher, call, cause)
+        except BaseException:
+            if cause == "cold" and not self.store.is_memory:
+                with contextlib.suppress(EagerCacheError):
+                    await self.store.end_fill(call.entry_id)
+            raise
+
+    async def _fill_elsewhere(self, fetcher: Fetcher, entry_id: str) -> bytes | None:
+        """Single flight across replicas for a missing entry: take the fill lock, or wait for its holder's write.
+
+        None means this process should fetch (it holds the lock, or the holder gave up or took too long).
+        """
+        lock_ms = int(fetcher.timeout * 1000) + FILL_MARGIN_MS
+        if await self.store.start_fill(entry_id, lock_ms):
+            return None
+        deadline = time.monotonic() + lock_ms / 1000
+        while time.monotonic() < deadline:
+            await asyncio.sleep(FILL_POLL_S)  # another process is fetching; Redis has nothing to await
+            body, locked = await self.store.filling(entry_id)
+            if body is not None:
+                return body
+            if not locked:
+                break  # its fetch failed or was not stored: fetch here
+        return None
+
+    async def _fetch_and_store_here(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:
         extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
         async with self._slot(fetcher):
             self.metrics.inflight.inc()

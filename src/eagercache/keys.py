@@ -3,6 +3,7 @@
 - `{ns}item:{entry}`   the entry's response body (a DataItem as JSON)
 - `{ns}shadow:{entry}` empty, with TTL = ttl + jitter; its `expired` event says "refresh me"
 - `{ns}stale:{entry}`  present while refreshes fail: "<first failure ms> <failures>"
+- `{ns}fill:{entry}`   held (SET NX PX) by the replica fetching a missing entry; others wait for its write
 - `{ns}due`            sorted set: entry id -> due time (ms since the epoch); the schedule and the claim
 - `{ns}read`           sorted set: entry id -> last read (ms), written in batches; for max_idle
 - `{ns}counts`         hash: fetcher name -> number of entries; for max_entries
@@ -15,13 +16,14 @@ DEFAULT_NAMESPACE = "eagercache:"
 
 
 class Keys:
-    __slots__ = ("counts", "due", "item_prefix", "namespace", "read", "shadow_prefix", "stale_prefix")
+    __slots__ = ("counts", "due", "fill_prefix", "item_prefix", "namespace", "read", "shadow_prefix", "stale_prefix")
 
     def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
         self.namespace = namespace
         self.item_prefix = f"{namespace}item:"
         self.shadow_prefix = f"{namespace}shadow:"
         self.stale_prefix = f"{namespace}stale:"
+        self.fill_prefix = f"{namespace}fill:"
         self.due = f"{namespace}due"
         self.read = f"{namespace}read"
         self.counts = f"{namespace}counts"
@@ -34,6 +36,9 @@ class Keys:
 
     def stale(self, entry_id: str) -> str:
         return self.stale_prefix + entry_id
+
+    def fill(self, entry_id: str) -> str:
+        return self.fill_prefix + entry_id
 
     def entry_of_shadow(self, key: str) -> str | None:
         """The entry id behind a shadow key, or None for any other key (other namespaces, other apps)."""

@@ -44,8 +44,8 @@ end
 return 0
 """
 
-# Store an entry and schedule its next refresh.
-# KEYS: item, shadow, due, read, stale, counts.
+# Store an entry and schedule its next refresh (and let go of the cold-fill lock, if any).
+# KEYS: item, shadow, due, read, stale, counts, fill.
 # ARGV: id, body, due-in ms, now, due at, fetcher, max entries, mode.
 # mode 'cold': a reader's fetch; a new entry counts against max entries and is marked read now.
 # mode 'refresh': only an entry that still exists is written (one removed meanwhile stays removed).
@@ -54,14 +54,17 @@ WRITE = """
 local is_new = redis.call('EXISTS', KEYS[1]) == 0
 if is_new then
   if ARGV[8] ~= 'cold' then return -1 end
-  if tonumber(redis.call('HGET', KEYS[6], ARGV[6]) or '0') >= tonumber(ARGV[7]) then return 0 end
+  if tonumber(redis.call('HGET', KEYS[6], ARGV[6]) or '0') >= tonumber(ARGV[7]) then
+    redis.call('DEL', KEYS[7])
+    return 0
+  end
   redis.call('HINCRBY', KEYS[6], ARGV[6], 1)
 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], '', 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 if ARGV[8] == 'cold' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
-redis.call('DEL', KEYS[5])
+redis.call('DEL', KEYS[5], KEYS[7])
 return 1
 """
 

@@ -134,11 +134,28 @@ class Store:
     ) -> int:
         """Store the body and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE."""
         now = now_ms()
-        keys = self._entry_keys(entry_id)
+        keys = [*self._entry_keys(entry_id), self.keys.fill(entry_id)]
         args: list[str | bytes | int] = [entry_id, body, due_in_ms, now, now + due_in_ms, fetcher, max_entries, mode]
         with _redis_errors(self.url):
             result: int = await self._write(keys=keys, args=args)
         return result
+
+    async def start_fill(self, entry_id: str, lock_ms: int) -> bool:
+        """Take the right to fetch a missing entry across replicas; False if another replica has it."""
+        with _redis_errors(self.url):
+            return bool(await self.client.set(self.keys.fill(entry_id), b"", nx=True, px=lock_ms))
+
+    async def end_fill(self, entry_id: str) -> None:
+        """Let go of the cold-fill lock without storing (the fetch failed)."""
+        with _redis_errors(self.url):
+            await self.client.delete(self.keys.fill(entry_id))
+
+    async def filling(self, entry_id: str) -> tuple[bytes | None, bool]:
+        """The entry's body if stored by now, and whether a replica still holds its fill lock."""
+        with _redis_errors(self.url):
+            body, lock = await self.client.mget(self.keys.item(entry_id), self.keys.fill(entry_id))
+        assert body is None or isinstance(body, bytes)
+        return body, lock is not None
 
     async def stale(self, entry_id: str) -> Stale | None:
         with _redis_errors(self.url):
