@@ -18,6 +18,7 @@ import redis
 
 from eagercache import Settings
 from eagercache.cli import main
+from eagercache.item import Entry
 
 from .redis_server import free_port
 
@@ -122,7 +123,8 @@ def test_serve_on_redis(tmp_path: Path, redis_url: str, redis_sync: redis.Redis)
         assert (answer.status_code, answer.headers.get("x-cache")) == (200, "MISS"), answer.text
         assert answer.json()["data"]["text"] == "Hello, Ada!"
         assert redis_sync.keys("eagercache:item:*") == [b"eagercache:item:greeting?name=Ada"]
-        assert redis_sync.get("eagercache:item:greeting?name=Ada") == answer.content
+        stored = redis_sync.get("eagercache:item:greeting?name=Ada")
+        assert isinstance(stored, bytes) and Entry.parse(stored).body == answer.content
         assert server.get("/data/greeting?name=Ada").headers.get("x-cache") == "HIT"
         assert server.terminate() in STOPPED_BY_SIGTERM
     lines = server.stderr_lines()

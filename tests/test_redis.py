@@ -13,6 +13,7 @@ import redis
 from starlette.applications import Starlette
 
 from eagercache import create_app, fetcher
+from eagercache.item import Entry
 
 from .helpers import Counter
 from .redis_server import RedisServer
@@ -140,6 +141,6 @@ async def test_an_entry_is_stored_whole(redis_url: str, redis_sync: redis.Redis)
             pipe.pttl("eagercache:shadow:stamp?k=q")
             pipe.zscore("eagercache:due", "stamp?k=q")
             item, shadow_ttl, due = pipe.execute()
-    assert item == body
+    assert Entry.parse(item).body == body
     assert 0 < shadow_ttl <= 500
     assert due is not None

@@ -9,14 +9,12 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
-import msgspec
 import pytest
 import redis
 
-from eagercache import create_app, fetcher
+from eagercache import create_app, decode_item, fetcher
 
 from .conftest import AppFactory
 from .helpers import Counter
@@ -350,10 +348,9 @@ async def test_sigterm_leaves_a_consistent_store_and_no_claims(
     # A claim is a lease of timeout (30 s) + 5 s; a scheduled refresh is at most the ttl (1 s) away.
     assert max(scores.values()) <= now_ms + 1000, scores
     for i in range(5):
-        body = redis_sync.get(f"eagercache:item:counted?k={i}")
-        assert body is not None
-        item: dict[str, Any] = msgspec.json.decode(body)
-        assert item["data"]["k"] == str(i)
+        value = redis_sync.get(f"eagercache:item:counted?k={i}")
+        assert isinstance(value, bytes)
+        assert decode_item(value).data["k"] == str(i)
     finished = int(redis_sync.get("fleet:finished") or 0)
     started = int(redis_sync.get("fleet:started") or 0)
     if fetch_s < 1:

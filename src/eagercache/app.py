@@ -21,8 +21,9 @@ from .fetchers import build_registry
 from .keys import Keys
 from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
 from .refresher import Refresher
+from .representation import Representer
 from .settings import Settings, load_settings
-from .store import Store, redact
+from .store import Store, now_ms, redact
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -64,6 +65,8 @@ def create_app(
     kind = "in-memory store: this process only, lost on exit" if store.is_memory else "Redis"
     log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
 
+    representer = Representer()
+
     async def data(request: Request) -> Response:
         name: str = request.path_params["fetcher"]
         try:
@@ -77,7 +80,8 @@ def create_app(
                 log.debug("bad request", extra={"fetcher": name, "error": exc.detail})
             return problem_response(exc.problem())
         metrics.requests.labels(name, read.cache.lower()).inc()
-        return Response(read.body, media_type="application/json", headers={"X-Cache": read.cache})
+        metrics.data_age.labels(name).observe(max(0, now_ms() - read.entry.last_retrieved_ms) / 1000)
+        return representer.respond(read, request.headers)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")

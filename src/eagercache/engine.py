@@ -9,16 +9,15 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Literal
 
 from .errors import DataTooStale, EagerCacheError, FetchFailed, FetchTimeout, InvalidParameters, UnknownFetcher
 from .fetchers import Fetcher, Registry
-from .item import build_body, encode_data
+from .item import Entry, build_entry, encode_data
 from .keys import split_entry_id
 from .metrics import Metrics
 from .params import Call
-from .store import GONE, OVER_LIMIT, Stale, Store, now_ms
+from .store import GONE, OVER_LIMIT, Claim, Stale, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,8 @@ RETRY_BASE_MS = 500
 # A replica waiting for another's fetch of a missing entry looks for its write this often.
 FILL_POLL_S = 0.01
 FILL_MARGIN_MS = 1_000
+# The last error kept with a stale entry, for operators (admin API), is cut to this length.
+MAX_ERROR_CHARS = 300
 # "Over max_entries" is logged at most this often per fetcher; the metric counts every time.
 OVER_LIMIT_LOG_INTERVAL_S = 60.0
 
@@ -37,7 +38,9 @@ Cause = Literal["cold", "schedule", "event"]
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    body: bytes
+    fetcher: Fetcher
+    entry_id: str
+    entry: Entry
     cache: Literal["HIT", "MISS", "STALE"]
 
 
@@ -64,22 +67,23 @@ class Engine:
 
     async def read(self, fetcher_name: str, query: bytes | str) -> Read:
         fetcher, call = self.registry.call(fetcher_name, query)
-        body, stale = await self.store.get(call.entry_id)
-        if body is not None:
+        raw, stale = await self.store.get(call.entry_id)
+        if raw is not None:
             self.reads.add(call.entry_id)
             if stale is None:
-                return Read(body, "HIT")
+                return Read(fetcher, call.entry_id, Entry.parse(raw), "HIT")
             if fetcher.max_stale is not None and now_ms() - stale.since_ms > fetcher.max_stale * 1000:
                 raise DataTooStale(
                     f"refreshes of this entry have failed for over {fetcher.max_stale:g} s (its max_stale)"
                 )
-            return Read(body, "STALE")
+            return Read(fetcher, call.entry_id, Entry.parse(raw), "STALE")
         task = self._inflight.get(call.entry_id) or self._start(fetcher, call, "cold")
         # shield: a reader that disconnects must not cancel the fetch the other readers are waiting for
-        return Read(await asyncio.shield(task), "MISS")
+        return Read(fetcher, call.entry_id, Entry.parse(await asyncio.shield(task)), "MISS")
 
-    async def refresh(self, entry_id: str, cause: Cause, last_read_ms: int | None) -> None:
+    async def refresh(self, claim: Claim, cause: Cause) -> None:
         """Refresh an entry this process has claimed. Never raises for a failing fetcher."""
+        entry_id = claim.entry_id
         if entry_id in self._inflight:
             return  # a cold read is fetching it right now; its write reschedules the entry
         name, query = split_entry_id(entry_id)
@@ -96,30 +100,36 @@ class Engine:
             self.metrics.background_errors.labels("stale-signature").inc()
             await self.store.forget(entry_id, name)
             return
-        if self._idle(fetcher, entry_id, last_read_ms):
+        if self._idle(fetcher, entry_id, claim.last_read_ms):
             log.debug("entry removed: idle", extra={"entry": entry_id, "max_idle_s": fetcher.max_idle})
             self.metrics.idle_removed.labels(fetcher.name).inc()
             await self.store.forget(entry_id, fetcher.name)
             return
         try:
-            await self._start(fetcher, call, cause)
-        except FetchFailed:
-            await self._postpone_failed(fetcher, entry_id)
+            await self._start(fetcher, call, cause, claim.due_ms)
+        except FetchFailed as exc:
+            await self._postpone_failed(fetcher, entry_id, exc)
 
     def _idle(self, fetcher: Fetcher, entry_id: str, last_read_ms: int | None) -> bool:
         if last_read_ms is None or entry_id in self.reads:
             return False
         return now_ms() - last_read_ms > fetcher.max_idle * 1000
 
-    async def _postpone_failed(self, fetcher: Fetcher, entry_id: str) -> None:
+    async def _postpone_failed(self, fetcher: Fetcher, entry_id: str, exc: FetchFailed) -> None:
         """Keep the last good body, mark it stale, and retry with exponential backoff bounded by the ttl."""
         previous = await self.store.stale(entry_id)
-        stale = Stale(now_ms(), 1) if previous is None else Stale(previous.since_ms, previous.failures + 1)
+        error = exc.detail if exc.__cause__ is None else f"{exc.detail}: {exc.__cause__!r}"
+        error = " ".join(error.split())[:MAX_ERROR_CHARS]
+        if previous is None:
+            stale = Stale(now_ms(), 1, error)
+        else:
+            stale = Stale(previous.since_ms, previous.failures + 1, error)
         delay_ms = min(int(fetcher.ttl * 1000), RETRY_BASE_MS * 2 ** min(stale.failures - 1, 30))
         await self.store.postpone(entry_id, delay_ms, stale)
 
-    def _start(self, fetcher: Fetcher, call: Call, cause: Cause) -> asyncio.Task[bytes]:
-        task = asyncio.create_task(self._fetch_and_store(fetcher, call, cause), name=f"fetch {call.entry_id}")
+    def _start(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None = None) -> asyncio.Task[bytes]:
+        coro = self._fetch_and_store(fetcher, call, cause, due_ms)
+        task = asyncio.create_task(coro, name=f"fetch {call.entry_id}")
         self._inflight[call.entry_id] = task
         task.add_done_callback(lambda t: self._finished(call.entry_id, t))
         return task
@@ -140,13 +150,13 @@ class Engine:
                 async with per_fetcher:
                     yield
 
-    async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:
+    async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None) -> bytes:
         if cause == "cold" and not self.store.is_memory:
             filled = await self._fill_elsewhere(fetcher, call.entry_id)
             if filled is not None:
                 return filled
         try:
-            return await self._fetch_and_store_here(fetcher, call, cause)
+            return await self._fetch_and_store_here(fetcher, call, cause, due_ms)
         except BaseException:
             if cause == "cold" and not self.store.is_memory:
                 with contextlib.suppress(EagerCacheError):
@@ -171,7 +181,7 @@ class Engine:
                 break  # its fetch failed or was not stored: fetch here
         return None
 
-    async def _fetch_and_store_here(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:
+    async def _fetch_and_store_here(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None) -> bytes:
         extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
         async with self._slot(fetcher):
             self.metrics.inflight.inc()
@@ -196,11 +206,14 @@ class Engine:
         self.metrics.fetches.labels(fetcher.name, cause, "ok").inc()
         self.metrics.fetch_seconds.labels(fetcher.name).observe(time.perf_counter() - started)
         previous = None if cause == "cold" else (await self.store.get(call.entry_id))[0]
-        body, changed = build_body(data_json, previous, datetime.now(UTC))
+        now, due_in_ms = now_ms(), _due_in_ms(fetcher)
+        value, changed = build_entry(data_json, previous, now, due_in_ms)
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"
         outcome = await self.store.write(
-            call.entry_id, fetcher.name, body, _due_in_ms(fetcher), mode=mode, max_entries=fetcher.max_entries
+            call.entry_id, fetcher.name, value, now, due_in_ms, mode=mode, max_entries=fetcher.max_entries
         )
+        if due_ms is not None:
+            self.metrics.refresh_lag.labels(fetcher.name).observe(max(0, now_ms() - due_ms) / 1000)
         if outcome == OVER_LIMIT:
             self._over_limit(fetcher)
         elif outcome == GONE:
@@ -209,7 +222,7 @@ class Engine:
             self.metrics.changes.labels(fetcher.name).inc()
         for callback in self._on_write:
             callback()
-        return body
+        return value
 
     def _over_limit(self, fetcher: Fetcher) -> None:
         self.metrics.uncached.labels(fetcher.name).inc()

@@ -1,11 +1,18 @@
-"""`DataItem`: what an entry holds, its one JSON encoding, and change detection between fetches.
+"""What an entry holds: `DataItem` as its one JSON encoding, with its validators, and change detection.
 
-The stored value is the exact response body, so a read returns bytes from Redis without decoding
-or re-encoding them.
+The stored value is a one-line header, then the exact response body:
+
+    <etag> <last_retrieved ms> <last_modified ms> <due ms>\\n{"data":...,"last_retrieved":...,"last_modified":...}
+
+so a read sends bytes from Redis without decoding or re-encoding them, and has the ETag, the
+Last-Modified date and the time of the next refresh at hand for HTTP caching headers.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +42,27 @@ _body_decoder = msgspec.json.Decoder(_Body)
 _item_decoder = msgspec.json.Decoder(DataItem)
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored entry: validators and the response body."""
+
+    etag: str  # opaque, without the quotes; the same data gives the same tag on every replica
+    last_retrieved_ms: int
+    last_modified_ms: int
+    due_ms: int
+    body: bytes
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Entry:
+        head, _, body = raw.partition(b"\n")
+        etag, retrieved, modified, due = head.split(b" ")
+        return cls(etag.decode(), int(retrieved), int(modified), int(due), body)
+
+    def encode(self) -> bytes:
+        head = f"{self.etag} {self.last_retrieved_ms} {self.last_modified_ms} {self.due_ms}\n"
+        return head.encode() + self.body
+
+
 def encode_data(data: Any, fetcher_name: str) -> bytes:
     """Encode a fetcher's result; a value JSON cannot carry is that fetcher's error."""
     try:
@@ -43,19 +71,31 @@ def encode_data(data: Any, fetcher_name: str) -> bytes:
         raise FetchFailed(f"fetcher {fetcher_name!r} returned a value that cannot be encoded as JSON: {exc}") from exc
 
 
-def build_body(data_json: bytes, previous: bytes | None, now: datetime) -> tuple[bytes, bool]:
-    """The new entry body and whether its data changed since `previous` (the stored body, if any)."""
-    stamp = rfc3339(now)
+def build_entry(data_json: bytes, previous: bytes | None, now_ms: int, due_in_ms: int) -> tuple[bytes, bool]:
+    """The new stored value and whether its data changed since `previous` (the stored value, if any).
+
+    Unchanged data keeps its previous bytes (and so its ETag) even if the fetcher reordered object keys.
+    """
+    last_modified_ms, changed = now_ms, True
+    stamp = rfc3339(now_ms)
     last_modified = stamp
-    changed = True
     if previous is not None:
         try:
-            old = _body_decoder.decode(previous)
-        except msgspec.DecodeError:
-            old = None  # an unreadable body is replaced as if the data changed
+            before = Entry.parse(previous)
+            old = _body_decoder.decode(before.body)
+        except (ValueError, msgspec.DecodeError):
+            old = None  # an unreadable value is replaced as if the data changed
         if old is not None and not data_changed(bytes(old.data), data_json):
-            last_modified, changed = old.last_modified, False
-    return _encoder.encode(_Body(msgspec.Raw(data_json), stamp, last_modified)), changed
+            data_json, changed = bytes(old.data), False
+            last_modified, last_modified_ms = old.last_modified, before.last_modified_ms
+    body = _encoder.encode(_Body(msgspec.Raw(data_json), stamp, last_modified))
+    entry = Entry(etag_of(data_json), now_ms, last_modified_ms, now_ms + due_in_ms, body)
+    return entry.encode(), changed
+
+
+def etag_of(data_json: bytes) -> str:
+    # 96 bits of BLAKE2b: collisions are out of reach, and the tag stays short in every response.
+    return base64.urlsafe_b64encode(hashlib.blake2b(data_json, digest_size=12).digest()).decode()
 
 
 def data_changed(old_json: bytes, new_json: bytes) -> bool:
@@ -65,11 +105,12 @@ def data_changed(old_json: bytes, new_json: bytes) -> bool:
     return bool(DeepDiff(msgspec.json.decode(old_json), msgspec.json.decode(new_json)))
 
 
-def decode_item(body: bytes) -> DataItem:
-    return _item_decoder.decode(body)
+def decode_item(raw: bytes) -> DataItem:
+    """The DataItem in a stored value (or in a response body)."""
+    return _item_decoder.decode(Entry.parse(raw).body if not raw.startswith(b"{") else raw)
 
 
-def rfc3339(moment: datetime) -> str:
+def rfc3339(moment_ms: int) -> str:
     """UTC with millisecond precision, e.g. 2026-11-24T10:00:00.123Z (RFC 3339, section 5.6)."""
-    moment = moment.astimezone(UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
+    moment = datetime.fromtimestamp(moment_ms / 1000, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment_ms % 1000:03d}Z"

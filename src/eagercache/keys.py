@@ -2,7 +2,7 @@
 
 - `{ns}item:{entry}`   the entry's response body (a DataItem as JSON)
 - `{ns}shadow:{entry}` empty, with TTL = ttl + jitter; its `expired` event says "refresh me"
-- `{ns}stale:{entry}`  present while refreshes fail: "<first failure ms> <failures>"
+- `{ns}stale:{entry}`  present while refreshes fail: "<first failure ms> <failures> <last error>"
 - `{ns}fill:{entry}`   held (SET NX PX) by the replica fetching a missing entry; others wait for its write
 - `{ns}due`            sorted set: entry id -> due time (ms since the epoch); the schedule and the claim
 - `{ns}read`           sorted set: entry id -> last read (ms), written in batches; for max_idle

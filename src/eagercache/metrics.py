@@ -37,6 +37,26 @@ class Metrics:
             ["component"],
             registry=self.registry,
         )
+        self.refresh_lag = Histogram(
+            "eagercache_refresh_lag_seconds",
+            "From an entry's due time to its refreshed value being stored.",
+            ["fetcher"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.data_age = Histogram(
+            "eagercache_served_data_age_seconds",
+            "Age of the data in answers (now - last_retrieved).",
+            ["fetcher"],
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+            registry=self.registry,
+        )
+        self.entries = Gauge(
+            "eagercache_entries",
+            "Entries per fetcher in the store (read periodically).",
+            ["fetcher"],
+            registry=self.registry,
+        )
         self.inflight = Gauge("eagercache_fetches_in_flight", "Fetcher runs in progress.", registry=self.registry)
         self.idle_removed = Counter(
             "eagercache_idle_removed",

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from .engine import Cause, Engine
 from .errors import ConfigurationError, StoreUnavailable
-from .store import EXPIRED_CHANNEL, Store, now_ms
+from .store import EXPIRED_CHANNEL, Claim, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Refresher:
     def _lease_end(self) -> int:
         return now_ms() + self.lease_ms
 
-    def _spawn(self, entry_id: str, cause: Cause, claim: tuple[int, int | None] | None) -> None:
+    def _spawn(self, entry_id: str, cause: Cause, claim: Claim | None) -> None:
         task = asyncio.create_task(self._refresh(entry_id, cause, claim), name=f"refresh {entry_id}")
         self._running.add(task)
         task.add_done_callback(self._done)
@@ -137,17 +137,15 @@ class Refresher:
         self._running.discard(task)
         self._wake.set()  # a slot is free
 
-    async def _refresh(self, entry_id: str, cause: Cause, claim: tuple[int, int | None] | None) -> None:
-        """Refresh one entry; `claim` is (lease end, last read) when the schedule already claimed it."""
+    async def _refresh(self, entry_id: str, cause: Cause, claim: Claim | None) -> None:
+        """Refresh one entry, claiming it first unless the schedule already did."""
         try:
             if claim is None:
-                lease_end = self._lease_end()
-                won, last_read = await self.store.claim(entry_id, lease_end)
-                if not won:
+                claim = await self.store.claim(entry_id, self._lease_end())
+                if claim is None:
                     return  # refreshed already, or another replica has it
-                claim = (lease_end, last_read)
-            self._claims[entry_id] = claim[0]
-            await self.engine.refresh(entry_id, cause, claim[1])
+            self._claims[entry_id] = claim.lease_end_ms
+            await self.engine.refresh(claim, cause)
             del self._claims[entry_id]  # a write or postpone has rescheduled it: no longer ours
         except StoreUnavailable as exc:
             # The claim's lease runs out and the entry is due again: nothing is lost.
@@ -172,8 +170,8 @@ class Refresher:
                 await asyncio.sleep(outage.failed(exc.detail))
                 continue
             outage.over()
-            for entry_id, last_read in claimed:
-                self._spawn(entry_id, "schedule", (lease_end, last_read))
+            for claim in claimed:
+                self._spawn(claim.entry_id, "schedule", claim)
             if self._capacity <= 0:
                 await self._wake.wait()
                 continue

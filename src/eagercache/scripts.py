@@ -9,26 +9,28 @@ from __future__ import annotations
 
 # Claim up to ARGV[3] entries due by ARGV[1] by moving their score to ARGV[2], the lease end: whoever
 # moved an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
-# KEYS: due, read. Returns id, last-read, id, last-read, ...
+# KEYS: due, read. Returns id, last-read, due, id, last-read, due, ...
 CLAIM_DUE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
-for _, id in ipairs(ids) do
+for i = 1, #due, 2 do
+  local id = due[i]
   redis.call('ZADD', KEYS[1], ARGV[2], id)
   out[#out + 1] = id
   out[#out + 1] = redis.call('ZSCORE', KEYS[2], id) or '-1'
+  out[#out + 1] = due[i + 1]
 end
 return out
 """
 
 # Claim one entry that an expired shadow key says is due (ARGV: id, now, lease end). An entry that
 # is stored but missing from the schedule is claimed too, so a damaged schedule heals.
-# KEYS: due, item, read. Returns the last-read time, or nil when not claimed.
+# KEYS: due, item, read. Returns {last-read, due}, or nil when not claimed.
 CLAIM_ONE = """
 local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if (due and tonumber(due) <= tonumber(ARGV[2])) or (not due and redis.call('EXISTS', KEYS[2]) == 1) then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return redis.call('ZSCORE', KEYS[3], ARGV[1]) or '-1'
+  return {redis.call('ZSCORE', KEYS[3], ARGV[1]) or '-1', due or '-1'}
 end
 return false
 """

@@ -60,20 +60,31 @@ def _redis_errors(url: str) -> Iterator[None]:
 
 @dataclass(frozen=True, slots=True)
 class Stale:
-    """An entry whose refreshes fail: since when (ms since the epoch), and how many times in a row."""
+    """An entry whose refreshes fail: since when (ms since the epoch), how many times in a row, the last error."""
 
     since_ms: int
     failures: int
+    error: str = ""
 
     @classmethod
     def parse(cls, raw: bytes | str | None) -> Stale | None:
         if raw is None:
             return None
-        since, _, failures = _text(raw).partition(" ")
-        return cls(int(since), int(failures or 1))
+        since, failures, error = [*_text(raw).split(" ", 2), "", ""][:3]
+        return cls(int(since), int(failures or 1), error)
 
     def encode(self) -> str:
-        return f"{self.since_ms} {self.failures}"
+        return f"{self.since_ms} {self.failures} {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The right to refresh one entry until `lease_end_ms`, with what the schedule knew about it."""
+
+    entry_id: str
+    lease_end_ms: int
+    last_read_ms: int | None
+    due_ms: int | None
 
 
 WriteMode = Literal["cold", "refresh"]
@@ -130,12 +141,19 @@ class Store:
         return body, Stale.parse(stale)
 
     async def write(
-        self, entry_id: str, fetcher: str, body: bytes, due_in_ms: int, *, mode: WriteMode, max_entries: int
+        self,
+        entry_id: str,
+        fetcher: str,
+        value: bytes,
+        now: int,
+        due_in_ms: int,
+        *,
+        mode: WriteMode,
+        max_entries: int,
     ) -> int:
-        """Store the body and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE."""
-        now = now_ms()
+        """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE."""
         keys = [*self._entry_keys(entry_id), self.keys.fill(entry_id)]
-        args: list[str | bytes | int] = [entry_id, body, due_in_ms, now, now + due_in_ms, fetcher, max_entries, mode]
+        args: list[str | bytes | int] = [entry_id, value, due_in_ms, now, now + due_in_ms, fetcher, max_entries, mode]
         with _redis_errors(self.url):
             result: int = await self._write(keys=keys, args=args)
         return result
@@ -178,20 +196,22 @@ class Store:
         k = self.keys
         return [k.item(entry_id), k.shadow(entry_id), k.due, k.read, k.stale(entry_id), k.counts]
 
-    async def claim_due(self, lease_end_ms: int, limit: int) -> list[tuple[str, int | None]]:
-        """Claim up to `limit` entries whose refresh is due now: (entry id, last read ms) pairs."""
+    async def claim_due(self, lease_end_ms: int, limit: int) -> list[Claim]:
+        """Claim up to `limit` entries whose refresh is due now."""
         with _redis_errors(self.url):
             flat: list[bytes] = await self._claim_due(
                 keys=[self.keys.due, self.keys.read], args=[now_ms(), lease_end_ms, limit]
             )
-        return [(flat[i].decode(), _ms(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return [
+            Claim(flat[i].decode(), lease_end_ms, _ms(flat[i + 1]), _ms(flat[i + 2])) for i in range(0, len(flat), 3)
+        ]
 
-    async def claim(self, entry_id: str, lease_end_ms: int) -> tuple[bool, int | None]:
-        """Claim one entry if it is due: (claimed, last read ms)."""
+    async def claim(self, entry_id: str, lease_end_ms: int) -> Claim | None:
+        """Claim one entry if it is due; None if it is not (refreshed already, or claimed elsewhere)."""
         keys = [self.keys.due, self.keys.item(entry_id), self.keys.read]
         with _redis_errors(self.url):
-            last_read = await self._claim_one(keys=keys, args=[entry_id, now_ms(), lease_end_ms])
-        return last_read is not None, _ms(last_read) if last_read is not None else None
+            won = await self._claim_one(keys=keys, args=[entry_id, now_ms(), lease_end_ms])
+        return None if won is None else Claim(entry_id, lease_end_ms, _ms(won[0]), _ms(won[1]))
 
     async def release(self, claims: dict[str, int]) -> int:
         """Give back claims still held (shutdown): those entries are due again at once, for any replica."""
