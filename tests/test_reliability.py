@@ -374,3 +374,42 @@ async def test_cold_reads_from_three_processes_fetch_once(redis_url: str, redis_
     assert len({a.content for a in answers}) == 1
     assert redis_sync.llen("fleet:calls:cold") == 1
     assert not redis_sync.exists("eagercache:fill:counted?k=cold")
+
+
+async def test_an_item_deleted_by_hand_drops_its_entry(make_app: AppFactory) -> None:
+    log = FetchLog()
+
+    @fetcher(ttl=0.2, jitter=0)
+    async def item(k: str) -> str:
+        log.record(k)
+        return k
+
+    app, client = await make_app([item])
+    store = app.state.store
+    for k in "ab":
+        assert (await client.get(f"/data/item?k={k}")).status_code == 200
+    await store.client.delete(store.keys.item("item?k=a"))
+    async with asyncio.timeout(5):
+        while await store.client.zscore(store.keys.due, "item?k=a") is not None:
+            await log.calls.reach(log.calls.count + 1)
+    assert await store.entry_count("item") == 1
+    assert not await store.client.exists(store.keys.shadow("item?k=a"))
+    fetched = len(log.times["a"])
+    await log.calls.reach(log.calls.count + 2)  # b keeps refreshing; a is not fetched again
+    assert len(log.times["a"]) == fetched
+
+
+async def test_an_entry_with_no_read_record_still_goes_idle(make_app: AppFactory) -> None:
+    @fetcher(ttl=0.2, jitter=0, max_idle=0.5)
+    async def item(k: str) -> str:
+        return k
+
+    app, client = await make_app([item])
+    store = app.state.store
+    assert (await client.get("/data/item?k=a")).status_code == 200
+    app.state.engine.reads.clear()
+    await store.client.zrem(store.keys.read, "item?k=a")  # as if written by an older version
+    async with asyncio.timeout(5):
+        while await store.client.exists(store.keys.item("item?k=a")):
+            await asyncio.sleep(0.05)  # the removal happens in the background
+    assert await store.entry_count("item") == 0

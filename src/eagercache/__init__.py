@@ -3,10 +3,12 @@
 from .app import create_app
 from .errors import (
     ConfigurationError,
+    DataTooStale,
     EagerCacheError,
     FetchFailed,
     FetchTimeout,
     InvalidParameters,
+    QueryTooLong,
     StoreUnavailable,
     UnknownFetcher,
 )
@@ -17,11 +19,13 @@ from .settings import Settings, load_settings
 __all__ = [
     "ConfigurationError",
     "DataItem",
+    "DataTooStale",
     "EagerCacheError",
     "FetchFailed",
     "FetchTimeout",
     "Fetcher",
     "InvalidParameters",
+    "QueryTooLong",
     "Registry",
     "Settings",
     "StoreUnavailable",

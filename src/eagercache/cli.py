@@ -81,15 +81,13 @@ def _serve(flags: dict[str, object]) -> int:
 
 
 async def _preflight(settings: Settings) -> None:
-    """Check the store before uvicorn starts, so a bad URL or server setting is one clear line, not a traceback.
+    """Reach the store before uvicorn starts, so a bad URL or a server that is down is one clear line, not a traceback.
 
-    The app's lifespan does the same again; both are idempotent.
+    (A server without expiry events is not an error: the refresher then runs on the schedule alone.)
     """
     store = Store.from_url(settings.redis_url, Keys(settings.namespace))
     try:
         await store.ping()
-        if not store.is_memory:
-            await store.enable_expiry_events()
     finally:
         await store.aclose()
 

@@ -142,13 +142,14 @@ class Engine:
     @contextlib.asynccontextmanager
     async def _slot(self, fetcher: Fetcher) -> AsyncIterator[None]:
         """Bound concurrent fetches per process and per fetcher; extra fetches wait their turn."""
+        # The fetcher's own slot first: one backed up on max_concurrency must not hold process-wide slots.
         per_fetcher = self._fetcher_slots.get(fetcher.name)
-        async with self._fetch_slots:
-            if per_fetcher is None:
+        if per_fetcher is None:
+            async with self._fetch_slots:
                 yield
-            else:
-                async with per_fetcher:
-                    yield
+        else:
+            async with per_fetcher, self._fetch_slots:
+                yield
 
     async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None) -> bytes:
         if cause == "cold" and not self.store.is_memory:

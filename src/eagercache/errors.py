@@ -57,6 +57,12 @@ class InvalidParameters(EagerCacheError):
         return doc
 
 
+class QueryTooLong(EagerCacheError):
+    status = 414
+    slug = "query-too-long"
+    title = "Query string too long"
+
+
 class FetchFailed(EagerCacheError):
     """The fetcher raised, or returned something that cannot be encoded as JSON."""
 

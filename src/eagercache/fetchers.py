@@ -39,6 +39,7 @@ class FetcherOptions:
     max_idle: float = DEFAULT_MAX_IDLE_S
     max_entries: int = DEFAULT_MAX_ENTRIES
     max_concurrency: int | None = None
+    ignore_unknown: bool = False
 
 
 @overload
@@ -54,6 +55,7 @@ def fetcher(
     max_idle: float = ...,
     max_entries: int = ...,
     max_concurrency: int | None = ...,
+    ignore_unknown: bool = ...,
 ) -> Callable[[F], F]: ...
 def fetcher(
     func: F | None = None,
@@ -67,6 +69,7 @@ def fetcher(
     max_idle: float = DEFAULT_MAX_IDLE_S,
     max_entries: int = DEFAULT_MAX_ENTRIES,
     max_concurrency: int | None = None,
+    ignore_unknown: bool = False,
 ) -> F | Callable[[F], F]:
     """Mark an async function as a fetcher. Times are in seconds.
 
@@ -78,6 +81,8 @@ def fetcher(
       not cached.
     - `max_concurrency`: fetches of this fetcher running at once in one process (None: only the
       process-wide limit).
+    - `ignore_unknown`: query parameters the function does not take are ignored instead of answered
+      with 400 (e.g. cache-busting or tracking parameters added by clients).
 
     The function is returned unchanged, so it stays a plain async function that tests can call.
     """
@@ -90,6 +95,7 @@ def fetcher(
         max_idle=max_idle,
         max_entries=max_entries,
         max_concurrency=max_concurrency,
+        ignore_unknown=ignore_unknown,
     )
 
     def mark(f: F) -> F:
@@ -138,6 +144,10 @@ class Fetcher:
             raise ConfigurationError(f"{where}: max_stale must be >= 0 seconds or None, got {options.max_stale}")
         if not options.max_idle > 0:
             raise ConfigurationError(f"{where}: max_idle must be > 0 seconds, got {options.max_idle}")
+        for option in ("max_entries", "max_concurrency"):
+            value = getattr(options, option)
+            if value is not None and (type(value) is not int):
+                raise ConfigurationError(f"{where}: {option} must be an integer, got {value!r}")
         if not options.max_entries >= 1:
             raise ConfigurationError(f"{where}: max_entries must be >= 1, got {options.max_entries}")
         if options.max_concurrency is not None and not options.max_concurrency >= 1:
@@ -145,7 +155,7 @@ class Fetcher:
         return cls(
             name,
             func,
-            Signature(func, name),
+            Signature(func, name, ignore_unknown=options.ignore_unknown),
             options.ttl,
             options.jitter,
             options.timeout,

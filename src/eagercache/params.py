@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import inspect
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -21,9 +22,14 @@ from urllib.parse import quote, unquote_to_bytes
 
 import msgspec
 
-from .errors import ConfigurationError, InvalidParameters
+from .errors import ConfigurationError, InvalidParameters, QueryTooLong
 
 _SCALARS = (str, int, float, bool)
+# Longer query strings are refused with 414 (RFC 9110, 15.5.15): no legitimate call needs them.
+MAX_QUERY_BYTES = 4096
+# Redis keys can be 512 MB, but a key this long is a mistake or an attack, and costs memory on every refresh.
+MAX_ENTRY_ID_CHARS = 2048
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +77,9 @@ class Call:
 class Signature:
     """The query-facing signature of a fetcher function."""
 
-    def __init__(self, func: Callable[..., Any], fetcher_name: str) -> None:
+    def __init__(self, func: Callable[..., Any], fetcher_name: str, *, ignore_unknown: bool = False) -> None:
         self.fetcher_name = fetcher_name
+        self.ignore_unknown = ignore_unknown
         self.params = _params_of(func, fetcher_name)
         self._by_name = {p.name: p for p in self.params}
 
@@ -83,7 +90,8 @@ class Signature:
         grouped: dict[str, list[str]] = {}
         for name, value in pairs:
             if name not in self._by_name:
-                errors[name] = "unknown parameter"
+                if not self.ignore_unknown:
+                    errors[name] = "unknown parameter"
             else:
                 grouped.setdefault(name, []).append(value)
         kwargs: dict[str, Any] = {}
@@ -101,7 +109,15 @@ class Signature:
                 errors[param.name] = str(exc)
         if errors:
             raise InvalidParameters(errors)
-        return Call(self.fetcher_name, kwargs, f"{self.fetcher_name}?{self._canonical(kwargs)}")
+        entry_id = f"{self.fetcher_name}?{self._canonical(kwargs)}"
+        if len(entry_id) > MAX_ENTRY_ID_CHARS:
+            raise InvalidParameters(
+                {
+                    "(query)": f"the parameters make a cache key of {len(entry_id)} characters; at most "
+                    f"{MAX_ENTRY_ID_CHARS} are accepted"
+                }
+            )
+        return Call(self.fetcher_name, kwargs, entry_id)
 
     def _canonical(self, kwargs: dict[str, Any]) -> str:
         parts: list[str] = []
@@ -124,11 +140,20 @@ def parse_query(query: bytes | str) -> list[tuple[str, str]]:
     would silently merge distinct requests into one entry.
     """
     raw = query.encode("ascii") if isinstance(query, str) else query
+    if len(raw) > MAX_QUERY_BYTES:
+        raise QueryTooLong(f"the query string has {len(raw)} bytes; at most {MAX_QUERY_BYTES} are accepted")
     pairs: list[tuple[str, str]] = []
     for chunk in raw.split(b"&"):
         if not chunk:
             continue
         name, _, value = chunk.partition(b"=")
+        if _BAD_ESCAPE.search(chunk):
+            raise InvalidParameters(
+                {
+                    _unquote(name, errors="replace"): "invalid percent-encoding (% must be followed "
+                    "by two hex digits; send a literal % as %25)"
+                }
+            )
         try:
             pairs.append((_unquote(name), _unquote(value)))
         except UnicodeDecodeError:

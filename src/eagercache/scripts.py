@@ -18,6 +18,8 @@ for i = 1, #due, 2 do
   redis.call('ZADD', KEYS[1], ARGV[2], id)
   out[#out + 1] = id
   out[#out + 1] = redis.call('ZSCORE', KEYS[2], id) or '-1'
+  -- an entry with no read time (its record was lost) starts counting towards max_idle now
+  if out[#out] == '-1' then redis.call('ZADD', KEYS[2], ARGV[1], id) end
   out[#out + 1] = due[i + 1]
 end
 return out
@@ -30,7 +32,9 @@ CLAIM_ONE = """
 local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if (due and tonumber(due) <= tonumber(ARGV[2])) or (not due and redis.call('EXISTS', KEYS[2]) == 1) then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return {redis.call('ZSCORE', KEYS[3], ARGV[1]) or '-1', due or '-1'}
+  local read = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if not read then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+  return {read or '-1', due or '-1'}
 end
 return false
 """
@@ -50,12 +54,19 @@ return 0
 # KEYS: item, shadow, due, read, stale, counts, fill.
 # ARGV: id, body, due-in ms, now, due at, fetcher, max entries, mode.
 # mode 'cold': a reader's fetch; a new entry counts against max entries and is marked read now.
-# mode 'refresh': only an entry that still exists is written (one removed meanwhile stays removed).
+# mode 'refresh': only an entry that still exists is written. One whose item was deleted meanwhile
+# (by hand, by eviction) is dropped whole; it is counted out unless FORGET did that already (then it
+# is no longer scheduled).
 # Returns 1 stored, 0 not stored (fetcher at max entries), -1 not stored (entry gone).
 WRITE = """
 local is_new = redis.call('EXISTS', KEYS[1]) == 0
 if is_new then
-  if ARGV[8] ~= 'cold' then return -1 end
+  if ARGV[8] ~= 'cold' then
+    if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[6], -1) end
+    redis.call('ZREM', KEYS[4], ARGV[1])
+    redis.call('DEL', KEYS[2], KEYS[5])
+    return -1
+  end
   if tonumber(redis.call('HGET', KEYS[6], ARGV[6]) or '0') >= tonumber(ARGV[7]) then
     redis.call('DEL', KEYS[7])
     return 0

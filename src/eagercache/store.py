@@ -262,7 +262,7 @@ class Store:
         return ConfigurationError(
             f"the Redis server at {redact(self.url)} does not publish key expiry events and eagercache cannot "
             f"enable them ({exc}). Set `notify-keyspace-events {wanted}` on the server (redis.conf, or the "
-            "parameter group of a managed Redis), then start eagercache again."
+            "parameter group of a managed Redis) for refreshes driven by expiry events."
         )
 
     async def _expiry_events_arrive(self) -> bool:
