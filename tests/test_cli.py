@@ -19,6 +19,7 @@ import redis
 from eagercache import Settings
 from eagercache.cli import main
 from eagercache.item import Entry
+from eagercache.settings import NO_FLAG
 
 from .redis_server import free_port
 
@@ -164,7 +165,9 @@ def test_every_setting_has_a_serve_flag(capsys: pytest.CaptureFixture[str]) -> N
         main(["serve", "--help"])  # in-process: parsing is all this needs
     assert exited.value.code == 0
     flags = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
-    assert {f"--{field.replace('_', '-')}" for field in Settings.__struct_fields__} <= flags
+    fields = set(Settings.__struct_fields__) - NO_FLAG
+    assert {f"--{field.replace('_', '-')}" for field in fields} <= flags
+    assert not {f"--{field.replace('_', '-')}" for field in NO_FLAG} & flags
 
 
 def _listing(stdout: str) -> dict[str, str]:

@@ -51,7 +51,12 @@ def create_app(
     settings = msgspec.structs.replace(
         settings, **{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v is not None}
     )
-    registry = build_registry(fetchers, specs=settings.fetchers, use_entry_points=use_entry_points)
+    registry = build_registry(
+        fetchers,
+        specs=settings.fetchers,
+        use_entry_points=use_entry_points,
+        overrides={name: o.changes() for name, o in settings.fetcher_overrides.items()},
+    )
     metrics = Metrics()
     store = Store.from_url(settings.redis_url, Keys(settings.namespace), max_connections=settings.redis_max_connections)
     engine = Engine(registry, store, metrics, max_concurrent_fetches=settings.max_concurrent_fetches)

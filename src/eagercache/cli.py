@@ -15,7 +15,7 @@ from .errors import EagerCacheError
 from .fetchers import build_registry
 from .keys import Keys
 from .logs import configure
-from .settings import ENV_PREFIX, Settings, from_env, load_settings
+from .settings import ENV_PREFIX, Settings, from_env, load_settings, read_config
 from .store import Store
 
 
@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     fetcher_help = "an extra fetcher as package.module:function (repeatable); entry points are always loaded"
 
     serve = commands.add_parser("serve", help="run the HTTP server and the refresher")
+    serve.add_argument("--config", metavar="FILE", help="TOML settings file (EAGERCACHE_CONFIG); flags and env win")
     serve.add_argument("--host", help="address to listen on (EAGERCACHE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (EAGERCACHE_PORT, default 8000)")
     serve.add_argument("--redis-url", help="redis://… or memory:// (EAGERCACHE_REDIS_URL, default memory://)")
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("fetchers", help="list the registered fetchers")
     listing.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
+    listing.add_argument("--config", metavar="FILE", help="TOML settings file (EAGERCACHE_CONFIG): shows its overrides")
     return parser
 
 
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "fetchers":
-            return _list_fetchers(args.fetchers or ())
+            return _list_fetchers(args.fetchers or (), args.config or os.environ.get(f"{ENV_PREFIX}CONFIG"))
         return _serve(vars(args))
     except EagerCacheError as exc:  # configuration, or a store that cannot work: one line, no traceback
         print(f"eagercache: {exc.detail}", file=sys.stderr)
@@ -92,9 +94,12 @@ async def _preflight(settings: Settings) -> None:
         await store.aclose()
 
 
-def _list_fetchers(specs: Sequence[str]) -> int:
-    specs = specs or from_env("fetchers", os.environ.get(f"{ENV_PREFIX}FETCHERS", ""))
-    registry = build_registry(specs=specs, use_entry_points=True)
+def _list_fetchers(specs: Sequence[str], config: str | None) -> int:
+    # Only what the listing needs: an unrelated bad setting (a port) must not stop it.
+    from_file = read_config(config)
+    specs = specs or from_env("fetchers", os.environ.get(f"{ENV_PREFIX}FETCHERS", "")) or from_file.get("fetchers", ())
+    overrides = {name: o.changes() for name, o in from_file.get("fetcher_overrides", {}).items()}
+    registry = build_registry(specs=specs, use_entry_points=True, overrides=overrides)
     if not registry:
         print("no fetchers registered (entry-point group eagercache.fetchers, or --fetchers package.module:function)")
         return 0

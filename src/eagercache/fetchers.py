@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
@@ -122,8 +123,12 @@ class Fetcher:
     max_concurrency: int | None = None
 
     @classmethod
-    def from_callable(cls, func: Any, *, name: str | None = None, source: str = "code") -> Fetcher:
+    def from_callable(
+        cls, func: Any, *, name: str | None = None, source: str = "code", overrides: Mapping[str, Any] | None = None
+    ) -> Fetcher:
         options = getattr(func, _OPTIONS_ATTR, None) or FetcherOptions()
+        if overrides:
+            options = dataclasses.replace(options, **overrides)
         name = str(next((n for n in (name, options.name) if n is not None), getattr(func, "__name__", "")))
         where = f"fetcher {name!r} ({source})"
         if not inspect.iscoroutinefunction(func):
@@ -180,6 +185,9 @@ class Registry(Mapping[str, Fetcher]):
             raise ConfigurationError(f"fetcher name {f.name!r} is registered twice: by {other.source} and {f.source}")
         self._fetchers[f.name] = f
 
+    def replace(self, f: Fetcher) -> None:
+        self._fetchers[f.name] = f
+
     def __getitem__(self, name: str) -> Fetcher:
         return self._fetchers[name]
 
@@ -198,9 +206,16 @@ class Registry(Mapping[str, Fetcher]):
 
 
 def build_registry(
-    fetchers: Iterable[Any] | Mapping[str, Any] = (), *, specs: Iterable[str] = (), use_entry_points: bool = False
+    fetchers: Iterable[Any] | Mapping[str, Any] = (),
+    *,
+    specs: Iterable[str] = (),
+    use_entry_points: bool = False,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Registry:
-    """Collect fetchers passed in code, named by `module:attribute` specs, and from entry points."""
+    """Collect fetchers passed in code, named by `module:attribute` specs, and from entry points.
+
+    `overrides` (from the config file) replace options of fetchers by name, e.g. {"rates": {"ttl": 10}}.
+    """
     registry = Registry()
     if isinstance(fetchers, Mapping):
         for name, func in fetchers.items():
@@ -217,6 +232,16 @@ def build_registry(
             except Exception as exc:
                 raise ConfigurationError(f"entry point {ep.name} = {ep.value} failed to load: {exc!r}") from exc
             registry.add(Fetcher.from_callable(func, name=ep.name, source=f"entry point {ep.name} = {ep.value}"))
+    for name, changes in (overrides or {}).items():
+        if name not in registry:
+            known = ", ".join(sorted(registry)) or "none"
+            raise ConfigurationError(f"config: [fetcher.{name}] names no registered fetcher (registered: {known})")
+        f = registry[name]
+        registry.replace(
+            Fetcher.from_callable(
+                f.func, name=name, source=f"{f.source}, [fetcher.{name}] in config", overrides=changes
+            )
+        )
     return registry
 
 

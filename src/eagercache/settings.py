@@ -1,4 +1,13 @@
-"""Settings, from command-line flags over `EAGERCACHE_*` environment variables over defaults."""
+"""Settings: command-line flags over `EAGERCACHE_*` environment variables over a TOML file over defaults.
+
+The file (`--config eagercache.toml`) takes the same names as the flags, with underscores, and one
+`[fetcher.NAME]` table per fetcher whose timing or limits the operator overrides without touching code:
+
+    redis_url = "redis://cache:6379/0"
+    [fetcher.rates]
+    ttl = 10
+    max_idle = 600
+"""
 
 from __future__ import annotations
 
@@ -13,10 +22,31 @@ from .keys import DEFAULT_NAMESPACE
 from .store import DEFAULT_MAX_CONNECTIONS, MEMORY_URL
 
 ENV_PREFIX = "EAGERCACHE_"
+# Settings with no command-line flag: a secret in argv is visible to every user of the machine (ps),
+# and per-fetcher tables only make sense in the file.
+NO_FLAG = frozenset({"admin_token", "fetcher_overrides"})
 LogFormat = Literal["text", "json"]
 
 
+class FetcherOverride(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a `[fetcher.NAME]` table may change; anything left out keeps the code's value."""
+
+    ttl: float | msgspec.UnsetType = msgspec.UNSET
+    jitter: float | msgspec.UnsetType = msgspec.UNSET
+    timeout: float | msgspec.UnsetType = msgspec.UNSET
+    max_stale: float | msgspec.UnsetType = msgspec.UNSET
+    max_idle: float | msgspec.UnsetType = msgspec.UNSET
+    max_entries: int | msgspec.UnsetType = msgspec.UNSET
+    max_concurrency: int | msgspec.UnsetType = msgspec.UNSET
+    ignore_unknown: bool | msgspec.UnsetType = msgspec.UNSET
+
+    def changes(self) -> dict[str, Any]:
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not msgspec.UNSET}
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    config: str | None = None
+    """A TOML file with settings and `[fetcher.NAME]` overrides."""
     host: str = "127.0.0.1"
     port: int = 8000
     redis_url: str = MEMORY_URL
@@ -34,6 +64,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: LogFormat = "text"
     access_log: bool = False
+    admin_token: str | None = None
+    """Bearer token for /admin; the admin API is off without one."""
+    fetcher_overrides: dict[str, FetcherOverride] = msgspec.field(default_factory=dict)
+    """From the config file's `[fetcher.NAME]` tables."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -55,18 +89,59 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Build settings: `overrides` (flags; None values ignored) win over the environment."""
+    """Build settings: `overrides` (flags; None values ignored) over the environment over the config file."""
     environ = os.environ if environ is None else environ
-    fields = set(Settings.__struct_fields__)
-    raw: dict[str, Any] = {}
+    fields = set(Settings.__struct_fields__) - {"fetcher_overrides"}
+    from_environ: dict[str, Any] = {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and (field := name[len(ENV_PREFIX) :].lower()) in fields:
-            raw[field] = from_env(field, value)
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+            from_environ[field] = from_env(field, value)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    path = flags.get("config", from_environ.get("config"))
+    raw = {**read_config(path), **from_environ, **flags}
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigurationError(f"invalid setting: {_with_env_name(str(exc))}") from exc
+        raise ConfigurationError(f"invalid setting: {_with_env_name(str(exc), path)}") from exc
+
+
+def read_config(path: str | None) -> dict[str, Any]:
+    """The config file's settings, its `[fetcher.NAME]` tables as FetcherOverrides under `fetcher_overrides`."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as file:
+            raw = msgspec.toml.decode(file.read())
+    except OSError as exc:
+        raise ConfigurationError(f"config file {path}: cannot read it: {exc.strerror}") from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigurationError(f"config file {path}: not valid TOML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"config file {path}: expected a TOML table")
+    if "config" in raw:
+        raise ConfigurationError(f"config file {path}: `config` cannot be set inside a config file")
+    if "fetcher_overrides" in raw:
+        raise ConfigurationError(f"config file {path}: unknown setting `fetcher_overrides` (use [fetcher.NAME])")
+    tables = raw.pop("fetcher", {})
+    if not isinstance(tables, dict):
+        raise ConfigurationError(f"config file {path}: `fetcher` must be tables, [fetcher.NAME]")
+    overrides = {}
+    for name, table in tables.items():
+        try:
+            overrides[name] = msgspec.convert(table, FetcherOverride)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(f"config file {path}: [fetcher.{name}]: {_plain(str(exc))}") from exc
+    if overrides:
+        raw["fetcher_overrides"] = overrides
+    return raw
+
+
+def _plain(message: str) -> str:
+    """msgspec's "Object contains unknown field `x`" / "... - at `$.ttl`", in operators' words."""
+    if message.startswith("Object contains unknown field"):
+        return f"unknown setting {message.rsplit(' ', 1)[-1]}"
+    head, _, tail = message.partition(" - at `$.")
+    return f"{tail.rstrip('`')}: {head}" if tail else message
 
 
 def from_env(field: str, value: str) -> Any:
@@ -78,8 +153,8 @@ def from_env(field: str, value: str) -> Any:
     return value
 
 
-def _with_env_name(message: str) -> str:
-    """Name the setting as operators know it: --port / EAGERCACHE_PORT."""
+def _with_env_name(message: str, config_path: str | None) -> str:
+    """Name the setting as operators know it: --port / EAGERCACHE_PORT / port in the config file."""
     if "`$." in message:  # a type error: msgspec says "... - at `$.port`"
         head, _, tail = message.partition("`$.")
         field = tail.split("`", 1)[0]
@@ -88,5 +163,12 @@ def _with_env_name(message: str) -> str:
         field = message.split(" ", 1)[0]
         detail = message
         if field not in Settings.__struct_fields__:
-            return message
-    return f"{field} (--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}): {detail}"
+            return _plain(message) + (f" in {config_path}" if config_path is not None else "")
+    where = (
+        f"{ENV_PREFIX}{field.upper()}"
+        if field in NO_FLAG
+        else f"--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}"
+    )
+    if config_path is not None:
+        where += f" / {field} in {config_path}"
+    return f"{field} ({where}): {detail}"
