@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .admin import admin_routes
 from .engine import Engine
 from .errors import DataTooStale, EagerCacheError, FetchFailed, StoreUnavailable
 from .fetchers import build_registry
@@ -31,6 +32,10 @@ PROBLEM_JSON = "application/problem+json"
 
 def problem_response(doc: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
     return Response(msgspec.json.encode(doc), status_code=doc["status"], media_type=PROBLEM_JSON, headers=headers)
+
+
+def problem_of(error: EagerCacheError) -> Response:
+    return problem_response(error.problem())
 
 
 def create_app(
@@ -131,8 +136,10 @@ def create_app(
             await refresher.stop()
             await store.aclose()
 
+    admin = [] if settings.admin_token is None else admin_routes(engine, settings.admin_token, problem_of)
     app = Starlette(
         routes=[
+            *admin,
             Route("/data/{fetcher:path}", data, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -33,7 +33,7 @@ MAX_ERROR_CHARS = 300
 # "Over max_entries" is logged at most this often per fetcher; the metric counts every time.
 OVER_LIMIT_LOG_INTERVAL_S = 60.0
 
-Cause = Literal["cold", "schedule", "event"]
+Cause = Literal["cold", "schedule", "event", "admin"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,15 @@ class Engine:
             await self._start(fetcher, call, cause, claim.due_ms)
         except FetchFailed as exc:
             await self._postpone_failed(fetcher, entry_id, exc)
+
+    async def force_refresh(self, fetcher_name: str, query: bytes | str) -> Read | None:
+        """Fetch a stored entry now (admin); None if it is not stored. A failing fetch raises, and changes nothing."""
+        fetcher, call = self.registry.call(fetcher_name, query)
+        raw, _ = await self.store.get(call.entry_id)
+        if raw is None:
+            return None
+        task = self._inflight.get(call.entry_id) or self._start(fetcher, call, "admin")
+        return Read(fetcher, call.entry_id, Entry.parse(await asyncio.shield(task)), "MISS")
 
     def _idle(self, fetcher: Fetcher, entry_id: str, last_read_ms: int | None) -> bool:
         if last_read_ms is None or entry_id in self.reads:
@@ -209,7 +218,7 @@ class Engine:
         previous = None if cause == "cold" else (await self.store.get(call.entry_id))[0]
         now, due_in_ms = now_ms(), _due_in_ms(fetcher)
         value, changed = build_entry(data_json, previous, now, due_in_ms)
-        mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"
+        mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
         outcome = await self.store.write(
             call.entry_id, fetcher.name, value, now, due_in_ms, mode=mode, max_entries=fetcher.max_entries
         )

@@ -96,10 +96,12 @@ return 1
 """
 
 # Remove an entry and everything about it. KEYS: item, shadow, due, read, stale, counts. ARGV: id, fetcher.
+# Returns 1 if the entry had a stored item.
 FORGET = """
-if redis.call('DEL', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[2], -1) end
+local existed = redis.call('DEL', KEYS[1])
+if existed == 1 then redis.call('HINCRBY', KEYS[6], ARGV[2], -1) end
 redis.call('DEL', KEYS[2], KEYS[5])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-return 1
+return existed
 """

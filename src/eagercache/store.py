@@ -29,6 +29,8 @@ MEMORY_URL = "memory://"
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
+# The header line of a stored value (item.Entry) fits in this many bytes.
+HEADER_MAX_BYTES = 128
 EXPIRED_CHANNEL = "__keyevent@*__:expired"
 EVENT_PROBE_TIMEOUT_S = 2.0
 # Keyspace notification flags: E = keyevent channel, x = expired events; A is an alias that includes x.
@@ -187,10 +189,30 @@ class Store:
             kept: int = await self._postpone(keys=keys, args=[entry_id, due_in_ms, now_ms() + due_in_ms, marker])
         return bool(kept)
 
-    async def forget(self, entry_id: str, fetcher: str) -> None:
-        """Remove an entry and everything about it."""
+    async def forget(self, entry_id: str, fetcher: str) -> bool:
+        """Remove an entry and everything about it; False if it had no stored item."""
         with _redis_errors(self.url):
-            await self._forget(keys=self._entry_keys(entry_id), args=[entry_id, fetcher])
+            existed = await self._forget(keys=self._entry_keys(entry_id), args=[entry_id, fetcher])
+        return bool(existed)
+
+    async def scan_entries(self, fetcher: str, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One page of a fetcher's stored entries (SCAN semantics: a cursor, 0 when done; pages vary in size)."""
+        pattern = f"{self.keys.item_prefix}{fetcher}?*"
+        with _redis_errors(self.url):
+            cursor, keys = await self.client.scan(cursor, match=pattern, count=count)
+        start = len(self.keys.item_prefix)
+        return int(cursor), [_text(key)[start:] for key in keys]
+
+    async def describe(self, entry_ids: list[str]) -> list[tuple[bytes | None, float | None, Stale | None]]:
+        """For each entry: its stored header line (not the body), its due score, its stale marker."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES)
+                pipe.zscore(self.keys.due, entry_id)
+                pipe.get(self.keys.stale(entry_id))
+            with _redis_errors(self.url):
+                flat = await pipe.execute()
+        return [(flat[i] or None, flat[i + 1], Stale.parse(flat[i + 2])) for i in range(0, len(flat), 3)]
 
     def _entry_keys(self, entry_id: str) -> list[str]:
         k = self.keys

@@ -1,0 +1,154 @@
+"""The admin API under /admin: list, refresh and invalidate entries. Off unless a bearer token is set.
+
+GET    /admin/fetchers                              fetchers, their options and entry counts
+GET    /admin/fetchers/{name}/entries?cursor=&limit= one page of entries (age, next refresh, stale, last error)
+POST   /admin/fetchers/{name}/refresh?{query}       fetch one stored entry now; answers with the new item
+DELETE /admin/fetchers/{name}/entry?{query}         invalidate one entry (the next read fetches it again)
+DELETE /admin/fetchers/{name}/entries               invalidate every entry of the fetcher
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .engine import Engine
+from .errors import EagerCacheError
+from .item import Entry
+from .keys import split_entry_id
+from .store import now_ms
+
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+# Entries removed per SCAN round when invalidating a whole fetcher.
+INVALIDATE_BATCH = 500
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class AdminProblem(EagerCacheError):
+    def __init__(self, status: int, slug: str, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.slug, self.title = status, slug, title  # type: ignore[misc]
+
+
+def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError], Response]) -> list[Route]:
+    """The /admin routes, each behind the bearer token (compared in constant time)."""
+    expected = token.encode()
+
+    def guarded(endpoint: Endpoint) -> Endpoint:
+        async def check(request: Request) -> Response:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not given:
+                problem = AdminProblem(401, "unauthorized", "Unauthorized", "send Authorization: Bearer <token>")
+                response = respond(problem)
+                response.headers["www-authenticate"] = 'Bearer realm="eagercache admin"'
+                return response
+            if not secrets.compare_digest(given.strip().encode(), expected):
+                return respond(AdminProblem(403, "forbidden", "Forbidden", "the token is not valid"))
+            try:
+                return await endpoint(request)
+            except EagerCacheError as exc:
+                return respond(exc)
+
+        return check
+
+    async def fetchers(request: Request) -> Response:
+        out = []
+        for f in engine.registry.values():
+            out.append({
+                "name": f.name, "source": f.source, "ttl": f.ttl, "jitter": f.jitter, "timeout": f.timeout,
+                "max_stale": f.max_stale, "max_idle": f.max_idle, "max_entries": f.max_entries,
+                "max_concurrency": f.max_concurrency, "entries": await engine.store.entry_count(f.name),
+                "parameters": [p.name for p in f.signature.params],
+            })  # fmt: skip
+        return _json({"fetchers": out})
+
+    async def entries(request: Request) -> Response:
+        name = _known(engine, request)
+        cursor = _int_param(request, "cursor", 0, 0, 2**63)
+        limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        next_cursor, ids = await engine.store.scan_entries(name, cursor, limit)
+        now = now_ms()
+        described = await engine.store.describe(ids)
+        items: list[dict[str, Any]] = []
+        for entry_id, (header, due, stale) in zip(ids, described, strict=True):
+            if header is None:
+                continue  # removed since the scan
+            entry = Entry.parse(header.split(b"\n", 1)[0] + b"\n")
+            items.append({
+                "entry": entry_id,
+                "query": split_entry_id(entry_id)[1],
+                "etag": entry.etag,
+                "age_s": round((now - entry.last_retrieved_ms) / 1000, 3),
+                "last_modified_ms": entry.last_modified_ms,
+                "next_refresh_in_s": None if due is None else round((due - now) / 1000, 3),
+                "stale": stale is not None,
+                "failures": stale.failures if stale else 0,
+                "stale_since_ms": stale.since_ms if stale else None,
+                "last_error": stale.error if stale else None,
+            })  # fmt: skip
+        return _json({"entries": items, "next_cursor": next_cursor or None})
+
+    async def refresh(request: Request) -> Response:
+        name = _known(engine, request)
+        read = await engine.force_refresh(name, request.scope["query_string"])
+        if read is None:
+            raise AdminProblem(404, "no-such-entry", "No such entry", "that entry is not stored: nothing to refresh")
+        return Response(read.entry.body, media_type="application/json")
+
+    async def invalidate_one(request: Request) -> Response:
+        name = _known(engine, request)
+        _, call = engine.registry.call(name, request.scope["query_string"])
+        if not await engine.store.forget(call.entry_id, name):
+            raise AdminProblem(404, "no-such-entry", "No such entry", "that entry is not stored")
+        return Response(status_code=204)
+
+    async def invalidate_all(request: Request) -> Response:
+        name = _known(engine, request)
+        removed, cursor = 0, 0
+        while True:
+            cursor, ids = await engine.store.scan_entries(name, cursor, INVALIDATE_BATCH)
+            for entry_id in ids:
+                removed += await engine.store.forget(entry_id, name)
+            if cursor == 0:
+                break
+        return _json({"removed": removed})
+
+    return [
+        Route("/admin/fetchers", guarded(fetchers), methods=["GET"]),
+        Route("/admin/fetchers/{name}/entries", guarded(entries), methods=["GET"]),
+        Route("/admin/fetchers/{name}/entries", guarded(invalidate_all), methods=["DELETE"]),
+        Route("/admin/fetchers/{name}/refresh", guarded(refresh), methods=["POST"]),
+        Route("/admin/fetchers/{name}/entry", guarded(invalidate_one), methods=["DELETE"]),
+    ]
+
+
+def _json(doc: Any) -> Response:
+    return Response(msgspec.json.encode(doc), media_type="application/json")
+
+
+def _known(engine: Engine, request: Request) -> str:
+    name: str = request.path_params["name"]
+    if name not in engine.registry:
+        raise AdminProblem(404, "unknown-fetcher", "Unknown fetcher", f"no fetcher named {name!r}")
+    return name
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise AdminProblem(400, "invalid-parameters", "Invalid parameters", f"{name} must be {low}..{high}")
+    return value
