@@ -21,6 +21,7 @@ from .errors import DataTooStale, EagerCacheError, FetchFailed, StoreUnavailable
 from .fetchers import build_registry
 from .keys import Keys
 from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
+from .openapi import openapi_document
 from .refresher import Refresher
 from .representation import Representer
 from .settings import Settings, load_settings
@@ -93,6 +94,11 @@ def create_app(
         metrics.data_age.labels(name).observe(max(0, now_ms() - read.entry.last_retrieved_ms) / 1000)
         return representer.respond(read, request.headers)
 
+    spec = msgspec.json.encode(openapi_document(registry))
+
+    async def openapi(request: Request) -> Response:
+        return Response(spec, media_type="application/json")
+
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
@@ -141,6 +147,7 @@ def create_app(
         routes=[
             *admin,
             Route("/data/{fetcher:path}", data, methods=["GET", "HEAD"]),
+            Route("/openapi.json", openapi),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
