@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
@@ -69,7 +70,13 @@ def test_fuzzed_requests_get_answers_on_the_spec(live_schema: schemathesis.BaseS
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case: Any) -> None:
             response = case.call(timeout=10)
-            case.validate_response(response)
+            # Valid per parameter can still be refused as a whole: a cache key over 2048 characters (400) or a
+            # query over 4096 bytes (414), limits JSON Schema cannot state per parameter. Both are documented
+            # responses, so they are still checked against the spec; only "valid data must be accepted" is off.
+            # And "invalid data must be refused" cannot be judged for query strings, where every value is text:
+            # schemathesis sends the boolean true as `tags=true`, a valid string. tests/test_bad_input.py and
+            # test_params.py check refusals precisely; here invalid input must still get an answer on the spec.
+            case.validate_response(response, excluded_checks=[positive_data_acceptance, negative_data_rejection])
             # these fetchers never fail, and the store is in memory: a 5xx is a bug
             assert response.status_code < 500, (case.path, case.query, response.text)
 

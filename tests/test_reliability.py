@@ -413,3 +413,27 @@ async def test_an_entry_with_no_read_record_still_goes_idle(make_app: AppFactory
         while await store.client.exists(store.keys.item("item?k=a")):
             await asyncio.sleep(0.05)  # the removal happens in the background
     assert await store.entry_count("item") == 0
+
+
+async def test_workers_share_the_store_and_refresh_each_entry_once(redis_url: str, redis_sync: redis.Redis) -> None:
+    env = {"FLEET_REDIS_URL": redis_url}
+    server = ServeProcess("--redis-url", redis_url, "--fetchers", "tests.fleet:counted", "--workers", "2", env=env)
+    try:
+        server.wait_ready()
+        async with httpx.AsyncClient(timeout=10) as client:
+            answers = await asyncio.gather(*(client.get(f"{server.url}/data/counted?k={i}") for i in range(20)))
+            assert {a.status_code for a in answers} == {200}
+            started = time.time()
+            await asyncio.sleep(4.5)  # four refresh cycles of ttl 1 s: the time under measurement
+            ended = time.time()
+    finally:
+        server.close()
+    busiest, pids = 0, set()
+    for i in range(20):
+        raw = [entry.split() for entry in redis_sync.lrange(f"fleet:calls:{i}", 0, -1)]
+        stamps = sorted(float(t) for t, _ in raw)
+        pids |= {pid for _, pid in raw}
+        assert sum(1 for t in stamps if started <= t <= ended) >= 3
+        busiest = max(busiest, *(sum(1 for u in stamps if t <= u < t + 0.9) for t in stamps))
+    assert busiest == 1  # two workers, and still one fetch per entry per cycle
+    assert len(pids) == 2  # both workers refreshed

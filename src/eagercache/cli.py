@@ -9,14 +9,15 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+from starlette.applications import Starlette
 
 from .app import create_app
-from .errors import EagerCacheError
+from .errors import ConfigurationError, EagerCacheError
 from .fetchers import build_registry
 from .keys import Keys
 from .logs import configure
-from .settings import ENV_PREFIX, Settings, from_env, load_settings, read_config
-from .store import Store
+from .settings import ENV_PREFIX, Settings, from_env, load_settings, read_config, to_environ
+from .store import MEMORY_URL, Store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default)")
+    serve.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="worker processes sharing the store (1); not a setting"
+    )
 
     listing = commands.add_parser("fetchers", help="list the registered fetchers")
     listing.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
@@ -62,24 +66,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(flags: dict[str, object]) -> int:
     flags.pop("command")
+    workers = flags.pop("workers")
+    assert isinstance(workers, int)
+    if workers < 1:
+        raise ConfigurationError(f"--workers must be at least 1, got {workers}")
     if flags["fetchers"] is not None:
         flags["fetchers"] = tuple(flags["fetchers"])  # type: ignore[arg-type]
     settings = load_settings(flags)
     configure(settings.log_level, settings.log_format)
-    app = create_app(settings=settings, use_entry_points=True)
+    app = create_app(settings=settings, use_entry_points=True)  # also checks fetchers and overrides now
+    if workers > 1 and settings.redis_url.startswith(MEMORY_URL):
+        raise ConfigurationError("--workers needs a shared store: memory:// belongs to one process (use redis://)")
     asyncio.run(_preflight(settings))
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=settings.access_log,
-        lifespan="on",
-        server_header=False,
-    )
-    server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 1
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": settings.access_log,
+        "lifespan": "on",
+        "server_header": False,
+    }
+    if workers == 1:
+        server = uvicorn.Server(uvicorn.Config(app, **common))  # type: ignore[arg-type]
+        server.run()
+        return 0 if server.started else 1
+    # Each worker is a new process that builds its own app: hand it the resolved settings through the
+    # environment, where load_settings() finds them (flags > env > file is already applied).
+    os.environ.update(to_environ(settings))
+    uvicorn.run("eagercache.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+    return 0
+
+
+def worker_app() -> Starlette:
+    """The app of one `--workers` process, from the settings the parent put in the environment."""
+    settings = load_settings()
+    configure(settings.log_level, settings.log_format)
+    return create_app(settings=settings, use_entry_points=True)
 
 
 async def _preflight(settings: Settings) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -35,6 +36,7 @@ FIRST_SUBSCRIPTION_TIMEOUT_S = 5.0
 # Reads are recorded in the store at most this often, and at least 4 times per shortest max_idle.
 READ_FLUSH_MAX_S = 5.0
 READ_FLUSH_MIN_S = 0.05
+ENTRY_COUNT_INTERVAL_S = 10.0
 
 
 class Refresher:
@@ -211,12 +213,21 @@ class Refresher:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _record_reads(self) -> None:
-        """Write the entries read lately to the store in one command per interval, not one per hit."""
+        """Write the entries read lately to the store in one command per interval, not one per hit.
+
+        Also keeps the entries-per-fetcher gauge current, which a scrape cannot ask Redis for itself.
+        """
+        counted_at = 0.0
         while not self._stopping:
             await asyncio.sleep(self.read_flush_s)
             reads = self._take_reads()
             try:
                 await self.store.touch(sorted(reads))
+                if time.monotonic() - counted_at >= ENTRY_COUNT_INTERVAL_S:
+                    counted_at = time.monotonic()
+                    for name, count in (await self.store.entry_counts()).items():
+                        if name in self.engine.registry:
+                            self.metrics.entries.labels(name).set(count)
             except StoreUnavailable:
                 self.engine.reads |= reads  # try again next time
                 self.metrics.background_errors.labels("reads").inc()

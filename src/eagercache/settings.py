@@ -144,6 +144,24 @@ def _plain(message: str) -> str:
     return f"{tail.rstrip('`')}: {head}" if tail else message
 
 
+def to_environ(settings: Settings) -> dict[str, str]:
+    """EAGERCACHE_* variables that load_settings() turns back into these settings (for worker processes).
+
+    The config file's per-fetcher tables travel as EAGERCACHE_CONFIG, the file's path.
+    """
+    out: dict[str, str] = {}
+    for field in Settings.__struct_fields__:
+        value = getattr(settings, field)
+        if field == "fetcher_overrides" or value is None:
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        out[f"{ENV_PREFIX}{field.upper()}"] = str(value)
+    return out
+
+
 def from_env(field: str, value: str) -> Any:
     """Parse one setting's environment text (comma-separated lists, case-insensitive enums)."""
     if field == "fetchers":

@@ -255,6 +255,11 @@ class Store:
             first = await self.client.zrange(self.keys.due, 0, 0, withscores=True)
         return int(first[0][1]) if first else None
 
+    async def entry_counts(self) -> dict[str, int]:
+        with _redis_errors(self.url):
+            counts = await self.client.hgetall(self.keys.counts)
+        return {_text(name): int(n) for name, n in counts.items()}
+
     async def entry_count(self, fetcher: str) -> int:
         with _redis_errors(self.url):
             return int(await self.client.hget(self.keys.counts, fetcher) or 0)
