@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Literal
 
 import pytest
 from starlette.applications import Starlette
 
 from eagercache import fetcher
+from eagercache.item import build_entry
 
 from .conftest import AppFactory
 from .helpers import RFC3339_MS, Counter
@@ -377,3 +379,38 @@ async def test_metrics_count_hits_misses_and_fetches(make_app: AppFactory) -> No
     assert 'eagercache_requests_total{fetcher="echo",result="miss"} 1.0' in text
     assert 'eagercache_requests_total{fetcher="echo",result="hit"} 1.0' in text
     assert 'eagercache_fetches_total{cause="cold",fetcher="echo",outcome="ok"} 1.0' in text
+
+
+async def test_near_cache_serves_hits_without_redis_and_sees_other_writes_in_time(make_app: AppFactory) -> None:
+    """A hit within near_cache_ttl costs no store read; a write by another replica shows within that bound."""
+    version = {"n": 1}
+
+    @fetcher(ttl=60)
+    async def shared() -> int:
+        return version["n"]
+
+    app, client = await make_app([shared])
+    store = app.state.store
+    reads = Counter()
+    original_get = store.get
+
+    async def counting_get(entry_id: str) -> tuple[bytes | None, Any]:
+        reads.hit()
+        return await original_get(entry_id)  # type: ignore[no-any-return]
+
+    store.get = counting_get
+    assert (await client.get("/data/shared")).json()["data"] == 1
+    before = reads.count
+    for _ in range(20):
+        assert (await client.get("/data/shared")).headers["x-cache"] == "HIT"
+    assert reads.count - before <= 1  # near_cache_ttl is 0.25 s: these came from process memory
+    # Another replica stores a new version behind this process's back.
+    value = (await original_get("shared?"))[0]
+    assert value is not None
+    new_value, _ = build_entry(b"2", value, int(time.time() * 1000), 60_000)
+    await store.client.set(store.keys.item("shared?"), new_value)
+    changed_at = time.monotonic()
+    async with asyncio.timeout(5):
+        while (await client.get("/data/shared")).json()["data"] != 2:
+            await asyncio.sleep(0.01)  # a reader's pace
+    assert time.monotonic() - changed_at <= app.state.engine.near_cache_ttl_s + 0.1

@@ -115,6 +115,7 @@ async def test_server_without_config_but_with_events_works() -> None:
 
 async def test_store_outage_is_503_and_the_service_recovers(own_server: RedisServer) -> None:
     app = create_app([stamp], redis_url=own_server.url)
+    app.state.engine.near_cache_ttl_s = 0  # every read goes to the store, which is what this test is about
     async with running(app) as client:
         assert (await client.get("/data/stamp")).status_code == 200
         own_server.stop()

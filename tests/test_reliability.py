@@ -91,6 +91,7 @@ async def test_redis_restart_recovers_by_itself(persistence: bool) -> None:
 
     try:
         app = create_app([item], redis_url=server.url)
+        app.state.engine.near_cache_ttl_s = 0  # every read goes to the store, which is what this test is about
         async with running(app) as client:
             for k in "abc":
                 assert (await client.get(f"/data/item?k={k}")).status_code == 200

@@ -106,7 +106,7 @@ def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError]
     async def invalidate_one(request: Request) -> Response:
         name = _known(engine, request)
         _, call = engine.registry.call(name, request.scope["query_string"])
-        if not await engine.store.forget(call.entry_id, name):
+        if not await engine.forget(call.entry_id, name):
             raise AdminProblem(404, "no-such-entry", "No such entry", "that entry is not stored")
         return Response(status_code=204)
 
@@ -116,7 +116,7 @@ def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError]
         while True:
             cursor, ids = await engine.store.scan_entries(name, cursor, INVALIDATE_BATCH)
             for entry_id in ids:
-                removed += await engine.store.forget(entry_id, name)
+                removed += await engine.forget(entry_id, name)
             if cursor == 0:
                 break
         return _json({"removed": removed})

@@ -65,7 +65,13 @@ def create_app(
     )
     metrics = Metrics()
     store = Store.from_url(settings.redis_url, Keys(settings.namespace), max_connections=settings.redis_max_connections)
-    engine = Engine(registry, store, metrics, max_concurrent_fetches=settings.max_concurrent_fetches)
+    engine = Engine(
+        registry,
+        store,
+        metrics,
+        max_concurrent_fetches=settings.max_concurrent_fetches,
+        near_cache_ttl_s=settings.near_cache_ttl,
+    )
     refresher = Refresher(
         engine,
         store,

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         "--backstop-interval", type=float, metavar="S", help="re-read the refresh schedule at least every S seconds (1)"
     )
     serve.add_argument(
+        "--near-cache-ttl", type=float, metavar="S", help="serve entries from process memory for S seconds (0.25)"
+    )
+    serve.add_argument(
         "--shutdown-timeout", type=float, metavar="S", help="seconds in-flight fetches get at shutdown (10)"
     )
     serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])

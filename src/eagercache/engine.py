@@ -17,7 +17,7 @@ from .item import Entry, build_entry, encode_data
 from .keys import split_entry_id
 from .metrics import Metrics
 from .params import Call
-from .store import GONE, OVER_LIMIT, Claim, Stale, Store, now_ms
+from .store import GONE, OVER_LIMIT, STORED, Claim, Stale, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,21 @@ MAX_ERROR_CHARS = 300
 # "Over max_entries" is logged at most this often per fetcher; the metric counts every time.
 OVER_LIMIT_LOG_INTERVAL_S = 60.0
 
+# The near cache: an entry read from Redis is served from this process's memory for this long. A write
+# by this process replaces it at once; one by another replica (or an invalidation there) is seen at
+# most this late. 0 turns it off: every read then goes to Redis.
+DEFAULT_NEAR_CACHE_TTL_S = 0.25
+NEAR_CACHE_ENTRIES = 10_000
+CALL_CACHE_ENTRIES = 10_000
+
 Cause = Literal["cold", "schedule", "event", "admin"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Near:
+    until: float  # time.monotonic()
+    entry: Entry
+    stale: Stale | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +61,15 @@ class Read:
 class Engine:
     """Owns the fetch-and-store path, shared by readers and the refresher."""
 
-    def __init__(self, registry: Registry, store: Store, metrics: Metrics, *, max_concurrent_fetches: int = 64) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        metrics: Metrics,
+        *,
+        max_concurrent_fetches: int = 64,
+        near_cache_ttl_s: float = DEFAULT_NEAR_CACHE_TTL_S,
+    ) -> None:
         self.registry = registry
         self.store = store
         self.metrics = metrics
@@ -60,26 +82,60 @@ class Engine:
         # Entries read since the refresher last recorded reads in the store (batched: no write per hit).
         self.reads: set[str] = set()
         self._over_limit_logged: dict[str, float] = {}
+        # Validated calls by query string, and entries read lately: a hit needs neither msgspec nor Redis.
+        self._calls: dict[tuple[str, bytes | str], tuple[Fetcher, Call]] = {}
+        self.near_cache_ttl_s = near_cache_ttl_s
+        self._near: dict[str, _Near] = {}
 
     def on_write(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every stored entry (the refresher re-reads its schedule)."""
         self._on_write.append(callback)
 
     async def read(self, fetcher_name: str, query: bytes | str) -> Read:
-        fetcher, call = self.registry.call(fetcher_name, query)
-        raw, stale = await self.store.get(call.entry_id)
-        if raw is not None:
+        fetcher, call = self._resolve(fetcher_name, query)
+        near = self._near.get(call.entry_id)
+        entry: Entry | None
+        if near is not None and near.until > time.monotonic():
+            entry, stale = near.entry, near.stale
+        else:
+            raw, stale = await self.store.get(call.entry_id)
+            entry = None if raw is None else Entry.parse(raw)
+            if entry is not None:
+                self._remember(call.entry_id, entry, stale)
+        if entry is not None:
             self.reads.add(call.entry_id)
             if stale is None:
-                return Read(fetcher, call.entry_id, Entry.parse(raw), "HIT")
+                return Read(fetcher, call.entry_id, entry, "HIT")
             if fetcher.max_stale is not None and now_ms() - stale.since_ms > fetcher.max_stale * 1000:
                 raise DataTooStale(
                     f"refreshes of this entry have failed for over {fetcher.max_stale:g} s (its max_stale)"
                 )
-            return Read(fetcher, call.entry_id, Entry.parse(raw), "STALE")
+            return Read(fetcher, call.entry_id, entry, "STALE")
         task = self._inflight.get(call.entry_id) or self._start(fetcher, call, "cold")
         # shield: a reader that disconnects must not cancel the fetch the other readers are waiting for
         return Read(fetcher, call.entry_id, Entry.parse(await asyncio.shield(task)), "MISS")
+
+    def _resolve(self, fetcher_name: str, query: bytes | str) -> tuple[Fetcher, Call]:
+        """Validate a request, remembering the result for the next identical query string."""
+        key = (fetcher_name, query)
+        resolved = self._calls.get(key)
+        if resolved is None:
+            resolved = self.registry.call(fetcher_name, query)  # raises for bad input: never remembered
+            self._calls[key] = resolved
+            if len(self._calls) > CALL_CACHE_ENTRIES:
+                del self._calls[next(iter(self._calls))]  # the oldest
+        return resolved
+
+    def _remember(self, entry_id: str, entry: Entry, stale: Stale | None) -> None:
+        if self.near_cache_ttl_s > 0:
+            self._near[entry_id] = _Near(time.monotonic() + self.near_cache_ttl_s, entry, stale)
+            if len(self._near) > NEAR_CACHE_ENTRIES:
+                del self._near[next(iter(self._near))]
+
+    async def forget(self, entry_id: str, fetcher_name: str) -> bool:
+        """Remove an entry (it is no longer served here at once; other replicas within the near-cache ttl)."""
+        self._near.pop(entry_id, None)
+        return await self.store.forget(entry_id, fetcher_name)
 
     async def refresh(self, claim: Claim, cause: Cause) -> None:
         """Refresh an entry this process has claimed. Never raises for a failing fetcher."""
@@ -98,12 +154,12 @@ class Engine:
             # The fetcher's signature changed: this entry can never be fetched or read again.
             log.warning("entry removed: parameters no longer valid", extra={"entry": entry_id, "error": exc.detail})
             self.metrics.background_errors.labels("stale-signature").inc()
-            await self.store.forget(entry_id, name)
+            await self.forget(entry_id, name)
             return
         if self._idle(fetcher, entry_id, claim.last_read_ms):
             log.debug("entry removed: idle", extra={"entry": entry_id, "max_idle_s": fetcher.max_idle})
             self.metrics.idle_removed.labels(fetcher.name).inc()
-            await self.store.forget(entry_id, fetcher.name)
+            await self.forget(entry_id, fetcher.name)
             return
         try:
             await self._start(fetcher, call, cause, claim.due_ms)
@@ -134,6 +190,7 @@ class Engine:
         else:
             stale = Stale(previous.since_ms, previous.failures + 1, error)
         delay_ms = min(int(fetcher.ttl * 1000), RETRY_BASE_MS * 2 ** min(stale.failures - 1, 30))
+        self._near.pop(entry_id, None)  # readers here see the stale marker at once
         await self.store.postpone(entry_id, delay_ms, stale)
 
     def _start(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None = None) -> asyncio.Task[bytes]:
@@ -197,7 +254,9 @@ class Engine:
             self.metrics.inflight.inc()
             started = time.perf_counter()
             try:
-                data = await asyncio.wait_for(fetcher.func(**call.kwargs), fetcher.timeout)
+                # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
+                kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
+                data = await asyncio.wait_for(fetcher.func(**kwargs), fetcher.timeout)
                 data_json = encode_data(data, fetcher.name)
             except TimeoutError:
                 self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
@@ -224,6 +283,10 @@ class Engine:
         )
         if due_ms is not None:
             self.metrics.refresh_lag.labels(fetcher.name).observe(max(0, now_ms() - due_ms) / 1000)
+        if outcome == STORED:
+            self._remember(call.entry_id, Entry.parse(value), None)
+        else:
+            self._near.pop(call.entry_id, None)
         if outcome == OVER_LIMIT:
             self._over_limit(fetcher)
         elif outcome == GONE:

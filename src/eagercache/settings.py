@@ -57,6 +57,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Connections to Redis per process (the pub/sub one included); commands wait for a free one."""
     max_concurrent_fetches: int = 64
     """Fetches running at once in this process (reads and refreshes); more wait their turn."""
+    near_cache_ttl: float = 0.25
+    """Seconds an entry read from Redis is served from process memory; another replica's write shows this late."""
     backstop_interval: float = 1.0
     """Seconds: the schedule is re-read at least this often, bounding how late a lost event makes a refresh."""
     shutdown_timeout: float = 10.0
@@ -80,6 +82,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"max_concurrent_fetches must be at least 1, got {self.max_concurrent_fetches}")
         if not 0 < self.backstop_interval <= 60:
             raise ValueError(f"backstop_interval must be > 0 and <= 60 seconds, got {self.backstop_interval}")
+        if not 0 <= self.near_cache_ttl <= 60:
+            raise ValueError(f"near_cache_ttl must be >= 0 and <= 60 seconds, got {self.near_cache_ttl}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if not self.redis_url.startswith((MEMORY_URL, "redis://", "rediss://", "unix://")):
