@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
-from eagercache import fetcher, load_settings
+from eagercache import ConfigurationError, fetcher, load_settings
 
 from .conftest import AppFactory
 from .helpers import Counter
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 calls = Counter()
 
@@ -125,3 +126,24 @@ async def test_invalidate_one_and_all(make_app: AppFactory, store_url: str) -> N
         assert (await client.get(f"/data/item?k={k}")).headers["x-cache"] == "MISS"
     listing = (await client.get("/admin/fetchers", headers=AUTH)).json()
     assert listing["fetchers"][0]["entries"] == 3
+
+
+async def test_listing_and_invalidating_stay_within_the_fetcher(make_app: AppFactory, store_url: str) -> None:
+    @fetcher(ttl=60, name="item2")
+    async def other(k: str = "a") -> str:
+        return k
+
+    settings = load_settings({"admin_token": TOKEN, "redis_url": store_url}, {})
+    _, client = await make_app([item, other], settings=settings)
+    await client.get("/data/item?k=1")
+    await client.get("/data/item2?k=1")
+    page = (await client.get("/admin/fetchers/item/entries", headers=AUTH)).json()
+    assert [e["entry"] for e in page["entries"]] == ["item?k=1"]
+    assert (await client.delete("/admin/fetchers/item/entries", headers=AUTH)).json() == {"removed": 1}
+    assert (await client.get("/data/item2?k=1")).headers["x-cache"] == "HIT"
+
+
+def test_a_short_or_empty_admin_token_is_refused() -> None:
+    for token in ["", "short", "sixteen chars ok"]:
+        with pytest.raises(ConfigurationError, match="admin_token must be at least 16 characters"):
+            load_settings({"admin_token": token}, {})

@@ -192,7 +192,8 @@ def test_fetchers_lists_the_entry_points() -> None:
 
 
 THING = (
-    "thing(colour: Literal['red', 'blue'] = 'red', size: int = 3)  ttl=7s jitter=0.5s timeout=3s  "
+    "thing(colour: Literal['red', 'blue'] = 'red', size: int = 3)  ttl=7s jitter=0.5s timeout=3s "
+    "max_idle=3600s max_entries=100000  "
     "[--fetchers tests.sample_fetchers:thing]"
 )
 

@@ -438,3 +438,26 @@ async def test_workers_share_the_store_and_refresh_each_entry_once(redis_url: st
         busiest = max(busiest, *(sum(1 for u in stamps if t <= u < t + 0.9) for t in stamps))
     assert busiest == 1  # two workers, and still one fetch per entry per cycle
     assert len(pids) == 2  # both workers refreshed
+
+
+async def test_an_item_deleted_by_hand_whose_refresh_fails_is_dropped_whole(make_app: AppFactory) -> None:
+    calls = Counter()
+
+    @fetcher(ttl=0.2, jitter=0)
+    async def item(k: str) -> str:
+        calls.hit()
+        if calls.count > 1:
+            raise RuntimeError("down")
+        return k
+
+    app, client = await make_app([item])
+    store = app.state.store
+    assert (await client.get("/data/item?k=a")).status_code == 200
+    await store.client.delete(store.keys.item("item?k=a"))
+    await calls.reach(2)  # the failing refresh
+    async with asyncio.timeout(5):
+        while await store.client.zscore(store.keys.due, "item?k=a") is not None:
+            await asyncio.sleep(0.02)  # its postpone runs in the background
+    assert await store.entry_count("item") == 0
+    assert await store.client.zscore(store.keys.read, "item?k=a") is None
+    assert not await store.client.exists(store.keys.stale("item?k=a"), store.keys.shadow("item?k=a"))

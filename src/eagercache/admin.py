@@ -65,7 +65,8 @@ def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError]
             out.append({
                 "name": f.name, "source": f.source, "ttl": f.ttl, "jitter": f.jitter, "timeout": f.timeout,
                 "max_stale": f.max_stale, "max_idle": f.max_idle, "max_entries": f.max_entries,
-                "max_concurrency": f.max_concurrency, "entries": await engine.store.entry_count(f.name),
+                "max_concurrency": f.max_concurrency, "ignore_unknown": f.signature.ignore_unknown,
+                "entries": await engine.store.entry_count(f.name),
                 "parameters": [p.name for p in f.signature.params],
             })  # fmt: skip
         return _json({"fetchers": out})

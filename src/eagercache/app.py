@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -83,6 +84,10 @@ def create_app(
     log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
 
     representer = Representer()
+    # prometheus-client's labels() takes a lock and builds a key on every call: look each child up once.
+    read_metrics = functools.cache(
+        lambda name, cache: (metrics.requests.labels(name, cache.lower()), metrics.data_age.labels(name))
+    )
 
     async def data(request: Request) -> Response:
         name: str = request.path_params["fetcher"]
@@ -96,8 +101,9 @@ def create_app(
             elif not isinstance(exc, FetchFailed):  # fetch failures were logged once by the fetch itself
                 log.debug("bad request", extra={"fetcher": name, "error": exc.detail})
             return problem_response(exc.problem())
-        metrics.requests.labels(name, read.cache.lower()).inc()
-        metrics.data_age.labels(name).observe(max(0, now_ms() - read.entry.last_retrieved_ms) / 1000)
+        request_counter, age_histogram = read_metrics(name, read.cache)
+        request_counter.inc()
+        age_histogram.observe(max(0, now_ms() - read.entry.last_retrieved_ms) / 1000)
         return representer.respond(read, request.headers)
 
     spec = msgspec.json.encode(openapi_document(registry))

@@ -133,7 +133,13 @@ def _list_fetchers(specs: Sequence[str], config: str | None) -> int:
             f"{p.name}: {_type_name(p.annotation)}" + ("" if p.required else f" = {p.default!r}")
             for p in f.signature.params
         )
-        print(f"{f.name}({params})  ttl={f.ttl:g}s jitter={f.jitter:g}s timeout={f.timeout:g}s  [{f.source}]")
+        limits = f"max_idle={f.max_idle:g}s max_entries={f.max_entries}"
+        for option in ("max_stale", "max_concurrency"):
+            if (value := getattr(f, option)) is not None:
+                limits += f" {option}={value:g}{'s' if option == 'max_stale' else ''}"
+        if f.signature.ignore_unknown:
+            limits += " ignore_unknown"
+        print(f"{f.name}({params})  ttl={f.ttl:g}s jitter={f.jitter:g}s timeout={f.timeout:g}s {limits}  [{f.source}]")
     return 0
 
 

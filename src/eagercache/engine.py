@@ -148,7 +148,7 @@ class Engine:
         except UnknownFetcher:
             log.warning("refresh skipped: unknown fetcher", extra={"fetcher": name, "entry": entry_id})
             self.metrics.background_errors.labels("unknown-fetcher").inc()
-            await self.store.postpone(entry_id, UNKNOWN_FETCHER_RETRY_MS, None)
+            await self.store.postpone(entry_id, name, UNKNOWN_FETCHER_RETRY_MS, None)
             return
         except InvalidParameters as exc:
             # The fetcher's signature changed: this entry can never be fetched or read again.
@@ -191,7 +191,7 @@ class Engine:
             stale = Stale(previous.since_ms, previous.failures + 1, error)
         delay_ms = min(int(fetcher.ttl * 1000), RETRY_BASE_MS * 2 ** min(stale.failures - 1, 30))
         self._near.pop(entry_id, None)  # readers here see the stale marker at once
-        await self.store.postpone(entry_id, delay_ms, stale)
+        await self.store.postpone(entry_id, fetcher.name, delay_ms, stale)
 
     def _start(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None = None) -> asyncio.Task[bytes]:
         coro = self._fetch_and_store(fetcher, call, cause, due_ms)

@@ -18,7 +18,7 @@ class Metrics:
         )
         self.fetches = Counter(
             "eagercache_fetches",
-            "Fetcher runs by cause (cold, schedule, event) and outcome (ok, error, timeout).",
+            "Fetcher runs by cause (cold, schedule, event, admin) and outcome (ok, error, timeout).",
             ["fetcher", "cause", "outcome"],
             registry=self.registry,
         )

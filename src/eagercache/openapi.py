@@ -27,7 +27,7 @@ _HEADERS = {
     "Last-Modified": "When the data last changed (HTTP-date)",
     "Cache-Control": "max-age until the next refresh, stale-while-revalidate, stale-if-error",
     "Age": "Seconds since the data was fetched",
-    "X-Cache": "HIT, STALE (refreshes are failing; last good data) or MISS (fetched for this request)",
+    "X-Cache": "HIT, STALE (refreshes are failing; last good data) or MISS (this read waited for a fetch)",
 }
 
 

@@ -225,9 +225,9 @@ class Refresher:
                 await self.store.touch(sorted(reads))
                 if time.monotonic() - counted_at >= ENTRY_COUNT_INTERVAL_S:
                     counted_at = time.monotonic()
-                    for name, count in (await self.store.entry_counts()).items():
-                        if name in self.engine.registry:
-                            self.metrics.entries.labels(name).set(count)
+                    counts = await self.store.entry_counts()
+                    for name in self.engine.registry:
+                        self.metrics.entries.labels(name).set(counts.get(name, 0))
             except StoreUnavailable:
                 self.engine.reads |= reads  # try again next time
                 self.metrics.background_errors.labels("reads").inc()

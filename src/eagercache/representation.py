@@ -19,13 +19,21 @@ from .engine import Read
 
 # Bodies smaller than this are sent as they are: gzip would save too little to pay for itself.
 GZIP_MIN_BYTES = 1024
-# Compressed bodies kept per process, so a hot entry is compressed once per refresh, not per read.
-GZIP_CACHE_ENTRIES = 256
+# Representations (headers, compressed bodies) kept per process, so a hot entry's are built once per
+# refresh, not per read.
+PREPARED_ENTRIES = 1024
 GZIP_LEVEL = 6
 
 
 class EntryResponse(Response):
-    """A Response that sends no body for HEAD (RFC 9110, 9.3.2) but keeps the headers a GET would get."""
+    """A response from ready-made raw headers, with no body for HEAD (RFC 9110, 9.3.2) but a GET's headers."""
+
+    def __init__(self, status_code: int, raw_headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
+        # Response.__init__ is skipped on purpose: it would re-encode headers that are already bytes.
+        self.status_code = status_code
+        self.raw_headers = raw_headers
+        self.body = body
+        self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -33,49 +41,68 @@ class EntryResponse(Response):
         await send({"type": "http.response.body", "body": body})
 
 
+class _Prepared:
+    """What a representation's responses share for as long as the entry does: encoded once, used per read."""
+
+    __slots__ = ("body", "not_modified", "ok")
+
+    def __init__(self, body: bytes, etag: str, last_modified_ms: int, coding: str | None) -> None:
+        self.body = body
+        self.not_modified = [
+            (b"etag", etag.encode()),
+            (b"last-modified", formatdate(last_modified_ms / 1000, usegmt=True).encode()),
+            (b"vary", b"Accept-Encoding"),
+        ]
+        self.ok = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *self.not_modified,
+        ]
+        if coding is not None:
+            self.ok.append((b"content-encoding", coding.encode()))
+
+
 class Representer:
-    """Builds the response for a read; owns the per-process cache of compressed bodies."""
+    """Builds the response for a read; keeps prepared headers and compressed bodies of recent entries."""
 
     def __init__(self) -> None:
-        self._gzipped: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._prepared: OrderedDict[tuple[str, int, bool], _Prepared] = OrderedDict()
 
     def respond(self, read: Read, request_headers: Headers) -> Response:
         entry, fetcher = read.entry, read.fetcher
+        zipped = len(entry.body) >= GZIP_MIN_BYTES and _accepts_gzip(request_headers.get("accept-encoding", ""))
+        prepared = self._prepare(read, zipped)
         now_ms = int(time.time() * 1000)
-        max_age = 0 if read.cache == "STALE" else max(0, (entry.due_ms - now_ms) // 1000)
+        # RFC 9111, 4.2: a cache counts max-age from the response's generation, which Age says was
+        # last_retrieved; so max-age spans retrieval -> next refresh, and max-age - Age is what is left.
+        max_age = 0 if read.cache == "STALE" else max(0, (entry.due_ms - entry.last_retrieved_ms) // 1000)
         cache_control = f"max-age={max_age}, stale-while-revalidate={int(fetcher.ttl + fetcher.jitter + 0.999)}"
         if fetcher.max_stale is not None:
             cache_control += f", stale-if-error={int(fetcher.max_stale)}"
-        body, etag = entry.body, f'"{entry.etag}"'
-        coding = None
-        if len(body) >= GZIP_MIN_BYTES and _accepts_gzip(request_headers.get("accept-encoding", "")):
-            # A different content coding is a different representation: it gets its own strong ETag.
-            body, etag, coding = self._gzip(read), f'"{entry.etag}-gz"', "gzip"
-        headers = {
-            "etag": etag,
-            "last-modified": formatdate(entry.last_modified_ms / 1000, usegmt=True),
-            "cache-control": cache_control,
-            "age": str(max(0, (now_ms - entry.last_retrieved_ms) // 1000)),
-            "vary": "Accept-Encoding",
-            "x-cache": read.cache,
-        }
+        per_read = [
+            (b"cache-control", cache_control.encode()),
+            (b"age", str(max(0, (now_ms - entry.last_retrieved_ms) // 1000)).encode()),
+            (b"x-cache", read.cache.encode()),
+        ]
         if _not_modified(request_headers, entry.etag, entry.last_modified_ms):
-            return EntryResponse(status_code=304, headers=headers)
-        if coding is not None:
-            headers["content-encoding"] = coding
-        return EntryResponse(body, media_type="application/json", headers=headers)
+            return EntryResponse(304, prepared.not_modified + per_read)
+        return EntryResponse(200, prepared.ok + per_read, prepared.body)
 
-    def _gzip(self, read: Read) -> bytes:
-        key = (read.entry_id, read.entry.last_retrieved_ms)
-        compressed = self._gzipped.get(key)
-        if compressed is None:
-            compressed = gzip.compress(read.entry.body, GZIP_LEVEL, mtime=0)
-            self._gzipped[key] = compressed
-            if len(self._gzipped) > GZIP_CACHE_ENTRIES:
-                self._gzipped.popitem(last=False)
-        else:
-            self._gzipped.move_to_end(key)
-        return compressed
+    def _prepare(self, read: Read, zipped: bool) -> _Prepared:
+        key = (read.entry_id, read.entry.last_retrieved_ms, zipped)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            entry = read.entry
+            if zipped:
+                # A different content coding is a different representation: it gets its own strong ETag.
+                body = gzip.compress(entry.body, GZIP_LEVEL, mtime=0)
+                prepared = _Prepared(body, f'"{entry.etag}-gz"', entry.last_modified_ms, "gzip")
+            else:
+                prepared = _Prepared(entry.body, f'"{entry.etag}"', entry.last_modified_ms, None)
+            self._prepared[key] = prepared
+            if len(self._prepared) > PREPARED_ENTRIES:
+                self._prepared.popitem(last=False)
+        return prepared
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:

@@ -82,11 +82,13 @@ return 1
 """
 
 # After a failed refresh: keep the body, mark the entry stale, try again later.
-# KEYS: item, shadow, due, stale. ARGV: id, due-in ms, due at, stale marker ('' to leave the marker alone).
-# Returns 0 if the entry is gone.
+# KEYS: item, shadow, due, stale, read, counts. ARGV: id, due-in ms, due at, stale marker ('' to leave the
+# marker alone), fetcher. An entry whose item is gone is dropped whole, as in WRITE. Returns 0 if it is gone.
 POSTPONE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('ZREM', KEYS[3], ARGV[1])
+  if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[5], -1) end
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('DEL', KEYS[2], KEYS[4])
   return 0
 end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4]) end

@@ -82,6 +82,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"max_concurrent_fetches must be at least 1, got {self.max_concurrent_fetches}")
         if not 0 < self.backstop_interval <= 60:
             raise ValueError(f"backstop_interval must be > 0 and <= 60 seconds, got {self.backstop_interval}")
+        if self.admin_token is not None and (len(self.admin_token) < 16 or any(c.isspace() for c in self.admin_token)):
+            raise ValueError("admin_token must be at least 16 characters, without whitespace (or unset: no admin API)")
         if not 0 <= self.near_cache_ttl <= 60:
             raise ValueError(f"near_cache_ttl must be >= 0 and <= 60 seconds, got {self.near_cache_ttl}")
         if not self.shutdown_timeout >= 0:
@@ -126,6 +128,9 @@ def read_config(path: str | None) -> dict[str, Any]:
         raise ConfigurationError(f"config file {path}: `config` cannot be set inside a config file")
     if "fetcher_overrides" in raw:
         raise ConfigurationError(f"config file {path}: unknown setting `fetcher_overrides` (use [fetcher.NAME])")
+    for field in ("log_level", "log_format"):
+        if isinstance(raw.get(field), str):
+            raw[field] = from_env(field, raw[field])
     tables = raw.pop("fetcher", {})
     if not isinstance(tables, dict):
         raise ConfigurationError(f"config file {path}: `fetcher` must be tables, [fetcher.NAME]")

@@ -181,12 +181,14 @@ class Store:
         with _redis_errors(self.url):
             return Stale.parse(await self.client.get(self.keys.stale(entry_id)))
 
-    async def postpone(self, entry_id: str, due_in_ms: int, stale: Stale | None) -> bool:
+    async def postpone(self, entry_id: str, fetcher: str, due_in_ms: int, stale: Stale | None) -> bool:
         """Keep the body, mark the entry stale (unless `stale` is None), try again later; False if it is gone."""
-        keys = [self.keys.item(entry_id), self.keys.shadow(entry_id), self.keys.due, self.keys.stale(entry_id)]
+        k = self.keys
+        keys = [k.item(entry_id), k.shadow(entry_id), k.due, k.stale(entry_id), k.read, k.counts]
         marker = stale.encode() if stale is not None else ""
+        args: list[str | int] = [entry_id, due_in_ms, now_ms() + due_in_ms, marker, fetcher]
         with _redis_errors(self.url):
-            kept: int = await self._postpone(keys=keys, args=[entry_id, due_in_ms, now_ms() + due_in_ms, marker])
+            kept: int = await self._postpone(keys=keys, args=args)
         return bool(kept)
 
     async def forget(self, entry_id: str, fetcher: str) -> bool:
@@ -197,7 +199,8 @@ class Store:
 
     async def scan_entries(self, fetcher: str, cursor: int, count: int) -> tuple[int, list[str]]:
         """One page of a fetcher's stored entries (SCAN semantics: a cursor, 0 when done; pages vary in size)."""
-        pattern = f"{self.keys.item_prefix}{fetcher}?*"
+        # glob-escaped: a literal '?' ends the fetcher's name, so fetcher `a` never matches entries of `ab`
+        pattern = _glob_escape(f"{self.keys.item_prefix}{fetcher}?") + "*"
         with _redis_errors(self.url):
             cursor, keys = await self.client.scan(cursor, match=pattern, count=count)
         start = len(self.keys.item_prefix)
@@ -313,6 +316,11 @@ class Store:
 
     def pubsub(self) -> PubSub:
         return self.client.pubsub(ignore_subscribe_messages=True)
+
+
+def _glob_escape(text: str) -> str:
+    """Escape Redis glob characters (KEYS/SCAN MATCH)."""
+    return "".join("\\" + c if c in "\\*?[]^" else c for c in text)
 
 
 def _ms(raw: bytes | str) -> int | None:
