@@ -42,6 +42,17 @@ def redis_sync(redis_url: str) -> Iterator[redis.Redis]:
         client.close()
 
 
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server of the test's own, to stop, restart or configure."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(params=["redis", "memory"])
 def store_url(request: pytest.FixtureRequest) -> str:
     """Behaviour tests run on a real Redis and on the memory store."""

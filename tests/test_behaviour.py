@@ -130,37 +130,28 @@ async def test_last_modified_moves_only_when_data_changes(make_app: AppFactory) 
 
 
 class Echo:
-    """A fetcher that returns its arguments and records every call."""
+    """A fetcher (its `fetch` function) that returns its arguments and records every call."""
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
-    async def __call__(
-        self,
-        s: str = "x",
-        n: int = 1,
-        f: float = 1.0,
-        b: bool = False,
-        mode: Literal["a", "b"] = "a",
-        tags: list[str] | None = None,
-    ) -> dict[str, Any]:
-        kwargs = {"s": s, "n": n, "f": f, "b": b, "mode": mode, "tags": tags}
-        self.calls.append(kwargs)
-        return kwargs
+        async def fetch(
+            s: str = "x",
+            n: int = 1,
+            f: float = 1.0,
+            b: bool = False,
+            mode: Literal["a", "b"] = "a",
+            tags: list[str] | None = None,
+        ) -> dict[str, Any]:
+            kwargs = {"s": s, "n": n, "f": f, "b": b, "mode": mode, "tags": tags}
+            self.calls.append(kwargs)
+            return kwargs
+
+        self.fetch = fetch
 
 
 def echo_fetcher(echo: Echo) -> Any:
-    async def echo_call(
-        s: str = "x",
-        n: int = 1,
-        f: float = 1.0,
-        b: bool = False,
-        mode: Literal["a", "b"] = "a",
-        tags: list[str] | None = None,
-    ) -> dict[str, Any]:
-        return await echo(s=s, n=n, f=f, b=b, mode=mode, tags=tags)
-
-    return echo_call
+    return echo.fetch
 
 
 async def test_equivalent_queries_share_one_entry(make_app: AppFactory) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
@@ -22,17 +22,6 @@ from .redis_server import RedisServer
 @fetcher(ttl=0.5, jitter=0)
 async def stamp(k: str = "a") -> str:
     return f"{k}@{asyncio.get_running_loop().time()}"
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server of the test's own, to stop, restart or configure."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @asynccontextmanager

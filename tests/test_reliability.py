@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -36,16 +35,6 @@ class FetchLog:
 
     def fetched_since(self, moment: float) -> set[str]:
         return {k for k, ts in self.times.items() if ts[-1] > moment}
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_killed_subscription_loses_no_refresh(redis_url: str, redis_sync: redis.Redis) -> None:
