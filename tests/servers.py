@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ class ServeProcess:
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
+            start_new_session=True,  # its own process group: --workers children are killed with it
         )
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -56,9 +58,9 @@ class ServeProcess:
             self.kill()
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # the server and any worker processes it started
+        self.process.wait()
 
     def close(self) -> None:
         self.kill()
