@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format clean
+.PHONY: install run test lint format clean bench
 
 $(STAMP): pyproject.toml examples/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ format: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache src/*.egg-info examples/*.egg-info
+
+bench: install  ## benchmarks -> docs/benchmarks.md (BENCH_QUICK=1: ~2-minute smoke run); see bench/config.py
+	bench/setup.sh $(BIN)
+	$(BIN)/python -m bench.run

@@ -1,0 +1,72 @@
+"""Durations and sizes of a run: the full run (`make bench`, under 15 minutes on 2 cores) or BENCH_QUICK=1.
+
+BENCH_SECTIONS=1,3 runs only those sections (the report marks the others as not run).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    sections: tuple[int, ...]
+    # 1. hit path
+    hit_rounds: int
+    hit_seconds: float
+    hit_connections: int
+    hit_warmup_seconds: float
+    profile_seconds: float
+    # 2. eager refresh vs cache-aside
+    expiry_rounds: int
+    expiry_seconds: float
+    expiry_keys: int
+    expiry_connections: int
+    fetch_seconds: float
+    # 3. refresh capacity and lag
+    capacity_sizes: tuple[int, ...]
+    due_per_second: int
+    steady_window_seconds: float
+    burst_rounds_small: int
+    burst_max_seconds: float
+    events_window_seconds: float
+    # 4. cold stampede
+    stampede_requests: int
+    stampede_rounds: int
+    stampede_processes: int
+    stampede_fetch_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config() -> Config:
+    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4").split(",") if s.strip())
+    return Config(
+        quick=quick,
+        sections=sections,
+        hit_rounds=2 if quick else 5,
+        hit_seconds=3 if quick else 10,
+        hit_connections=32,
+        hit_warmup_seconds=1 if quick else 3,
+        profile_seconds=3 if quick else 8,
+        expiry_rounds=1 if quick else 2,
+        expiry_seconds=8 if quick else 30,
+        expiry_keys=50,
+        expiry_connections=16,
+        fetch_seconds=0.2,
+        capacity_sizes=(10_000,) if quick else (10_000, 100_000),
+        due_per_second=2_000,
+        steady_window_seconds=6 if quick else 20,
+        burst_rounds_small=2 if quick else 3,
+        burst_max_seconds=12 if quick else 30,
+        events_window_seconds=6 if quick else 20,
+        stampede_requests=1_000,
+        stampede_rounds=1 if quick else 3,
+        stampede_processes=3,
+        stampede_fetch_seconds=0.5,
+    )
