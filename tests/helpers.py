@@ -15,7 +15,7 @@ class Counter:
         self.count = 0
         self._changed = asyncio.Event()
 
-    def hit(self) -> None:
+    def hit(self, *_: object) -> None:
         self.count += 1
         self._changed.set()
 

@@ -398,7 +398,8 @@ async def test_near_cache_serves_hits_without_redis_and_sees_other_writes_in_tim
     # Another replica stores a new version behind this process's back.
     value = (await original_get("shared?"))[0]
     assert value is not None
-    new_value, _ = build_entry(b"2", value, int(time.time() * 1000), 60_000)
+    now = int(time.time() * 1000)
+    new_value, _ = build_entry(b"2", now, now + 60_000, previous_value=value)
     await store.client.set(store.keys.item("shared?"), new_value)
     changed_at = time.monotonic()
     async with asyncio.timeout(5):

@@ -13,7 +13,7 @@ from typing import Literal
 
 from .errors import DataTooStale, EagerCacheError, FetchFailed, FetchTimeout, InvalidParameters, UnknownFetcher
 from .fetchers import Fetcher, Registry
-from .item import Entry, build_entry, encode_data
+from .item import Entry, build_entry, encode_data, unchanged_by_header
 from .keys import split_entry_id
 from .metrics import Metrics
 from .params import Call
@@ -74,7 +74,7 @@ class Engine:
         self.store = store
         self.metrics = metrics
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
-        self._on_write: list[Callable[[], None]] = []
+        self._on_write: list[Callable[[int], None]] = []
         self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
         self._fetcher_slots = {
             f.name: asyncio.Semaphore(f.max_concurrency) for f in registry.values() if f.max_concurrency is not None
@@ -87,8 +87,8 @@ class Engine:
         self.near_cache_ttl_s = near_cache_ttl_s
         self._near: dict[str, _Near] = {}
 
-    def on_write(self, callback: Callable[[], None]) -> None:
-        """Call `callback` after every stored entry (the refresher re-reads its schedule)."""
+    def on_write(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(next_due_ms)` after every stored entry (the refresher may need to wake sooner)."""
         self._on_write.append(callback)
 
     async def read(self, fetcher_name: str, query: bytes | str) -> Read:
@@ -144,7 +144,7 @@ class Engine:
             return  # a cold read is fetching it right now; its write reschedules the entry
         name, query = split_entry_id(entry_id)
         try:
-            fetcher, call = self.registry.call(name, query)
+            fetcher, call = self._resolve(name, query)
         except UnknownFetcher:
             log.warning("refresh skipped: unknown fetcher", extra={"fetcher": name, "entry": entry_id})
             self.metrics.background_errors.labels("unknown-fetcher").inc()
@@ -162,7 +162,7 @@ class Engine:
             await self.forget(entry_id, fetcher.name)
             return
         try:
-            await self._start(fetcher, call, cause, claim.due_ms)
+            await self._start(fetcher, call, cause, claim)
         except FetchFailed as exc:
             await self._postpone_failed(fetcher, entry_id, exc)
 
@@ -193,8 +193,8 @@ class Engine:
         self._near.pop(entry_id, None)  # readers here see the stale marker at once
         await self.store.postpone(entry_id, fetcher.name, delay_ms, stale)
 
-    def _start(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None = None) -> asyncio.Task[bytes]:
-        coro = self._fetch_and_store(fetcher, call, cause, due_ms)
+    def _start(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None = None) -> asyncio.Task[bytes]:
+        coro = self._fetch_and_store(fetcher, call, cause, claim)
         task = asyncio.create_task(coro, name=f"fetch {call.entry_id}")
         self._inflight[call.entry_id] = task
         task.add_done_callback(lambda t: self._finished(call.entry_id, t))
@@ -217,13 +217,13 @@ class Engine:
             async with per_fetcher, self._fetch_slots:
                 yield
 
-    async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None) -> bytes:
+    async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None) -> bytes:
         if cause == "cold" and not self.store.is_memory:
             filled = await self._fill_elsewhere(fetcher, call.entry_id)
             if filled is not None:
                 return filled
         try:
-            return await self._fetch_and_store_here(fetcher, call, cause, due_ms)
+            return await self._fetch_and_store_here(fetcher, call, cause, claim)
         except BaseException:
             if cause == "cold" and not self.store.is_memory:
                 with contextlib.suppress(EagerCacheError):
@@ -248,7 +248,7 @@ class Engine:
                 break  # its fetch failed or was not stored: fetch here
         return None
 
-    async def _fetch_and_store_here(self, fetcher: Fetcher, call: Call, cause: Cause, due_ms: int | None) -> bytes:
+    async def _fetch_and_store_here(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None) -> bytes:
         extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
         async with self._slot(fetcher):
             self.metrics.inflight.inc()
@@ -256,7 +256,8 @@ class Engine:
             try:
                 # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
                 kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
-                data = await asyncio.wait_for(fetcher.func(**kwargs), fetcher.timeout)
+                async with asyncio.timeout(fetcher.timeout):  # unlike wait_for, no extra task per fetch
+                    data = await fetcher.func(**kwargs)
                 data_json = encode_data(data, fetcher.name)
             except TimeoutError:
                 self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
@@ -274,15 +275,19 @@ class Engine:
                 self.metrics.inflight.dec()
         self.metrics.fetches.labels(fetcher.name, cause, "ok").inc()
         self.metrics.fetch_seconds.labels(fetcher.name).observe(time.perf_counter() - started)
-        previous = None if cause == "cold" else (await self.store.get(call.entry_id))[0]
-        now, due_in_ms = now_ms(), _due_in_ms(fetcher)
-        value, changed = build_entry(data_json, previous, now, due_in_ms)
+        header = None if claim is None else claim.header
+        previous = None
+        if cause != "cold" and not unchanged_by_header(data_json, header):
+            header, previous = None, (await self.store.get(call.entry_id))[0]  # changed bytes: deepdiff decides
+        now = now_ms()
+        due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms)
+        value, changed = build_entry(data_json, now, due_at, previous_value=previous, previous_header=header)
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
         outcome = await self.store.write(
-            call.entry_id, fetcher.name, value, now, due_in_ms, mode=mode, max_entries=fetcher.max_entries
+            call.entry_id, fetcher.name, value, now, due_at, mode=mode, max_entries=fetcher.max_entries
         )
-        if due_ms is not None:
-            self.metrics.refresh_lag.labels(fetcher.name).observe(max(0, now_ms() - due_ms) / 1000)
+        if claim is not None and claim.due_ms is not None:
+            self.metrics.refresh_lag.labels(fetcher.name).observe(max(0, now_ms() - claim.due_ms) / 1000)
         if outcome == STORED:
             self._remember(call.entry_id, Entry.parse(value), None)
         else:
@@ -291,10 +296,10 @@ class Engine:
             self._over_limit(fetcher)
         elif outcome == GONE:
             log.debug("refreshed entry was removed meanwhile; not stored", extra=extra)
-        elif changed and previous is not None:
+        elif changed and cause != "cold":
             self.metrics.changes.labels(fetcher.name).inc()
         for callback in self._on_write:
-            callback()
+            callback(due_at)
         return value
 
     def _over_limit(self, fetcher: Fetcher) -> None:
@@ -319,5 +324,10 @@ class Engine:
             await asyncio.wait(pending)
 
 
-def _due_in_ms(fetcher: Fetcher) -> int:
-    return int((fetcher.ttl + random.uniform(0, fetcher.jitter)) * 1000)
+def _next_due(fetcher: Fetcher, now: int, due_ms: int | None) -> int:
+    """When to refresh next: one interval after the refresh was due, so that an entry costs one fetch per
+    ttl however long fetches take; one interval from now for a new entry, or one that fell behind."""
+    interval = int((fetcher.ttl + random.uniform(0, fetcher.jitter)) * 1000)
+    if due_ms is not None and due_ms + interval > now:
+        return due_ms + interval
+    return now + interval

@@ -71,26 +71,51 @@ def encode_data(data: Any, fetcher_name: str) -> bytes:
         raise FetchFailed(f"fetcher {fetcher_name!r} returned a value that cannot be encoded as JSON: {exc}") from exc
 
 
-def build_entry(data_json: bytes, previous: bytes | None, now_ms: int, due_in_ms: int) -> tuple[bytes, bool]:
-    """The new stored value and whether its data changed since `previous` (the stored value, if any).
+def build_entry(
+    data_json: bytes,
+    now_ms: int,
+    due_at_ms: int,
+    *,
+    previous_value: bytes | None = None,
+    previous_header: bytes | None = None,
+) -> tuple[bytes, bool]:
+    """The new stored value and whether its data changed since the previous one.
 
+    `previous_header` (the start of the stored value, from the claim) settles the common case, equal
+    bytes, without reading the old value; otherwise `previous_value` is compared with deepdiff.
     Unchanged data keeps its previous bytes (and so its ETag) even if the fetcher reordered object keys.
     """
+    etag = etag_of(data_json)
     last_modified_ms, changed = now_ms, True
-    stamp = rfc3339(now_ms)
-    last_modified = stamp
-    if previous is not None:
+    last_modified = stamp = rfc3339(now_ms)
+    if previous_header is not None and previous_value is None:
         try:
-            before = Entry.parse(previous)
-            old = _body_decoder.decode(before.body)
+            before = Entry.parse(previous_header.split(b"\n", 1)[0] + b"\n")
+        except ValueError:
+            before = None
+        if before is not None and before.etag == etag:
+            last_modified_ms, changed = before.last_modified_ms, False
+            last_modified = rfc3339(last_modified_ms)
+    elif previous_value is not None:
+        try:
+            stored = Entry.parse(previous_value)
+            old = _body_decoder.decode(stored.body)
         except (ValueError, msgspec.DecodeError):
-            old = None  # an unreadable value is replaced as if the data changed
-        if old is not None and not data_changed(bytes(old.data), data_json):
-            data_json, changed = bytes(old.data), False
-            last_modified, last_modified_ms = old.last_modified, before.last_modified_ms
+            pass  # an unreadable value is replaced as if the data changed
+        else:
+            if not data_changed(bytes(old.data), data_json):
+                data_json, etag, changed = bytes(old.data), stored.etag, False
+                last_modified, last_modified_ms = old.last_modified, stored.last_modified_ms
     body = _encoder.encode(_Body(msgspec.Raw(data_json), stamp, last_modified))
-    entry = Entry(etag_of(data_json), now_ms, last_modified_ms, now_ms + due_in_ms, body)
-    return entry.encode(), changed
+    return Entry(etag, now_ms, last_modified_ms, due_at_ms, body).encode(), changed
+
+
+def unchanged_by_header(data_json: bytes, previous_header: bytes | None) -> bool:
+    """True if the header of the stored value shows the same data bytes (same ETag)."""
+    if previous_header is None:
+        return False
+    etag, _, _ = previous_header.partition(b" ")
+    return etag.decode(errors="replace") == etag_of(data_json)
 
 
 def etag_of(data_json: bytes) -> str:

@@ -36,11 +36,17 @@ FIRST_SUBSCRIPTION_TIMEOUT_S = 5.0
 # Reads are recorded in the store at most this often, and at least 4 times per shortest max_idle.
 READ_FLUSH_MAX_S = 5.0
 READ_FLUSH_MIN_S = 0.05
+# The schedule loop wakes this long after the next due time, to claim what falls due meanwhile in one go.
+SCHEDULE_COALESCE_MS = 10
 ENTRY_COUNT_INTERVAL_S = 10.0
 
 
 class Refresher:
-    """One per process; started and stopped by the app's lifespan."""
+    """One per process; started and stopped by the app's lifespan.
+
+    Claimed entries go to a queue that `max_concurrent` worker tasks drain; the loops never claim more
+    than there are free workers, so nothing waits long enough in the queue for its lease to run out.
+    """
 
     def __init__(
         self,
@@ -68,9 +74,13 @@ class Refresher:
         # swallowed there (redis/redis-py#2028), and the loop would then run on.
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
-        self._running: set[asyncio.Task[None]] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._queue: asyncio.Queue[tuple[Claim, Cause] | None] = asyncio.Queue()  # None: a worker stops
+        self._busy = 0
         self._claims: dict[str, int] = {}  # entry id -> lease end (ms), while this process holds the claim
-        engine.on_write(self._wake.set)
+        self._sleep_until_ms = 0  # when the schedule loop looks next; a write due sooner wakes it
+        self._waiting_for_workers = False
+        engine.on_write(self._written)
 
     @property
     def subscribed(self) -> bool:
@@ -86,14 +96,13 @@ class Refresher:
                 await self.store.enable_expiry_events()
             except ConfigurationError as exc:
                 self.uses_events = False
-                log.warning(
-                    "no expiry events: refreshing on the schedule alone", extra={"why": exc.detail, "mode": self.mode}
-                )
+                log.warning("no expiry events: refreshing on the schedule alone", extra={"why": exc.detail})
         self.metrics.mode.labels(self.mode).set(1)
-        self._loops.append(self._loop(self._follow_schedule(), "schedule"))
-        self._loops.append(self._loop(self._record_reads(), "reads"))
+        self._workers = [self._task(self._work(), f"worker {i}") for i in range(self.max_concurrent)]
+        self._loops.append(self._task(self._follow_schedule(), "schedule"))
+        self._loops.append(self._task(self._record_reads(), "reads"))
         if self.uses_events:
-            self._loops.append(self._loop(self._follow_events(), "expiry events"))
+            self._loops.append(self._task(self._follow_events(), "expiry events"))
             # Ready means subscribed; a failure here is retried by the loop (and /readyz says so).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._subscribed.wait(), FIRST_SUBSCRIPTION_TIMEOUT_S)
@@ -106,8 +115,13 @@ class Refresher:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
+        while not self._queue.empty():  # claimed, not started: given back below
+            self._queue.get_nowait()
+        for _ in self._workers:
+            self._queue.put_nowait(None)  # not cancel(): redis-py may swallow it mid-command (see _stopping)
         await self.engine.drain(self.shutdown_timeout_s)
-        await asyncio.gather(*self._running, return_exceptions=True)
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
         with contextlib.suppress(StoreUnavailable):
             await self.store.touch(sorted(self._take_reads()))
         if self._claims:
@@ -120,67 +134,78 @@ class Refresher:
                 log.info("gave back refresh claims", extra={"claims": released})
             self._claims.clear()
 
-    def _loop(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    def _task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return asyncio.create_task(coro, name=f"eagercache refresher: {name}")
 
     @property
     def _capacity(self) -> int:
-        return self.max_concurrent - len(self._running)
+        return self.max_concurrent - self._busy - self._queue.qsize()
 
     def _lease_end(self) -> int:
         return now_ms() + self.lease_ms
 
-    def _spawn(self, entry_id: str, cause: Cause, claim: Claim | None) -> None:
-        task = asyncio.create_task(self._refresh(entry_id, cause, claim), name=f"refresh {entry_id}")
-        self._running.add(task)
-        task.add_done_callback(self._done)
+    def _written(self, next_due_ms: int) -> None:
+        if next_due_ms < self._sleep_until_ms:
+            self._wake.set()  # the schedule loop sleeps past this entry's next refresh
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._wake.set()  # a slot is free
+    def _enqueue(self, claims: list[Claim], cause: Cause) -> None:
+        for claim in claims:
+            self._claims[claim.entry_id] = claim.lease_end_ms
+            self._queue.put_nowait((claim, cause))
 
-    async def _refresh(self, entry_id: str, cause: Cause, claim: Claim | None) -> None:
-        """Refresh one entry, claiming it first unless the schedule already did."""
+    async def _work(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            claim, cause = item
+            self._busy += 1
+            try:
+                await self._refresh(claim, cause)
+            finally:
+                self._busy -= 1
+                if self._waiting_for_workers:
+                    self._wake.set()
+
+    async def _refresh(self, claim: Claim, cause: Cause) -> None:
         try:
-            if claim is None:
-                claim = await self.store.claim(entry_id, self._lease_end())
-                if claim is None:
-                    return  # refreshed already, or another replica has it
-            self._claims[entry_id] = claim.lease_end_ms
             await self.engine.refresh(claim, cause)
-            del self._claims[entry_id]  # a write or postpone has rescheduled it: no longer ours
         except StoreUnavailable as exc:
             # The claim's lease runs out and the entry is due again: nothing is lost.
-            self._claims.pop(entry_id, None)
             self.metrics.background_errors.labels("refresh").inc()
-            log.warning("refresh could not reach the store", extra={"entry": entry_id, "error": exc.detail})
+            log.warning("refresh could not reach the store", extra={"entry": claim.entry_id, "error": exc.detail})
         except Exception:
-            self._claims.pop(entry_id, None)
             self.metrics.background_errors.labels("refresh").inc()
-            log.exception("refresh crashed", extra={"entry": entry_id})
+            log.exception("refresh crashed", extra={"entry": claim.entry_id})
+        self._claims.pop(claim.entry_id, None)  # written, postponed or lost: no longer ours to give back
 
     async def _follow_schedule(self) -> None:
         outage = _Outage("schedule")
         while not self._stopping:
             self._wake.clear()
+            limit = min(self._capacity, CLAIM_BATCH)
+            if limit <= 0:
+                self._waiting_for_workers = True
+                await self._wake.wait()
+                self._waiting_for_workers = False
+                continue
             try:
-                lease_end = self._lease_end()
-                claimed = await self.store.claim_due(lease_end, min(self._capacity, CLAIM_BATCH))
-                next_due = await self.store.next_due_ms()
+                claimed = await self.store.claim_due(self._lease_end(), limit)
+                next_due = None if len(claimed) == limit else await self.store.next_due_ms()
             except StoreUnavailable as exc:
                 self.metrics.background_errors.labels("schedule").inc()
                 await asyncio.sleep(outage.failed(exc.detail))
                 continue
             outage.over()
-            for claim in claimed:
-                self._spawn(claim.entry_id, "schedule", claim)
-            if self._capacity <= 0:
-                await self._wake.wait()
-                continue
-            max_wait_s = self.schedule_max_wait_s
-            wait_s = max_wait_s if next_due is None else (next_due - now_ms()) / 1000
+            self._enqueue(claimed, "schedule")
+            if len(claimed) == limit:
+                continue  # more may be due
+            now = now_ms()
+            wait_ms = self.schedule_max_wait_s * 1000
+            if next_due is not None:
+                # A little past the next due time, so that entries falling due together share one claim.
+                wait_ms = min(wait_ms, max(0, next_due - now) + SCHEDULE_COALESCE_MS)
+            self._sleep_until_ms = now + int(wait_ms)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, min(wait_s, max_wait_s)))
+                await asyncio.wait_for(self._wake.wait(), wait_ms / 1000)
+            self._sleep_until_ms = 0
 
     async def _follow_events(self) -> None:
         outage = _Outage("expiry events")
@@ -197,13 +222,18 @@ class Refresher:
                 outage.over()
                 while not self._stopping:
                     message = await pubsub.get_message(timeout=self.schedule_max_wait_s)
-                    if message is None:
-                        continue
-                    entry_id = keys.entry_of_shadow(message["data"].decode())
-                    # At capacity the entry stays due in the schedule, which picks it up when a slot frees.
-                    if entry_id is not None and self._capacity > 0:
-                        self._spawn(entry_id, "event", None)
-            except (RedisError, OSError) as exc:
+                    due: list[str] = []
+                    while message is not None and len(due) < CLAIM_BATCH:
+                        # Everything already received goes into one claim: a burst costs one round trip.
+                        entry_id = keys.entry_of_shadow(_text(message["data"]))
+                        if entry_id is not None:
+                            due.append(entry_id)
+                        message = await pubsub.get_message(timeout=0)
+                    # At capacity the entries stay due in the schedule, which takes them when workers free up.
+                    room = self._capacity
+                    if due and room > 0:
+                        self._enqueue(await self.store.claim(due[:room], self._lease_end()), "event")
+            except (RedisError, OSError, StoreUnavailable) as exc:
                 self._set_subscribed(False)
                 self.metrics.background_errors.labels("subscription").inc()
                 await asyncio.sleep(outage.failed(f"{type(exc).__name__}: {exc}"))
@@ -261,3 +291,7 @@ class _Outage:
         if self.delay_s:
             log.info("store is back", extra={"loop": self.what})
         self.delay_s = 0.0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -7,36 +7,48 @@ array short.
 
 from __future__ import annotations
 
-# Claim up to ARGV[3] entries due by ARGV[1] by moving their score to ARGV[2], the lease end: whoever
-# moved an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
-# KEYS: due, read. Returns id, last-read, due, id, last-read, due, ...
+# Claim up to ARGV[3] entries due by ARGV[1] by moving their score to ARGV[2], the lease end: whoever moved
+# an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
+# KEYS: due, read. ARGV[4]: the item key prefix.
+# Returns id, last-read, due, header, ... where header is the start of the stored value (item.Entry's
+# header line), so a refresh that brings unchanged data needs no read of the old value.
 CLAIM_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for i = 1, #due, 2 do
   local id = due[i]
   redis.call('ZADD', KEYS[1], ARGV[2], id)
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('ZSCORE', KEYS[2], id) or '-1'
+  local read = redis.call('ZSCORE', KEYS[2], id)
   -- an entry with no read time (its record was lost) starts counting towards max_idle now
-  if out[#out] == '-1' then redis.call('ZADD', KEYS[2], ARGV[1], id) end
+  if not read then redis.call('ZADD', KEYS[2], ARGV[1], id) end
+  out[#out + 1] = id
+  out[#out + 1] = read or '-1'
   out[#out + 1] = due[i + 1]
+  out[#out + 1] = redis.call('GETRANGE', ARGV[4] .. id, 0, 127)
 end
 return out
 """
 
-# Claim one entry that an expired shadow key says is due (ARGV: id, now, lease end). An entry that
-# is stored but missing from the schedule is claimed too, so a damaged schedule heals.
-# KEYS: due, item, read. Returns {last-read, due}, or nil when not claimed.
-CLAIM_ONE = """
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if (due and tonumber(due) <= tonumber(ARGV[2])) or (not due and redis.call('EXISTS', KEYS[2]) == 1) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  local read = redis.call('ZSCORE', KEYS[3], ARGV[1])
-  if not read then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
-  return {read or '-1', due or '-1'}
+# Claim the entries ARGV[4..] that expired shadow keys say are due, if they are (ARGV: now, lease end,
+# item key prefix, ids...). An entry that is stored but missing from the schedule is claimed too, so
+# a damaged schedule heals. KEYS: due, read. Returns what CLAIM_DUE does, for the claimed ones.
+CLAIM_MANY = """
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local due = redis.call('ZSCORE', KEYS[1], id)
+  local header = redis.call('GETRANGE', ARGV[3] .. id, 0, 127)
+  if (due and tonumber(due) <= tonumber(ARGV[1])) or (not due and header ~= '') then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    local read = redis.call('ZSCORE', KEYS[2], id)
+    if not read then redis.call('ZADD', KEYS[2], ARGV[1], id) end
+    out[#out + 1] = id
+    out[#out + 1] = read or '-1'
+    out[#out + 1] = due or '-1'
+    out[#out + 1] = header
+  end
 end
-return false
+return out
 """
 
 # Give a claim back (ARGV: id, lease end, now) if it is still ours: due again at once, for anyone.

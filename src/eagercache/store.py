@@ -87,6 +87,7 @@ class Claim:
     lease_end_ms: int
     last_read_ms: int | None
     due_ms: int | None
+    header: bytes | None = None  # the start of the stored value: its validators, without the body
 
 
 WriteMode = Literal["cold", "refresh"]
@@ -102,7 +103,7 @@ class Store:
         self.url = url
         self.is_memory = url.startswith(MEMORY_URL)
         self._claim_due = client.register_script(scripts.CLAIM_DUE)
-        self._claim_one = client.register_script(scripts.CLAIM_ONE)
+        self._claim_many = client.register_script(scripts.CLAIM_MANY)
         self._release = client.register_script(scripts.RELEASE)
         self._write = client.register_script(scripts.WRITE)
         self._postpone = client.register_script(scripts.POSTPONE)
@@ -148,14 +149,15 @@ class Store:
         fetcher: str,
         value: bytes,
         now: int,
-        due_in_ms: int,
+        due_at_ms: int,
         *,
         mode: WriteMode,
         max_entries: int,
     ) -> int:
         """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE."""
         keys = [*self._entry_keys(entry_id), self.keys.fill(entry_id)]
-        args: list[str | bytes | int] = [entry_id, value, due_in_ms, now, now + due_in_ms, fetcher, max_entries, mode]
+        due_in_ms = max(1, due_at_ms - now)
+        args: list[str | bytes | int] = [entry_id, value, due_in_ms, now, due_at_ms, fetcher, max_entries, mode]
         with _redis_errors(self.url):
             result: int = await self._write(keys=keys, args=args)
         return result
@@ -223,20 +225,24 @@ class Store:
 
     async def claim_due(self, lease_end_ms: int, limit: int) -> list[Claim]:
         """Claim up to `limit` entries whose refresh is due now."""
+        args: list[str | int] = [now_ms(), lease_end_ms, limit, self.keys.item_prefix]
         with _redis_errors(self.url):
-            flat: list[bytes] = await self._claim_due(
-                keys=[self.keys.due, self.keys.read], args=[now_ms(), lease_end_ms, limit]
-            )
-        return [
-            Claim(flat[i].decode(), lease_end_ms, _ms(flat[i + 1]), _ms(flat[i + 2])) for i in range(0, len(flat), 3)
-        ]
+            flat: list[bytes] = await self._claim_due(keys=[self.keys.due, self.keys.read], args=args)
+        return self._claims(flat, lease_end_ms)
 
-    async def claim(self, entry_id: str, lease_end_ms: int) -> Claim | None:
-        """Claim one entry if it is due; None if it is not (refreshed already, or claimed elsewhere)."""
-        keys = [self.keys.due, self.keys.item(entry_id), self.keys.read]
+    async def claim(self, entry_ids: list[str], lease_end_ms: int) -> list[Claim]:
+        """Claim those of these entries that are due (refreshed already, or claimed elsewhere: not)."""
+        args: list[str | int] = [now_ms(), lease_end_ms, self.keys.item_prefix, *entry_ids]
         with _redis_errors(self.url):
-            won = await self._claim_one(keys=keys, args=[entry_id, now_ms(), lease_end_ms])
-        return None if won is None else Claim(entry_id, lease_end_ms, _ms(won[0]), _ms(won[1]))
+            flat: list[bytes] = await self._claim_many(keys=[self.keys.due, self.keys.read], args=args)
+        return self._claims(flat, lease_end_ms)
+
+    @staticmethod
+    def _claims(flat: list[bytes], lease_end_ms: int) -> list[Claim]:
+        return [
+            Claim(_text(flat[i]), lease_end_ms, _ms(flat[i + 1]), _ms(flat[i + 2]), flat[i + 3] or None)
+            for i in range(0, len(flat), 4)
+        ]
 
     async def release(self, claims: dict[str, int]) -> int:
         """Give back claims still held (shutdown): those entries are due again at once, for any replica."""
