@@ -235,8 +235,8 @@ async def seed(redis_url: str, n: int, ttl: float, start_ms: int) -> dict[str, A
         due_in = start_ms + i * int(ttl * 1000) // n - now
         if due_in < 1:
             late, due_in = late + 1, 1
-        value, _ = build_entry(encode_data({"i": i}, "noop"), None, now, due_in)
-        await store.write(f"noop?i={i}", "noop", value, now, due_in, mode="cold", max_entries=n)
+        value, _ = build_entry(encode_data({"i": i}, "noop"), now, now + due_in)
+        await store.write(f"noop?i={i}", "noop", value, now, now + due_in, mode="cold", max_entries=n)
         due[i] = now + due_in
 
     started = time.monotonic()
