@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admin import admin_routes
 from .engine import Engine
@@ -24,7 +25,7 @@ from .keys import Keys
 from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
 from .openapi import openapi_document
 from .refresher import Refresher
-from .representation import Representer
+from .representation import Representer, request_headers
 from .settings import Settings, load_settings
 from .store import Store, now_ms, redact
 
@@ -34,6 +35,16 @@ PROBLEM_JSON = "application/problem+json"
 
 def problem_response(doc: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
     return Response(msgspec.json.encode(doc), status_code=doc["status"], media_type=PROBLEM_JSON, headers=headers)
+
+
+class _AsgiEndpoint:
+    """Marks a function as a raw ASGI endpoint for Starlette's Route (a plain function would be wrapped)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 def problem_of(error: EagerCacheError) -> Response:
@@ -89,10 +100,14 @@ def create_app(
         lambda name, cache: (metrics.requests.labels(name, cache.lower()), metrics.data_age.labels(name))
     )
 
-    async def data(request: Request) -> Response:
-        name: str = request.path_params["fetcher"]
+    async def data(scope: Scope, receive: Receive, send: Send) -> None:
+        # A plain ASGI endpoint: the hit path builds no Request and no Headers, it picks three raw headers.
+        response = await answer(scope["path_params"]["fetcher"], scope)
+        await response(scope, receive, send)
+
+    async def answer(name: str, scope: Scope) -> Response:
         try:
-            read = await engine.read(name, request.scope["query_string"])
+            read = await engine.read(name, scope["query_string"])
         except EagerCacheError as exc:
             label = name if name in registry else UNKNOWN_FETCHER_LABEL
             metrics.requests.labels(label, "error").inc()
@@ -104,7 +119,7 @@ def create_app(
         request_counter, age_histogram = read_metrics(name, read.cache)
         request_counter.inc()
         age_histogram.observe(max(0, now_ms() - read.entry.last_retrieved_ms) / 1000)
-        return representer.respond(read, request.headers)
+        return representer.respond(read, request_headers(scope))
 
     spec = msgspec.json.encode(openapi_document(registry))
 
@@ -158,7 +173,7 @@ def create_app(
     app = Starlette(
         routes=[
             *admin,
-            Route("/data/{fetcher:path}", data, methods=["GET", "HEAD"]),
+            Route("/data/{fetcher:path}", _AsgiEndpoint(data), methods=["GET", "HEAD"]),
             Route("/openapi.json", openapi),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -9,9 +9,9 @@ from __future__ import annotations
 import gzip
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from email.utils import formatdate, parsedate_to_datetime
 
-from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -44,10 +44,11 @@ class EntryResponse(Response):
 class _Prepared:
     """What a representation's responses share for as long as the entry does: encoded once, used per read."""
 
-    __slots__ = ("body", "not_modified", "ok")
+    __slots__ = ("body", "not_modified", "ok", "per_read")
 
     def __init__(self, body: bytes, etag: str, last_modified_ms: int, coding: str | None) -> None:
         self.body = body
+        self.per_read: dict[tuple[int, str], list[tuple[bytes, bytes]]] = {}  # by (age, X-Cache): the latest
         self.not_modified = [
             (b"etag", etag.encode()),
             (b"last-modified", formatdate(last_modified_ms / 1000, usegmt=True).encode()),
@@ -68,22 +69,25 @@ class Representer:
     def __init__(self) -> None:
         self._prepared: OrderedDict[tuple[str, int, bool], _Prepared] = OrderedDict()
 
-    def respond(self, read: Read, request_headers: Headers) -> Response:
+    def respond(self, read: Read, request_headers: Mapping[str, str]) -> Response:
         entry, fetcher = read.entry, read.fetcher
         zipped = len(entry.body) >= GZIP_MIN_BYTES and _accepts_gzip(request_headers.get("accept-encoding", ""))
         prepared = self._prepare(read, zipped)
-        now_ms = int(time.time() * 1000)
-        # RFC 9111, 4.2: a cache counts max-age from the response's generation, which Age says was
-        # last_retrieved; so max-age spans retrieval -> next refresh, and max-age - Age is what is left.
-        max_age = 0 if read.cache == "STALE" else max(0, (entry.due_ms - entry.last_retrieved_ms) // 1000)
-        cache_control = f"max-age={max_age}, stale-while-revalidate={int(fetcher.ttl + fetcher.jitter + 0.999)}"
-        if fetcher.max_stale is not None:
-            cache_control += f", stale-if-error={int(fetcher.max_stale)}"
-        per_read = [
-            (b"cache-control", cache_control.encode()),
-            (b"age", str(max(0, (now_ms - entry.last_retrieved_ms) // 1000)).encode()),
-            (b"x-cache", read.cache.encode()),
-        ]
+        age = max(0, (int(time.time() * 1000) - entry.last_retrieved_ms) // 1000)
+        per_read = prepared.per_read.get((age, read.cache))
+        if per_read is None:  # the headers that vary between reads change once a second at most: build them then
+            # RFC 9111, 4.2: a cache counts max-age from the response's generation, which Age says was
+            # last_retrieved; so max-age spans retrieval -> next refresh, and max-age - Age is what is left.
+            max_age = 0 if read.cache == "STALE" else max(0, (entry.due_ms - entry.last_retrieved_ms) // 1000)
+            cache_control = f"max-age={max_age}, stale-while-revalidate={int(fetcher.ttl + fetcher.jitter + 0.999)}"
+            if fetcher.max_stale is not None:
+                cache_control += f", stale-if-error={int(fetcher.max_stale)}"
+            per_read = [
+                (b"cache-control", cache_control.encode()),
+                (b"age", str(age).encode()),
+                (b"x-cache", read.cache.encode()),
+            ]
+            prepared.per_read = {(age, read.cache): per_read}
         if _not_modified(request_headers, entry.etag, entry.last_modified_ms):
             return EntryResponse(304, prepared.not_modified + per_read)
         return EntryResponse(200, prepared.ok + per_read, prepared.body)
@@ -118,7 +122,21 @@ def _accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-def _not_modified(headers: Headers, etag: str, last_modified_ms: int) -> bool:
+_WANTED = {b"accept-encoding": "accept-encoding", b"if-none-match": "if-none-match",
+           b"if-modified-since": "if-modified-since"}  # fmt: skip
+
+
+def request_headers(scope: Scope) -> dict[str, str]:
+    """The request headers a representation depends on, straight from the ASGI scope (names are lower case)."""
+    picked: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        key = _WANTED.get(name)
+        if key is not None:
+            picked[key] = f"{picked[key]}, {value.decode('latin-1')}" if key in picked else value.decode("latin-1")
+    return picked
+
+
+def _not_modified(headers: Mapping[str, str], etag: str, last_modified_ms: int) -> bool:
     """RFC 9110, 13.2.2: If-None-Match first (weak comparison, lists, *); If-Modified-Since only without it."""
     if_none_match = headers.get("if-none-match")
     if if_none_match is not None:
