@@ -5,7 +5,7 @@ Per size N (ttl = N / 2,000 s, so ~2,000 entries fall due per second):
    entries through eagercache's engine (a cold read each, as a first request would); the seeding process
    uses jitter = ttl so that due times spread evenly. Lag is measured for every refresh whose due time
    falls in the window: due time (the entry's score in `{ns}due`, read right after seeding, then the
-   worker's previous write + ttl) to the moment the worker's write was acknowledged by Redis.
+   due time the worker's previous write scheduled) to the moment the worker's write was acknowledged by Redis.
 2. burst: every entry is made due at once (ZADD on `{ns}due`) and a fresh worker drains them: capacity.
 3. events: on the same server, N plain keys with the same TTL spread, re-armed on each `expired` event
    (what a design driven by expiry events alone gets), and how late each event arrives.
@@ -286,7 +286,7 @@ def analyze_steady(
     to_fetch: list[float] = []
     fetch_to_stored: list[float] = []
     write_rtt: list[float] = []
-    for i, fetch_started, sent, done in sorted(doc["writes"], key=lambda w: w[2]):
+    for i, fetch_started, sent, done, next_due in sorted(doc["writes"], key=lambda w: w[2]):
         due = due_now.get(i)
         if due is not None and window_from <= due < window_to:
             lag.append(done - due)
@@ -294,7 +294,8 @@ def analyze_steady(
                 to_fetch.append(fetch_started - due)
                 fetch_to_stored.append(done - fetch_started)
             write_rtt.append(done - sent)
-        due_now[i] = sent + ttl_ms  # jitter 0: the worker's write schedules the next refresh ttl later
+        # The due time the write scheduled (one ttl after the previous due time, or after the write if late).
+        due_now[i] = next_due if not math.isnan(next_due) else sent + ttl_ms
     # Entries due in the window that were not refreshed by the time the worker stopped: their lag is at least
     # (stop - due). Counting them keeps a backlog from hiding; percentiles are then lower bounds.
     stopped = doc["cpu"][-1][0]

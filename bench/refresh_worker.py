@@ -42,8 +42,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     store = app.state.store
     stop = asyncio.Event()
-    # (i, fetch started, write sent, write acknowledged) in ms since the epoch; one row per stored refresh.
-    writes: list[tuple[int, float, float, float]] = []
+    # (i, fetch started, write sent, write acknowledged, next due) in ms since the epoch; one row per stored refresh.
+    writes: list[tuple[int, float, float, float, float]] = []
     schedule_claims: list[tuple[float, float, int]] = []  # (sent, answered, entries claimed)
     event_claims: list[tuple[float, float]] = []
 
@@ -53,7 +53,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sent = wall_ms()
         result = await original_write(entry_id, *rest, **kwargs)
         i = int(entry_id.rpartition("=")[2])
-        writes.append((i, fetch_started.pop(i, math.nan), sent, wall_ms()))
+        # Store.write(entry_id, fetcher, value, now, due_at, ...): the next due time the write schedules
+        next_due = float(rest[3]) if len(rest) > 3 else math.nan
+        writes.append((i, fetch_started.pop(i, math.nan), sent, wall_ms(), next_due))
         if args.stop_after and len(writes) >= args.stop_after:
             stop.set()
         return result
