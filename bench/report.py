@@ -207,7 +207,7 @@ def section_hit_path(s1: Doc, docs: Path, targets: list[list[str]]) -> str:
     for name in ("eagercache", "bare"):
         rows.append(
             [
-                "eagercache (`eagercache serve`, Redis GET per hit)"
+                "eagercache (`eagercache serve`; near cache, at most one Redis read per 0.25 s)"
                 if name == "eagercache"
                 else "bare Starlette, bytes from memory",
                 spread([r[name]["rps"] for r in rounds]),
@@ -286,15 +286,16 @@ def _hit_path_causes(s1: Doc, profile: Doc) -> list[str]:
     else:
         text += (
             f"A hit no longer waits for Redis (`Store.get` is {store * 100:.1f}% of samples: the near cache answers). "
-            f"eagercache's own code is {own * 100:.1f}% of own time (about {own * ec_us:,.0f} µs per hit); the rest "
-            "of the difference is framework work that the bare app does not do for the same bytes: reading request "
-            "headers (`request.headers` for conditional requests and Accept-Encoding), the Prometheus instruments "
-            f"({pct(profile, 'packages_self', 'prometheus_client')} of own time), building the per-read headers "
-            "(Cache-Control, Age, X-Cache), and the engine's read path. What would close it: keep the per-read "
-            "header bytes with the prepared response and rebuild them only when Age changes (once a second), read "
-            "only the two request headers needed from the raw ASGI scope instead of building a Headers object, and "
-            "count hits in a plain integer that the metrics endpoint reads, instead of a labelled Prometheus "
-            "counter and histogram per request."
+            f"eagercache's own code is {own * 100:.1f}% of own time (about {own * ec_us:,.0f} µs per hit): the "
+            "request headers come straight from the ASGI scope and the per-read headers are rebuilt only when Age "
+            "changes. What remains per hit beyond the bare app is the near-cache lookup, the Prometheus request "
+            f"counter and data-age histogram ({pct(profile, 'packages_self', 'prometheus_client')} of own time), "
+            "and the refresher's background loops (schedule, reads, expiry events) sharing the one event loop. "
+            "The p99 gap is a tail effect that a sampling profile does not attribute; its likely causes are those "
+            "background wake-ups and garbage collection landing between requests. What would close it: count hits "
+            "in plain integers that /metrics reads at scrape time instead of a labelled counter and histogram per "
+            "request, record reads in the same pass, and measure the loop's pauses with a lag probe to find the "
+            "rest."
         )
     return [text, ""]
 
@@ -688,19 +689,17 @@ def _capacity_causes(s3: Doc, cap_ok: bool, mem_ok: bool) -> list[str]:
             f"- **Refreshes per second.** One refresh costs {burst_cpu:.2f} ms of CPU in the worker "
             f"({1000 / burst_cpu:,.0f}/s at most on one core), and the worker is CPU-bound while draining "
             f"(per size, while draining: {per_size}). From "
-            f"the profile: asyncio machinery (tasks, `wait_for`, timeouts, semaphores) "
+            f"the profile: asyncio machinery (the fetch task, timeouts, semaphores, the worker queue) "
             f"{pct(profile, 'packages_self', 'asyncio')} of own time, redis-py "
-            f"{pct(profile, 'packages_self', 'redis')}; per refresh the engine re-parses the "
-            f"entry id into a call (`Registry.call` {pct(profile, 'eagercache_inclusive', 'Registry.call')}), "
-            f"reads the previous value back (`Store.get` {pct(profile, 'eagercache_inclusive', 'Store.get')}), "
-            f"writes (`Store.write` {pct(profile, 'eagercache_inclusive', 'Store.write')}), and "
-            f"handles expiry events for entries the schedule already took (`Refresher._follow_events` "
-            f"{pct(profile, 'eagercache_inclusive', 'Refresher._follow_events')}). "
-            "What would close it: batch the refresh pipeline — claim a batch, run the fetches, then read the "
-            "previous values with one MGET and write the batch in one pipeline (or one Lua call) instead of two "
-            "round trips per entry; keep the parsed call with the claim instead of re-parsing the entry id; skip "
-            "`wait_for`'s extra task per fetch (asyncio.timeout); ignore expiry events for entries whose due time "
-            "is known to be later; and run more than one refresher process (claims already make that safe).",
+            f"{pct(profile, 'packages_self', 'redis')}; per refresh one write round trip "
+            f"(`Store.write` {pct(profile, 'eagercache_inclusive', 'Store.write')}), the previous value read only "
+            f"when the data's bytes changed (`Store.get` {pct(profile, 'eagercache_inclusive', 'Store.get')}), "
+            f"and expiry events for entries the schedule already took, claimed in batches "
+            f"(`Refresher._follow_events` {pct(profile, 'eagercache_inclusive', 'Refresher._follow_events')}). "
+            "What would close it: write the refreshes finishing in the same loop iteration in one pipeline (one "
+            "round trip for many script calls) instead of one round trip each; run a refresh in its worker "
+            "without a separate task (a future that cold readers can join); run the server on uvloop; and run "
+            "more than one refresher process (claims already make that safe).",
             "",
         ]
         largest = sizes[max(sizes, key=int)]
@@ -710,13 +709,12 @@ def _capacity_causes(s3: Doc, cap_ok: bool, mem_ok: bool) -> list[str]:
                 f"- **Cost per refresh grows with the number of entries** ({int(largest['entries']):,} entries: "
                 f"{median(b['cpu_s_per_1000'] for b in largest['bursts']):.2f} ms CPU per refresh). In steady load "
                 f"the schedule claimed {num(largest['steady']['entries_per_schedule_claim'])} entries per claim on "
-                "average, and the profile shows the worker spawning a task for every claimed entry "
-                f"(`Refresher._spawn` {pct(big, 'eagercache_inclusive', 'Refresher._spawn')} inclusive, "
-                f"`create_task` {pct(big, 'self', 'create_task')} own time) and decoding the claim's reply "
-                f"(`Store.claim_due` {pct(big, 'eagercache_inclusive', 'Store.claim_due')}), while the event "
-                f"loop lags by p99 {num(largest['steady']['loop_lag_ms']['99'])} ms. What would close it: claim no "
-                "more than the free refresh slots (as the README describes) and hand claimed entries to a fixed "
-                "set of worker tasks through a queue instead of one task each.",
+                f"average; the profile shows `create_task` at {pct(big, 'self', 'create_task')} own time and the "
+                f"claim's reply (`Store.claim_due` {pct(big, 'eagercache_inclusive', 'Store.claim_due')}), while "
+                f"the event loop lags by p99 {num(largest['steady']['loop_lag_ms']['99'])} ms. The larger "
+                "sorted sets make each claim and write a little slower in Redis, and a backlog keeps every worker "
+                "busy. What would close it: the same batching of writes as above, so that the loop spends less "
+                "time per refresh, and more refresher processes.",
                 "",
             ]
     lag_bad = [n for n in sizes if sizes[n]["steady"]["lag_ms"]["99"] > {"10000": 100.0}.get(n, 250.0)]
