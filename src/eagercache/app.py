@@ -115,7 +115,7 @@ def create_app(
                 log.warning("read failed", extra={"fetcher": name, "error": exc.detail})
             elif not isinstance(exc, FetchFailed):  # fetch failures were logged once by the fetch itself
                 log.debug("bad request", extra={"fetcher": name, "error": exc.detail})
-            return problem_response(exc.problem())
+            return problem_of(exc)
         request_counter, age_histogram = read_metrics(name, read.cache)
         request_counter.inc()
         age_histogram.observe(max(0, now_ms() - read.entry.last_retrieved_ms) / 1000)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from .errors import DataTooStale, EagerCacheError, FetchFailed, FetchTimeout, InvalidParameters, UnknownFetcher
 from .fetchers import Fetcher, Registry
-from .item import Entry, build_entry, encode_data, unchanged_by_header
+from .item import Entry, build_entry, encode_data, unchanged_since
 from .keys import split_entry_id
 from .metrics import Metrics
 from .params import Call
@@ -275,13 +275,14 @@ class Engine:
                 self.metrics.inflight.dec()
         self.metrics.fetches.labels(fetcher.name, cause, "ok").inc()
         self.metrics.fetch_seconds.labels(fetcher.name).observe(time.perf_counter() - started)
-        header = None if claim is None else claim.header
-        previous = None
-        if cause != "cold" and not unchanged_by_header(data_json, header):
-            header, previous = None, (await self.store.get(call.entry_id))[0]  # changed bytes: deepdiff decides
+        previous, since = None, None
+        if cause != "cold":
+            since = unchanged_since(data_json, None if claim is None else claim.header)
+            if since is None:  # other bytes (or no header at hand): read the old value, deepdiff decides
+                previous = (await self.store.get(call.entry_id))[0]
         now = now_ms()
         due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms)
-        value, changed = build_entry(data_json, now, due_at, previous_value=previous, previous_header=header)
+        value, changed = build_entry(data_json, now, due_at, previous_value=previous, unchanged_since_ms=since)
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
         outcome = await self.store.write(
             call.entry_id, fetcher.name, value, now, due_at, mode=mode, max_entries=fetcher.max_entries

@@ -77,25 +77,20 @@ def build_entry(
     due_at_ms: int,
     *,
     previous_value: bytes | None = None,
-    previous_header: bytes | None = None,
+    unchanged_since_ms: int | None = None,
 ) -> tuple[bytes, bool]:
     """The new stored value and whether its data changed since the previous one.
 
-    `previous_header` (the start of the stored value, from the claim) settles the common case, equal
-    bytes, without reading the old value; otherwise `previous_value` is compared with deepdiff.
+    `unchanged_since_ms` (from `unchanged_since`: the stored header shows the same bytes) settles the
+    common case without the old value; otherwise `previous_value` is compared with deepdiff.
     Unchanged data keeps its previous bytes (and so its ETag) even if the fetcher reordered object keys.
     """
     etag = etag_of(data_json)
     last_modified_ms, changed = now_ms, True
     last_modified = stamp = rfc3339(now_ms)
-    if previous_header is not None and previous_value is None:
-        try:
-            before = Entry.parse(previous_header.split(b"\n", 1)[0] + b"\n")
-        except ValueError:
-            before = None
-        if before is not None and before.etag == etag:
-            last_modified_ms, changed = before.last_modified_ms, False
-            last_modified = rfc3339(last_modified_ms)
+    if unchanged_since_ms is not None:
+        last_modified_ms, changed = unchanged_since_ms, False
+        last_modified = rfc3339(last_modified_ms)
     elif previous_value is not None:
         try:
             stored = Entry.parse(previous_value)
@@ -110,12 +105,15 @@ def build_entry(
     return Entry(etag, now_ms, last_modified_ms, due_at_ms, body).encode(), changed
 
 
-def unchanged_by_header(data_json: bytes, previous_header: bytes | None) -> bool:
-    """True if the header of the stored value shows the same data bytes (same ETag)."""
+def unchanged_since(data_json: bytes, previous_header: bytes | None) -> int | None:
+    """The stored last_modified (ms) if the stored value's header shows these very data bytes, else None."""
     if previous_header is None:
-        return False
-    etag, _, _ = previous_header.partition(b" ")
-    return etag.decode(errors="replace") == etag_of(data_json)
+        return None
+    try:
+        before = Entry.parse(previous_header.split(b"\n", 1)[0] + b"\n")
+    except ValueError:
+        return None
+    return before.last_modified_ms if before.etag == etag_of(data_json) else None
 
 
 def etag_of(data_json: bytes) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # Claim up to ARGV[3] entries due by ARGV[1] by moving their score to ARGV[2], the lease end: whoever moved
 # an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
-# KEYS: due, read. ARGV[4]: the item key prefix.
+# KEYS: due, read. ARGV[4]: the item key prefix; ARGV[5]: the last byte of the header to return.
 # Returns id, last-read, due, header, ... where header is the start of the stored value (item.Entry's
 # header line), so a refresh that brings unchanged data needs no read of the old value.
 CLAIM_DUE = """
@@ -24,20 +24,20 @@ for i = 1, #due, 2 do
   out[#out + 1] = id
   out[#out + 1] = read or '-1'
   out[#out + 1] = due[i + 1]
-  out[#out + 1] = redis.call('GETRANGE', ARGV[4] .. id, 0, 127)
+  out[#out + 1] = redis.call('GETRANGE', ARGV[4] .. id, 0, ARGV[5])
 end
 return out
 """
 
-# Claim the entries ARGV[4..] that expired shadow keys say are due, if they are (ARGV: now, lease end,
-# item key prefix, ids...). An entry that is stored but missing from the schedule is claimed too, so
+# Claim the entries ARGV[5..] that expired shadow keys say are due, if they are (ARGV: now, lease end,
+# item key prefix, last header byte, ids...). An entry that is stored but missing from the schedule is claimed too, so
 # a damaged schedule heals. KEYS: due, read. Returns what CLAIM_DUE does, for the claimed ones.
 CLAIM_MANY = """
 local out = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local id = ARGV[i]
   local due = redis.call('ZSCORE', KEYS[1], id)
-  local header = redis.call('GETRANGE', ARGV[3] .. id, 0, 127)
+  local header = redis.call('GETRANGE', ARGV[3] .. id, 0, ARGV[4])
   if (due and tonumber(due) <= tonumber(ARGV[1])) or (not due and header ~= '') then
     redis.call('ZADD', KEYS[1], ARGV[2], id)
     local read = redis.call('ZSCORE', KEYS[2], id)

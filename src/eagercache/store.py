@@ -29,7 +29,7 @@ MEMORY_URL = "memory://"
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
-# The header line of a stored value (item.Entry) fits in this many bytes.
+# The header line of a stored value (item.Entry) fits in this many bytes; claims and listings read only these.
 HEADER_MAX_BYTES = 128
 EXPIRED_CHANNEL = "__keyevent@*__:expired"
 EVENT_PROBE_TIMEOUT_S = 2.0
@@ -212,7 +212,7 @@ class Store:
         """For each entry: its stored header line (not the body), its due score, its stale marker."""
         async with self.client.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
-                pipe.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES)
+                pipe.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES - 1)
                 pipe.zscore(self.keys.due, entry_id)
                 pipe.get(self.keys.stale(entry_id))
             with _redis_errors(self.url):
@@ -225,14 +225,14 @@ class Store:
 
     async def claim_due(self, lease_end_ms: int, limit: int) -> list[Claim]:
         """Claim up to `limit` entries whose refresh is due now."""
-        args: list[str | int] = [now_ms(), lease_end_ms, limit, self.keys.item_prefix]
+        args: list[str | int] = [now_ms(), lease_end_ms, limit, self.keys.item_prefix, HEADER_MAX_BYTES - 1]
         with _redis_errors(self.url):
             flat: list[bytes] = await self._claim_due(keys=[self.keys.due, self.keys.read], args=args)
         return self._claims(flat, lease_end_ms)
 
     async def claim(self, entry_ids: list[str], lease_end_ms: int) -> list[Claim]:
         """Claim those of these entries that are due (refreshed already, or claimed elsewhere: not)."""
-        args: list[str | int] = [now_ms(), lease_end_ms, self.keys.item_prefix, *entry_ids]
+        args: list[str | int] = [now_ms(), lease_end_ms, self.keys.item_prefix, HEADER_MAX_BYTES - 1, *entry_ids]
         with _redis_errors(self.url):
             flat: list[bytes] = await self._claim_many(keys=[self.keys.due, self.keys.read], args=args)
         return self._claims(flat, lease_end_ms)
