@@ -399,7 +399,7 @@ async def test_near_cache_serves_hits_without_redis_and_sees_other_writes_in_tim
     value = (await original_get("shared?"))[0]
     assert value is not None
     now = int(time.time() * 1000)
-    new_value, _ = build_entry(b"2", now, now + 60_000, previous_value=value)
+    new_value, _ = build_entry(b"2", now, now + 60_000, previous_header=value)
     await store.client.set(store.keys.item("shared?"), new_value)
     changed_at = time.monotonic()
     async with asyncio.timeout(5):

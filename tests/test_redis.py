@@ -102,13 +102,17 @@ async def test_server_without_config_but_with_events_works() -> None:
         server.stop()
 
 
-async def test_store_outage_is_503_and_the_service_recovers(own_server: RedisServer) -> None:
+async def test_store_outage_is_503_for_new_entries_stale_for_served_ones_and_recovers(
+    own_server: RedisServer,
+) -> None:
     app = create_app([stamp], redis_url=own_server.url)
     app.state.engine.near_cache_ttl_s = 0  # every read goes to the store, which is what this test is about
     async with running(app) as client:
         assert (await client.get("/data/stamp")).status_code == 200
         own_server.stop()
-        down = await client.get("/data/stamp")
+        served = await client.get("/data/stamp")  # served here a moment ago: grace, from memory, said to be old
+        assert (served.status_code, served.headers["x-cache"]) == (200, "STALE")
+        down = await client.get("/data/stamp?k=never-read")
         assert down.status_code == 503
         assert down.headers["content-type"] == "application/problem+json"
         assert down.json()["type"] == "urn:eagercache:problem:store-unavailable"

@@ -19,10 +19,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .engine import Engine
-from .errors import EagerCacheError
+from .errors import Problem
 from .item import Entry
 from .keys import split_entry_id
-from .store import now_ms
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
@@ -32,13 +31,7 @@ INVALIDATE_BATCH = 500
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-class AdminProblem(EagerCacheError):
-    def __init__(self, status: int, slug: str, title: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.slug, self.title = status, slug, title  # type: ignore[misc]
-
-
-def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError], Response]) -> list[Route]:
+def admin_routes(engine: Engine, token: str) -> list[Route]:
     """The /admin routes, each behind the bearer token (compared in constant time)."""
     expected = token.encode()
 
@@ -46,16 +39,16 @@ def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError]
         async def check(request: Request) -> Response:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not given:
-                problem = AdminProblem(401, "unauthorized", "Unauthorized", "send Authorization: Bearer <token>")
-                response = respond(problem)
-                response.headers["www-authenticate"] = 'Bearer realm="eagercache admin"'
-                return response
+                raise Problem(
+                    401,
+                    "unauthorized",
+                    "Unauthorized",
+                    "send Authorization: Bearer <token>",
+                    headers={"www-authenticate": 'Bearer realm="eagercache admin"'},
+                )
             if not secrets.compare_digest(given.strip().encode(), expected):
-                return respond(AdminProblem(403, "forbidden", "Forbidden", "the token is not valid"))
-            try:
-                return await endpoint(request)
-            except EagerCacheError as exc:
-                return respond(exc)
+                raise Problem(403, "forbidden", "Forbidden", "the token is not valid")
+            return await endpoint(request)
 
         return check
 
@@ -63,9 +56,7 @@ def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError]
         out = []
         for f in engine.registry.values():
             out.append({
-                "name": f.name, "source": f.source, "ttl": f.ttl, "jitter": f.jitter, "timeout": f.timeout,
-                "max_stale": f.max_stale, "max_idle": f.max_idle, "max_entries": f.max_entries,
-                "max_concurrency": f.max_concurrency, "ignore_unknown": f.signature.ignore_unknown,
+                "name": f.name, "source": f.source, **f.options.as_dict(),
                 "entries": await engine.store.entry_count(f.name),
                 "parameters": [p.name for p in f.signature.params],
             })  # fmt: skip
@@ -76,7 +67,7 @@ def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError]
         cursor = _int_param(request, "cursor", 0, 0, 2**63)
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         next_cursor, ids = await engine.store.scan_entries(name, cursor, limit)
-        now = now_ms()
+        now = engine.clock.now_ms()
         described = await engine.store.describe(ids)
         items: list[dict[str, Any]] = []
         for entry_id, (header, due, stale) in zip(ids, described, strict=True):
@@ -101,14 +92,14 @@ def admin_routes(engine: Engine, token: str, respond: Callable[[EagerCacheError]
         name = _known(engine, request)
         read = await engine.force_refresh(name, request.scope["query_string"])
         if read is None:
-            raise AdminProblem(404, "no-such-entry", "No such entry", "that entry is not stored: nothing to refresh")
+            raise Problem(404, "no-such-entry", "No such entry", "that entry is not stored: nothing to refresh")
         return Response(read.entry.body, media_type="application/json")
 
     async def invalidate_one(request: Request) -> Response:
         name = _known(engine, request)
         _, call = engine.registry.call(name, request.scope["query_string"])
         if not await engine.forget(call.entry_id, name):
-            raise AdminProblem(404, "no-such-entry", "No such entry", "that entry is not stored")
+            raise Problem(404, "no-such-entry", "No such entry", "that entry is not stored")
         return Response(status_code=204)
 
     async def invalidate_all(request: Request) -> Response:
@@ -138,7 +129,7 @@ def _json(doc: Any) -> Response:
 def _known(engine: Engine, request: Request) -> str:
     name: str = request.path_params["name"]
     if name not in engine.registry:
-        raise AdminProblem(404, "unknown-fetcher", "Unknown fetcher", f"no fetcher named {name!r}")
+        raise Problem(404, "unknown-fetcher", "Unknown fetcher", f"no fetcher named {name!r}")
     return name
 
 
@@ -151,5 +142,5 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise AdminProblem(400, "invalid-parameters", "Invalid parameters", f"{name} must be {low}..{high}")
+        raise Problem(400, "invalid-parameters", "Invalid parameters", f"{name} must be {low}..{high}")
     return value

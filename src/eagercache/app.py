@@ -1,25 +1,37 @@
-"""The Starlette app: routes, problem documents, and the lifespan that runs the refresher."""
+"""The Starlette app: routes, the Date header, and the lifespan that runs the refresher."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from email.utils import formatdate
 from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .admin import admin_routes
+from .clock import ServerClock
 from .engine import Engine
-from .errors import DataTooStale, EagerCacheError, FetchFailed, StoreUnavailable
+from .errors import (
+    DataTooStale,
+    EagerCacheError,
+    FetchFailed,
+    ShuttingDown,
+    StoreUnavailable,
+    exception_handlers,
+    problem_response,
+)
 from .fetchers import build_registry
 from .keys import Keys
 from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
@@ -27,14 +39,11 @@ from .openapi import openapi_document
 from .refresher import Refresher
 from .representation import Representer, request_headers
 from .settings import Settings, load_settings
-from .store import Store, now_ms, redact
+from .store import Store, redact
 
 log = logging.getLogger(__name__)
-PROBLEM_JSON = "application/problem+json"
-
-
-def problem_response(doc: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
-    return Response(msgspec.json.encode(doc), status_code=doc["status"], media_type=PROBLEM_JSON, headers=headers)
+# /readyz answers within this, whatever Redis does (an orchestrator's probe has a timeout of its own).
+READY_PROBE_TIMEOUT_S = 0.5
 
 
 class _AsgiEndpoint:
@@ -47,8 +56,33 @@ class _AsgiEndpoint:
         await self.app(scope, receive, send)
 
 
-def problem_of(error: EagerCacheError) -> Response:
-    return problem_response(error.problem())
+class DateHeader:
+    """Adds `Date` (RFC 9110, 6.6.1) from the store's clock, the one Last-Modified and Age come from, so a
+    replica whose own clock is off never sends a Last-Modified later than its Date."""
+
+    def __init__(self, app: ASGIApp, clock: ServerClock) -> None:
+        self.app = app
+        self.clock = clock
+        self._second = -1
+        self._value = b""
+
+    def _date(self) -> bytes:
+        second = self.clock.now_ms() // 1000
+        if second != self._second:
+            self._second, self._value = second, formatdate(second, usegmt=True).encode()
+        return self._value
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_date(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"date", self._date())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_date)
 
 
 def create_app(
@@ -58,39 +92,32 @@ def create_app(
     namespace: str | None = None,
     settings: Settings | None = None,
     use_entry_points: bool = False,
+    handle_signals: bool = False,
 ) -> Starlette:
     """Build the eagercache ASGI app.
 
     `fetchers` are async functions (optionally decorated with `@fetcher`), or a mapping of name to
     function; `settings.fetchers` specs and, with `use_entry_points`, the `eagercache.fetchers`
     entry points are added to them. Keyword arguments override the matching settings.
+    `handle_signals` (the CLI sets it) starts the shutdown timeout at SIGTERM/SIGINT, not only when the
+    server has finished its requests, so a reader waiting for a slow fetch cannot hold shutdown.
     """
     settings = settings or load_settings()
     settings = msgspec.structs.replace(
         settings, **{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v is not None}
     )
     registry = build_registry(
-        fetchers,
-        specs=settings.fetchers,
-        use_entry_points=use_entry_points,
-        overrides={name: o.changes() for name, o in settings.fetcher_overrides.items()},
+        fetchers, specs=settings.fetchers, use_entry_points=use_entry_points, overrides=settings.fetcher_overrides
     )
     metrics = Metrics()
-    store = Store.from_url(settings.redis_url, Keys(settings.namespace), max_connections=settings.redis_max_connections)
-    engine = Engine(
-        registry,
-        store,
-        metrics,
-        max_concurrent_fetches=settings.max_concurrent_fetches,
-        near_cache_ttl_s=settings.near_cache_ttl,
+    store = Store.from_url(
+        settings.redis_url,
+        Keys(settings.namespace),
+        max_connections=settings.redis_max_connections,
+        read_budget_s=settings.read_budget,
     )
-    refresher = Refresher(
-        engine,
-        store,
-        max_concurrent=settings.max_concurrent_fetches,
-        backstop_interval_s=settings.backstop_interval,
-        shutdown_timeout_s=settings.shutdown_timeout,
-    )
+    engine = Engine(registry, store, metrics, settings)
+    refresher = Refresher(engine, store, settings)
     kind = "in-memory store: this process only, lost on exit" if store.is_memory else "Redis"
     log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
 
@@ -111,15 +138,15 @@ def create_app(
         except EagerCacheError as exc:
             label = name if name in registry else UNKNOWN_FETCHER_LABEL
             metrics.requests.labels(label, "error").inc()
-            if isinstance(exc, (StoreUnavailable, DataTooStale)):
+            if isinstance(exc, (StoreUnavailable, DataTooStale, ShuttingDown)):
                 log.warning("read failed", extra={"fetcher": name, "error": exc.detail})
             elif not isinstance(exc, FetchFailed):  # fetch failures were logged once by the fetch itself
                 log.debug("bad request", extra={"fetcher": name, "error": exc.detail})
-            return problem_of(exc)
+            return problem_response(exc)
         request_counter, age_histogram = read_metrics(name, read.cache)
         request_counter.inc()
-        age_histogram.observe(max(0, now_ms() - read.entry.last_retrieved_ms) / 1000)
-        return representer.respond(read, request_headers(scope))
+        age_histogram.observe(max(0, read.now_ms - read.entry.last_retrieved_ms) / 1000)
+        return await representer.respond(read, request_headers(scope))
 
     spec = msgspec.json.encode(openapi_document(registry))
 
@@ -131,45 +158,33 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         reasons = []
+        if engine.shutting_down:
+            reasons.append("shutting down")
         try:
-            await store.ping()
+            await store.ping(READY_PROBE_TIMEOUT_S)
         except StoreUnavailable as exc:
             reasons.append(exc.detail)
-        if refresher.uses_events and not refresher.subscribed:
-            reasons.append("not subscribed to Redis expiry events")
+        reasons += refresher.problems()
         if reasons:
-            return problem_response(StoreUnavailable("; ".join(reasons)).problem())
+            raise StoreUnavailable("; ".join(reasons))
         return Response(b'{"status":"ready"}', media_type="application/json")
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        doc = {"type": "about:blank", "title": exc.detail, "status": exc.status_code}
-        return problem_response(doc, headers=exc.headers)
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-        doc = {
-            "type": "urn:eagercache:problem:internal-error",
-            "title": "Internal error",
-            "status": 500,
-            "detail": "the server failed to answer; the error is in its log",
-        }
-        return problem_response(doc)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             await store.ping()
             await refresher.start()
+            if handle_signals:
+                _on_shutdown_signals(engine.begin_shutdown)
             yield
         finally:
             await refresher.stop()
             await store.aclose()
 
-    admin = [] if settings.admin_token is None else admin_routes(engine, settings.admin_token, problem_of)
+    admin = [] if settings.admin_token is None else admin_routes(engine, settings.admin_token)
     app = Starlette(
         routes=[
             *admin,
@@ -179,12 +194,30 @@ def create_app(
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
         ],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
+    app.add_middleware(DateHeader, clock=store.clock)
     app.state.engine = engine
     app.state.refresher = refresher
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.store = store
     return app
+
+
+def _on_shutdown_signals(callback: Callable[[], None]) -> None:
+    """Call `callback` in the event loop on SIGTERM/SIGINT, then the handler that was there (uvicorn's)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; the server's own timeout still applies
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def chained(signum: int, frame: Any, previous: Callable[[int, Any], Any] = previous) -> None:
+            loop.call_soon_threadsafe(callback)
+            previous(signum, frame)
+
+        signal.signal(sig, chained)

@@ -19,6 +19,10 @@ from .logs import configure
 from .settings import ENV_PREFIX, Settings, from_env, load_settings, read_config, to_environ
 from .store import MEMORY_URL, Store
 
+# Seconds past --shutdown-timeout after which uvicorn cancels requests still running (none should be).
+SHUTDOWN_BACKSTOP_S = 2.0
+COUNT_OPTIONS = ("max_entries", "max_concurrency")  # the other fetcher options are seconds
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eagercache", description="A refresh-ahead cache server.")
@@ -32,16 +36,41 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="redis://… or memory:// (EAGERCACHE_REDIS_URL, default memory://)")
     serve.add_argument("--namespace", help="prefix of every Redis key (EAGERCACHE_NAMESPACE, default eagercache:)")
     serve.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
-    serve.add_argument("--redis-max-connections", type=int, metavar="N", help="Redis connections per process (64)")
-    serve.add_argument("--max-concurrent-fetches", type=int, metavar="N", help="fetches at once per process (64)")
     serve.add_argument(
-        "--backstop-interval", type=float, metavar="S", help="re-read the refresh schedule at least every S seconds (1)"
+        "--redis-max-connections",
+        type=int,
+        metavar="N",
+        help=f"Redis connections per process ({_default('redis_max_connections')})",
     )
     serve.add_argument(
-        "--near-cache-ttl", type=float, metavar="S", help="serve entries from process memory for S seconds (0.25)"
+        "--max-concurrent-fetches",
+        type=int,
+        metavar="N",
+        help=f"fetches at once per process ({_default('max_concurrent_fetches')})",
     )
     serve.add_argument(
-        "--shutdown-timeout", type=float, metavar="S", help="seconds in-flight fetches get at shutdown (10)"
+        "--backstop-interval",
+        type=float,
+        metavar="S",
+        help=f"re-read the refresh schedule at least every S seconds ({_default('backstop_interval')})",
+    )
+    serve.add_argument(
+        "--near-cache-ttl",
+        type=float,
+        metavar="S",
+        help=f"serve entries from process memory for S seconds ({_default('near_cache_ttl')})",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds from SIGTERM that readers and fetches get before exiting ({_default('shutdown_timeout')})",
+    )
+    serve.add_argument(
+        "--read-budget",
+        type=float,
+        metavar="S",
+        help=f"seconds a reader waits for Redis before grace or 503 ({_default('read_budget')})",
     )
     serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", choices=["text", "json"])
@@ -54,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
     listing.add_argument("--config", metavar="FILE", help="TOML settings file (EAGERCACHE_CONFIG): shows its overrides")
     return parser
+
+
+def _default(setting: str) -> object:
+    """A setting's default, from the one place defaults are written (settings.Settings)."""
+    return getattr(Settings(), setting)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +111,7 @@ def _serve(flags: dict[str, object]) -> int:
         flags["fetchers"] = tuple(flags["fetchers"])  # type: ignore[arg-type]
     settings = load_settings(flags)
     configure(settings.log_level, settings.log_format)
-    app = create_app(settings=settings, use_entry_points=True)  # also checks fetchers and overrides now
+    app = create_app(settings=settings, use_entry_points=True, handle_signals=True)  # checks fetchers now
     if workers > 1 and settings.redis_url.startswith(MEMORY_URL):
         raise ConfigurationError("--workers needs a shared store: memory:// belongs to one process (use redis://)")
     asyncio.run(_preflight(settings))
@@ -88,6 +122,9 @@ def _serve(flags: dict[str, object]) -> int:
         "access_log": settings.access_log,
         "lifespan": "on",
         "server_header": False,
+        "date_header": False,  # the app sends Date from the store's clock (app.DateHeader)
+        # The app answers waiting readers 503 at shutdown_timeout after SIGTERM; this is the server's backstop.
+        "timeout_graceful_shutdown": settings.shutdown_timeout + SHUTDOWN_BACKSTOP_S,
     }
     if workers == 1:
         server = uvicorn.Server(uvicorn.Config(app, **common))  # type: ignore[arg-type]
@@ -104,7 +141,7 @@ def worker_app() -> Starlette:
     """The app of one `--workers` process, from the settings the parent put in the environment."""
     settings = load_settings()
     configure(settings.log_level, settings.log_format)
-    return create_app(settings=settings, use_entry_points=True)
+    return create_app(settings=settings, use_entry_points=True, handle_signals=True)
 
 
 async def _preflight(settings: Settings) -> None:
@@ -123,8 +160,7 @@ def _list_fetchers(specs: Sequence[str], config: str | None) -> int:
     # Only what the listing needs: an unrelated bad setting (a port) must not stop it.
     from_file = read_config(config)
     specs = specs or from_env("fetchers", os.environ.get(f"{ENV_PREFIX}FETCHERS", "")) or from_file.get("fetchers", ())
-    overrides = {name: o.changes() for name, o in from_file.get("fetcher_overrides", {}).items()}
-    registry = build_registry(specs=specs, use_entry_points=True, overrides=overrides)
+    registry = build_registry(specs=specs, use_entry_points=True, overrides=from_file.get("fetcher_overrides", {}))
     if not registry:
         print("no fetchers registered (entry-point group eagercache.fetchers, or --fetchers package.module:function)")
         return 0
@@ -133,13 +169,12 @@ def _list_fetchers(specs: Sequence[str], config: str | None) -> int:
             f"{p.name}: {_type_name(p.annotation)}" + ("" if p.required else f" = {p.default!r}")
             for p in f.signature.params
         )
-        limits = f"max_idle={f.max_idle:g}s max_entries={f.max_entries}"
-        for option in ("max_stale", "max_concurrency"):
-            if (value := getattr(f, option)) is not None:
-                limits += f" {option}={value:g}{'s' if option == 'max_stale' else ''}"
-        if f.signature.ignore_unknown:
-            limits += " ignore_unknown"
-        print(f"{f.name}({params})  ttl={f.ttl:g}s jitter={f.jitter:g}s timeout={f.timeout:g}s {limits}  [{f.source}]")
+        options = " ".join(
+            option if value is True else f"{option}={value:g}{'' if option in COUNT_OPTIONS else 's'}"
+            for option, value in f.options.as_dict().items()
+            if value is not None and value is not False
+        )
+        print(f"{f.name}({params})  {options}  [{f.source}]")
     return 0
 
 

@@ -1,4 +1,10 @@
-"""The cache engine: reads (hit, stale, or a single-flight fetch on a miss) and refreshes of claimed entries."""
+"""The cache engine: reads (hit, stale, or a single-flight fetch on a miss) and refreshes of claimed entries.
+
+Every fetch (a reader's, the refresher's, an admin's) runs as one task in `_inflight`, under one limit
+(`max_concurrent_fetches`) and one shutdown path (`begin_shutdown`, then `drain`). The fetcher itself
+runs in a task of its own, so nothing it does (raise SystemExit, swallow cancellation, raise
+CancelledError on its own) can end the process or hold anyone past its timeout.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,28 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from .errors import DataTooStale, EagerCacheError, FetchFailed, FetchTimeout, InvalidParameters, UnknownFetcher
+from .errors import (
+    DataTooStale,
+    EagerCacheError,
+    FetchFailed,
+    FetchTimeout,
+    InvalidParameters,
+    ShuttingDown,
+    StoreUnavailable,
+    UnknownFetcher,
+)
 from .fetchers import Fetcher, Registry
-from .item import Entry, build_entry, encode_data, unchanged_since
+from .item import Entry, build_entry, encode_data
 from .keys import split_entry_id
+from .logs import Throttle
 from .metrics import Metrics
 from .params import Call
-from .store import GONE, OVER_LIMIT, STORED, Claim, Stale, Store, now_ms
+from .settings import Settings
+from .store import GONE, OVER_LIMIT, STORED, Claim, Stale, Store
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +49,29 @@ FILL_MARGIN_MS = 1_000
 MAX_ERROR_CHARS = 300
 # "Over max_entries" is logged at most this often per fetcher; the metric counts every time.
 OVER_LIMIT_LOG_INTERVAL_S = 60.0
+# A refresh may be this late (beyond min(timeout, ttl), the time a fetch may take) before its entry is
+# served STALE: the header's due time says how late it is, whatever stopped the refresh.
+OVERDUE_GRACE_MS = 1_000
+# What a reader is told to wait before asking again when the process is shutting down.
+SHUTDOWN_RETRY_AFTER_S = 1
+# After the shutdown timeout, cancelled fetches get this long to unwind before the process goes on.
+CANCEL_GRACE_S = 1.0
 
-# The near cache: an entry read from Redis is served from this process's memory for this long. A write
-# by this process replaces it at once; one by another replica (or an invalidation there) is seen at
-# most this late. 0 turns it off: every read then goes to Redis.
-DEFAULT_NEAR_CACHE_TTL_S = 0.25
+# The near cache: an entry read from Redis is served from this process's memory for near_cache_ttl.
+# A write by this process replaces it at once; one by another replica is seen at most that late. The
+# copy stays (up to these bounds) after that as the grace copy: if Redis does not answer within the
+# read budget, it is what a reader gets, marked STALE.
 NEAR_CACHE_ENTRIES = 10_000
+NEAR_CACHE_BYTES = 64 * 1024 * 1024
 CALL_CACHE_ENTRIES = 10_000
 
 Cause = Literal["cold", "schedule", "event", "admin"]
+CacheState = Literal["HIT", "MISS", "STALE"]
 
 
 @dataclass(frozen=True, slots=True)
 class _Near:
-    until: float  # time.monotonic()
+    until: float  # time.monotonic(): served without asking Redis until then
     entry: Entry
     stale: Stale | None
 
@@ -55,65 +81,115 @@ class Read:
     fetcher: Fetcher
     entry_id: str
     entry: Entry
-    cache: Literal["HIT", "MISS", "STALE"]
+    cache: CacheState
+    now_ms: int  # when it was answered, by the store's clock: Age is counted from this
+
+
+class _FetcherRaised(Exception):
+    """A fetcher raised a BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)."""
 
 
 class Engine:
     """Owns the fetch-and-store path, shared by readers and the refresher."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        store: Store,
-        metrics: Metrics,
-        *,
-        max_concurrent_fetches: int = 64,
-        near_cache_ttl_s: float = DEFAULT_NEAR_CACHE_TTL_S,
-    ) -> None:
+    def __init__(self, registry: Registry, store: Store, metrics: Metrics, settings: Settings) -> None:
         self.registry = registry
         self.store = store
+        self.clock = store.clock
         self.metrics = metrics
-        self._inflight: dict[str, asyncio.Task[bytes]] = {}
+        self.max_concurrent = settings.max_concurrent_fetches
+        self.shutdown_timeout_s = settings.shutdown_timeout
+        self.near_cache_ttl_s = settings.near_cache_ttl
+        self._inflight: dict[str, asyncio.Task[bytes | None]] = {}
+        self._abandoned: set[asyncio.Task[Any]] = set()  # fetchers that outlived their timeout
         self._on_write: list[Callable[[int], None]] = []
-        self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
+        self._on_done: list[Callable[[], None]] = []
+        self._fetch_slots = asyncio.Semaphore(self.max_concurrent)
         self._fetcher_slots = {
             f.name: asyncio.Semaphore(f.max_concurrency) for f in registry.values() if f.max_concurrency is not None
         }
-        # Entries read since the refresher last recorded reads in the store (batched: no write per hit).
+        # Entries read since the refresher last recorded reads in the store (batched: no write per hit),
+        # and entries read while overdue (their schedule may be lost: the refresher repairs it).
         self.reads: set[str] = set()
+        self.overdue: set[str] = set()
         self._over_limit_logged: dict[str, float] = {}
-        # Validated calls by query string, and entries read lately: a hit needs neither msgspec nor Redis.
+        self._refresh_errors = Throttle(log, 60.0)
+        # Validated calls by query string: a hit needs neither msgspec nor Redis.
         self._calls: dict[tuple[str, bytes | str], tuple[Fetcher, Call]] = {}
-        self.near_cache_ttl_s = near_cache_ttl_s
         self._near: dict[str, _Near] = {}
+        self._near_bytes = 0
+        self._shutdown_at: float | None = None  # time.monotonic() when the shutdown timeout ends
+        self._closed: asyncio.Future[None] | None = None  # done once readers stop waiting for fetches
 
     def on_write(self, callback: Callable[[int], None]) -> None:
         """Call `callback(next_due_ms)` after every stored entry (the refresher may need to wake sooner)."""
         self._on_write.append(callback)
 
+    def on_fetch_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` whenever a fetch ends (a slot is free again)."""
+        self._on_done.append(callback)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_concurrent - len(self._inflight)
+
+    # -- reads ---------------------------------------------------------------------------------------
+
     async def read(self, fetcher_name: str, query: bytes | str) -> Read:
         fetcher, call = self._resolve(fetcher_name, query)
-        near = self._near.get(call.entry_id)
-        entry: Entry | None
+        entry_id = call.entry_id
+        near = self._near.get(entry_id)
         if near is not None and near.until > time.monotonic():
-            entry, stale = near.entry, near.stale
-        else:
-            raw, stale = await self.store.get(call.entry_id)
-            entry = None if raw is None else Entry.parse(raw)
-            if entry is not None:
-                self._remember(call.entry_id, entry, stale)
+            return self._answer(fetcher, entry_id, near.entry, near.stale)
+        try:
+            raw, stale = await self.store.get(entry_id)
+        except StoreUnavailable:
+            if near is None:
+                raise
+            # Grace: Redis is slow or gone, and this process served the entry lately. Old data, said so.
+            return self._answer(fetcher, entry_id, near.entry, near.stale, grace=True)
+        entry = _parse(raw)
         if entry is not None:
-            self.reads.add(call.entry_id)
-            if stale is None:
-                return Read(fetcher, call.entry_id, entry, "HIT")
-            if fetcher.max_stale is not None and now_ms() - stale.since_ms > fetcher.max_stale * 1000:
-                raise DataTooStale(
-                    f"refreshes of this entry have failed for over {fetcher.max_stale:g} s (its max_stale)"
-                )
-            return Read(fetcher, call.entry_id, entry, "STALE")
-        task = self._inflight.get(call.entry_id) or self._start(fetcher, call, "cold")
-        # shield: a reader that disconnects must not cancel the fetch the other readers are waiting for
-        return Read(fetcher, call.entry_id, Entry.parse(await asyncio.shield(task)), "MISS")
+            self._remember(entry_id, entry, stale)
+            return self._answer(fetcher, entry_id, entry, stale)
+        return await self._fill(fetcher, call)
+
+    def _answer(self, fetcher: Fetcher, entry_id: str, entry: Entry, stale: Stale | None, grace: bool = False) -> Read:
+        self.reads.add(entry_id)
+        now = self.clock.now_ms()
+        overdue_ms = now - entry.due_ms
+        late = overdue_ms > _allowed_lateness_ms(fetcher)
+        if late and not grace:
+            self.overdue.add(entry_id)  # its refresh should have happened: make sure it is on the schedule
+        if stale is None and not late and not grace:
+            return Read(fetcher, entry_id, entry, "HIT", now)
+        if fetcher.max_stale is not None and overdue_ms > fetcher.max_stale * 1000:
+            raise DataTooStale(
+                f"this entry's refresh is {overdue_ms / 1000:.1f} s overdue, "
+                f"over its max_stale of {fetcher.max_stale:g} s"
+            )
+        return Read(fetcher, entry_id, entry, "STALE", now)
+
+    async def _fill(self, fetcher: Fetcher, call: Call) -> Read:
+        """A missing entry: join the fetch in flight for it, or start one (single flight)."""
+        for _ in range(2):  # a refresh in flight may end without a body (the entry was removed): then fetch
+            task = self._inflight.get(call.entry_id) or self._start(self._fetch_and_store(fetcher, call, "cold"), call)
+            body = await self._wait(task)
+            if body is not None:
+                return Read(fetcher, call.entry_id, Entry.parse(body), "MISS", self.clock.now_ms())
+        raise FetchFailed(f"the entry of fetcher {fetcher.name!r} was removed while it was being fetched")
+
+    async def _wait(self, task: asyncio.Task[bytes | None]) -> bytes | None:
+        """The fetch's result, unless the shutdown timeout passes first. The fetch is never cancelled by a
+        reader leaving: others may be waiting for it too."""
+        waits: set[asyncio.Future[Any]] = {task, self._closed_future()}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise ShuttingDown(
+                "the server is shutting down and the answer was not ready in time; ask again",
+                headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)},
+            )
+        return task.result()
 
     def _resolve(self, fetcher_name: str, query: bytes | str) -> tuple[Fetcher, Call]:
         """Validate a request, remembering the result for the next identical query string."""
@@ -127,83 +203,117 @@ class Engine:
         return resolved
 
     def _remember(self, entry_id: str, entry: Entry, stale: Stale | None) -> None:
-        if self.near_cache_ttl_s > 0:
-            self._near[entry_id] = _Near(time.monotonic() + self.near_cache_ttl_s, entry, stale)
-            if len(self._near) > NEAR_CACHE_ENTRIES:
-                del self._near[next(iter(self._near))]
+        old = self._near.pop(entry_id, None)
+        if old is not None:
+            self._near_bytes -= len(old.entry.body)
+        self._near[entry_id] = _Near(time.monotonic() + self.near_cache_ttl_s, entry, stale)
+        self._near_bytes += len(entry.body)
+        while len(self._near) > NEAR_CACHE_ENTRIES or self._near_bytes > NEAR_CACHE_BYTES:
+            oldest = self._near.pop(next(iter(self._near)))
+            self._near_bytes -= len(oldest.entry.body)
+
+    def _forget_near(self, entry_id: str) -> None:
+        old = self._near.pop(entry_id, None)
+        if old is not None:
+            self._near_bytes -= len(old.entry.body)
 
     async def forget(self, entry_id: str, fetcher_name: str) -> bool:
         """Remove an entry (it is no longer served here at once; other replicas within the near-cache ttl)."""
-        self._near.pop(entry_id, None)
+        self._forget_near(entry_id)
         return await self.store.forget(entry_id, fetcher_name)
 
-    async def refresh(self, claim: Claim, cause: Cause) -> None:
-        """Refresh an entry this process has claimed. Never raises for a failing fetcher."""
+    # -- refreshes -----------------------------------------------------------------------------------
+
+    def spawn_refresh(self, claim: Claim, cause: Cause) -> asyncio.Task[bytes | None] | None:
+        """Start refreshing a claimed entry; None if a fetch of it is already running here (its write
+        reschedules the entry). The task never raises for a failing fetcher or store: it logs and counts."""
+        if claim.entry_id in self._inflight:
+            return None
+        return self._start(self._refresh(claim, cause), claim)
+
+    async def _refresh(self, claim: Claim, cause: Cause) -> bytes | None:
         entry_id = claim.entry_id
-        if entry_id in self._inflight:
-            return  # a cold read is fetching it right now; its write reschedules the entry
         name, query = split_entry_id(entry_id)
+        extra = {"fetcher": name, "entry": entry_id, "cause": cause}
         try:
-            fetcher, call = self._resolve(name, query)
-        except UnknownFetcher:
-            log.warning("refresh skipped: unknown fetcher", extra={"fetcher": name, "entry": entry_id})
-            self.metrics.background_errors.labels("unknown-fetcher").inc()
-            await self.store.postpone(entry_id, name, UNKNOWN_FETCHER_RETRY_MS, None)
-            return
-        except InvalidParameters as exc:
-            # The fetcher's signature changed: this entry can never be fetched or read again.
-            log.warning("entry removed: parameters no longer valid", extra={"entry": entry_id, "error": exc.detail})
-            self.metrics.background_errors.labels("stale-signature").inc()
-            await self.forget(entry_id, name)
-            return
-        if self._idle(fetcher, entry_id, claim.last_read_ms):
-            log.debug("entry removed: idle", extra={"entry": entry_id, "max_idle_s": fetcher.max_idle})
-            self.metrics.idle_removed.labels(fetcher.name).inc()
-            await self.forget(entry_id, fetcher.name)
-            return
-        try:
-            await self._start(fetcher, call, cause, claim)
-        except FetchFailed as exc:
-            await self._postpone_failed(fetcher, entry_id, exc)
+            try:
+                fetcher, call = self._resolve(name, query)
+            except UnknownFetcher:
+                log.warning("refresh skipped: unknown fetcher", extra=extra)
+                self.metrics.background_errors.labels("unknown-fetcher").inc()
+                await self.store.postpone(entry_id, name, UNKNOWN_FETCHER_RETRY_MS, None)
+                return None
+            except InvalidParameters as exc:
+                # The fetcher's signature changed: this entry can never be fetched or read again.
+                log.warning("entry removed: parameters no longer valid", extra={**extra, "error": exc.detail})
+                self.metrics.background_errors.labels("stale-signature").inc()
+                await self.forget(entry_id, name)
+                return None
+            if self._idle(fetcher, entry_id, claim.last_read_ms):
+                log.debug("entry removed: idle", extra={**extra, "max_idle_s": fetcher.max_idle})
+                self.metrics.idle_removed.labels(fetcher.name).inc()
+                await self.forget(entry_id, fetcher.name)
+                return None
+            try:
+                return await self._fetch_and_store(fetcher, call, cause, claim)
+            except FetchFailed as exc:
+                await self._postpone_failed(fetcher, entry_id, exc)
+                return None
+        except StoreUnavailable as exc:
+            # Not written: the claim's lease runs out and the entry is due again, and readers see it STALE
+            # once it is overdue. Nothing is lost.
+            self.metrics.background_errors.labels("refresh").inc()
+            self._refresh_errors.warning("refresh could not be stored", "store", {**extra, "error": exc.detail})
+            return None
+        except Exception:
+            self.metrics.background_errors.labels("refresh").inc()
+            log.exception("refresh failed unexpectedly", extra=extra)
+            return None
 
     async def force_refresh(self, fetcher_name: str, query: bytes | str) -> Read | None:
         """Fetch a stored entry now (admin); None if it is not stored. A failing fetch raises, and changes nothing."""
         fetcher, call = self.registry.call(fetcher_name, query)
-        raw, _ = await self.store.get(call.entry_id)
-        if raw is None:
+        if await self.store.header(call.entry_id) is None:
             return None
-        task = self._inflight.get(call.entry_id) or self._start(fetcher, call, "admin")
-        return Read(fetcher, call.entry_id, Entry.parse(await asyncio.shield(task)), "MISS")
+        task = self._inflight.get(call.entry_id) or self._start(self._fetch_and_store(fetcher, call, "admin"), call)
+        body = await self._wait(task)
+        if body is None:
+            return None
+        return Read(fetcher, call.entry_id, Entry.parse(body), "MISS", self.clock.now_ms())
 
     def _idle(self, fetcher: Fetcher, entry_id: str, last_read_ms: int | None) -> bool:
         if last_read_ms is None or entry_id in self.reads:
             return False
-        return now_ms() - last_read_ms > fetcher.max_idle * 1000
+        return self.clock.now_ms() - last_read_ms > fetcher.max_idle * 1000
 
     async def _postpone_failed(self, fetcher: Fetcher, entry_id: str, exc: FetchFailed) -> None:
         """Keep the last good body, mark it stale, and retry with exponential backoff bounded by the ttl."""
         previous = await self.store.stale(entry_id)
-        error = exc.detail if exc.__cause__ is None else f"{exc.detail}: {exc.__cause__!r}"
-        error = " ".join(error.split())[:MAX_ERROR_CHARS]
+        error = " ".join(exc.error.split())[:MAX_ERROR_CHARS]
         if previous is None:
-            stale = Stale(now_ms(), 1, error)
+            stale = Stale(self.clock.now_ms(), 1, error)
         else:
             stale = Stale(previous.since_ms, previous.failures + 1, error)
         delay_ms = min(int(fetcher.ttl * 1000), RETRY_BASE_MS * 2 ** min(stale.failures - 1, 30))
-        self._near.pop(entry_id, None)  # readers here see the stale marker at once
+        self._forget_near(entry_id)  # readers here see the stale marker at once
         await self.store.postpone(entry_id, fetcher.name, delay_ms, stale)
 
-    def _start(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None = None) -> asyncio.Task[bytes]:
-        coro = self._fetch_and_store(fetcher, call, cause, claim)
-        task = asyncio.create_task(coro, name=f"fetch {call.entry_id}")
-        self._inflight[call.entry_id] = task
-        task.add_done_callback(lambda t: self._finished(call.entry_id, t))
+    # -- fetching ------------------------------------------------------------------------------------
+
+    def _start(self, coro: Any, claim_or_call: Claim | Call) -> asyncio.Task[bytes | None]:
+        entry_id = claim_or_call.entry_id
+        task: asyncio.Task[bytes | None] = asyncio.create_task(coro, name=f"fetch {entry_id}")
+        self._inflight[entry_id] = task
+        task.add_done_callback(lambda t: self._finished(entry_id, t))
         return task
 
-    def _finished(self, entry_id: str, task: asyncio.Task[bytes]) -> None:
-        del self._inflight[entry_id]
+    def _finished(self, entry_id: str, task: asyncio.Task[bytes | None]) -> None:
+        if self._inflight.get(entry_id) is task:
+            del self._inflight[entry_id]
         if not task.cancelled():
             task.exception()  # retrieved here: a fetch whose readers all left must not warn "never retrieved"
+        for callback in self._on_done:
+            callback()
 
     @contextlib.asynccontextmanager
     async def _slot(self, fetcher: Fetcher) -> AsyncIterator[None]:
@@ -217,15 +327,16 @@ class Engine:
             async with per_fetcher, self._fetch_slots:
                 yield
 
-    async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None) -> bytes:
-        if cause == "cold" and not self.store.is_memory:
+    async def _fetch_and_store(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None = None) -> bytes:
+        shared_fill = cause == "cold" and not self.store.is_memory
+        if shared_fill:
             filled = await self._fill_elsewhere(fetcher, call.entry_id)
             if filled is not None:
                 return filled
         try:
             return await self._fetch_and_store_here(fetcher, call, cause, claim)
         except BaseException:
-            if cause == "cold" and not self.store.is_memory:
+            if shared_fill:
                 with contextlib.suppress(EagerCacheError):
                     await self.store.end_fill(call.entry_id)
             raise
@@ -249,59 +360,85 @@ class Engine:
         return None
 
     async def _fetch_and_store_here(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None) -> bytes:
-        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
         async with self._slot(fetcher):
             self.metrics.inflight.inc()
             started = time.perf_counter()
             try:
-                # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
-                kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
-                async with asyncio.timeout(fetcher.timeout):  # unlike wait_for, no extra task per fetch
-                    data = await fetcher.func(**kwargs)
-                data_json = encode_data(data, fetcher.name)
-            except TimeoutError:
-                self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
-                log.warning("fetch timed out", extra={**extra, "timeout_s": fetcher.timeout})
-                raise FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout} s") from None
-            except EagerCacheError as exc:
-                self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-                log.warning("fetch failed", extra={**extra, "error": exc.detail})
-                raise
-            except Exception as exc:
-                self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-                log.warning("fetch failed", extra={**extra, "error": repr(exc)})
-                raise FetchFailed(f"fetcher {fetcher.name!r} failed: {type(exc).__name__}") from exc
+                data_json = await self._run_fetcher(fetcher, call, cause)
             finally:
                 self.metrics.inflight.dec()
         self.metrics.fetches.labels(fetcher.name, cause, "ok").inc()
         self.metrics.fetch_seconds.labels(fetcher.name).observe(time.perf_counter() - started)
-        previous, since = None, None
-        if cause != "cold":
-            since = unchanged_since(data_json, None if claim is None else claim.header)
-            if since is None:  # other bytes (or no header at hand): read the old value, deepdiff decides
-                previous = (await self.store.get(call.entry_id))[0]
-        now = now_ms()
+        previous = None
+        if cause != "cold":  # the stored header says whether these are the same data (and since when)
+            previous = claim.header if claim is not None else await self.store.header(call.entry_id)
+        now = self.clock.now_ms()
         due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms)
-        value, changed = build_entry(data_json, now, due_at, previous_value=previous, unchanged_since_ms=since)
+        value, changed = build_entry(data_json, now, due_at, previous_header=previous)
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
         outcome = await self.store.write(
-            call.entry_id, fetcher.name, value, now, due_at, mode=mode, max_entries=fetcher.max_entries
+            call.entry_id, fetcher.name, value, due_at, mode=mode, max_entries=fetcher.max_entries
         )
         if claim is not None and claim.due_ms is not None:
-            self.metrics.refresh_lag.labels(fetcher.name).observe(max(0, now_ms() - claim.due_ms) / 1000)
+            self.metrics.refresh_lag.labels(fetcher.name).observe(max(0, self.clock.now_ms() - claim.due_ms) / 1000)
         if outcome == STORED:
             self._remember(call.entry_id, Entry.parse(value), None)
         else:
-            self._near.pop(call.entry_id, None)
+            self._forget_near(call.entry_id)
         if outcome == OVER_LIMIT:
             self._over_limit(fetcher)
         elif outcome == GONE:
-            log.debug("refreshed entry was removed meanwhile; not stored", extra=extra)
+            log.debug("refreshed entry was removed meanwhile; not stored", extra={"entry": call.entry_id})
         elif changed and cause != "cold":
             self.metrics.changes.labels(fetcher.name).inc()
         for callback in self._on_write:
             callback(due_at)
         return value
+
+    async def _run_fetcher(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:
+        """The fetcher's result as JSON, or FetchFailed / FetchTimeout (only eagercache's own deadline)."""
+        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
+        # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
+        kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
+        inner = asyncio.create_task(_guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
+        try:
+            done, _ = await asyncio.wait({inner}, timeout=fetcher.timeout)
+        except asyncio.CancelledError:  # shutdown: the fetcher is cancelled with us
+            self._abandon(inner)
+            raise
+        if not done:
+            self._abandon(inner)
+            self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
+            log.warning("fetch timed out", extra={**extra, "timeout_s": fetcher.timeout})
+            raise FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout:g} s")
+        try:
+            return encode_data(inner.result(), fetcher.name)
+        except FetchFailed as exc:
+            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+            log.warning("fetch failed", extra={**extra, "error": exc.detail})
+            raise
+        except (Exception, asyncio.CancelledError) as exc:
+            # Whatever the fetcher raised, its own TimeoutError included, is its error, with its message.
+            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+            error = f"fetcher {fetcher.name!r} failed: {_describe(exc)}"
+            log.warning("fetch failed", extra={**extra, "error": error})
+            raise FetchFailed(f"fetcher {fetcher.name!r} failed: {_kind(exc)}", error=error) from exc
+
+    def _abandon(self, inner: asyncio.Task[Any]) -> None:
+        """Cancel a fetcher task and stop waiting for it; one that ignores cancellation is kept track of."""
+        inner.cancel()
+        if inner.done():
+            return
+        self._abandoned.add(inner)
+        self.metrics.abandoned.set(len(self._abandoned))
+
+        def gone(task: asyncio.Task[Any]) -> None:
+            self._abandoned.discard(task)
+            self.metrics.abandoned.set(len(self._abandoned))
+            if not task.cancelled():
+                task.exception()
+
+        inner.add_done_callback(gone)
 
     def _over_limit(self, fetcher: Fetcher) -> None:
         self.metrics.uncached.labels(fetcher.name).inc()
@@ -313,16 +450,92 @@ class Engine:
                 extra={"fetcher": fetcher.name, "max_entries": fetcher.max_entries},
             )
 
-    async def drain(self, timeout: float) -> None:
-        """Wait for in-flight fetches to finish (shutdown), cancelling what is left after `timeout` seconds."""
-        tasks = list(self._inflight.values())
+    # -- shutdown ------------------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Start the shutdown clock (on SIGTERM, or when the app stops): after `shutdown_timeout`,
+        readers still waiting for a fetch are answered 503 and fetches still running are cancelled."""
+        if self._shutdown_at is not None:
+            return
+        self._shutdown_at = time.monotonic() + self.shutdown_timeout_s
+        closed = self._closed_future()
+
+        def close() -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+        asyncio.get_running_loop().call_later(self.shutdown_timeout_s, close)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown_at is not None
+
+    async def drain(self) -> None:
+        """Wait for fetches to finish until the shutdown timeout, then cancel what is left."""
+        self.begin_shutdown()
+        assert self._shutdown_at is not None
+        tasks = [*self._inflight.values(), *self._abandoned]
         if not tasks:
             return
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, self._shutdown_at - time.monotonic()))
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending)
+            # Bounded: a fetcher that swallows cancellation must not hold the process forever.
+            await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
+
+    def _closed_future(self) -> asyncio.Future[None]:
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        return self._closed
+
+
+async def _guarded(func: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+    """Run a fetcher so that nothing it raises escapes as anything but an Exception.
+
+    asyncio re-raises SystemExit and KeyboardInterrupt out of the event loop, ending the process; and a
+    CancelledError a fetcher raises on its own would pass for a cancellation. Our own cancellation
+    (timeout, shutdown) still goes through as such.
+    """
+    try:
+        return await func(**kwargs)
+    except Exception:
+        raise
+    except BaseException as exc:
+        task = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0:
+            raise
+        raise _FetcherRaised(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+
+
+def _kind(exc: BaseException) -> str:
+    """What a reader is told about a fetcher's exception: its type, never its message."""
+    if isinstance(exc, _FetcherRaised):
+        return f"raised {str(exc).split(':', 1)[0]}"
+    return "was cancelled" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, _FetcherRaised):
+        return f"raised {exc}"
+    if isinstance(exc, asyncio.CancelledError):
+        return "was cancelled"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS] if text else type(exc).__name__
+
+
+def _parse(raw: bytes | None) -> Entry | None:
+    if raw is None:
+        return None
+    try:
+        return Entry.parse(raw)
+    except ValueError:
+        return None  # not a value eagercache wrote: treated as missing, and replaced by the next fetch
+
+
+def _allowed_lateness_ms(fetcher: Fetcher) -> float:
+    """How far past its due time an entry may be before it is STALE: a fetch's time, and a little."""
+    return min(fetcher.timeout, fetcher.ttl) * 1000 + OVERDUE_GRACE_MS
 
 
 def _next_due(fetcher: Fetcher, now: int, due_ms: int | None) -> int:

@@ -1,8 +1,22 @@
-"""The exception tree. Each subclass that a reader can hit maps to one RFC 9457 problem type."""
+"""The exception tree, and the one place problem documents (RFC 9457) are rendered.
+
+Each subclass a reader can hit maps to one problem type. Endpoints raise; the handlers registered by
+`exception_handlers()` render, so no endpoint builds a problem document by hand.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
 
 
 class EagerCacheError(Exception):
@@ -12,18 +26,29 @@ class EagerCacheError(Exception):
     slug: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal error"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = dict(headers or {})
 
     def problem(self) -> dict[str, Any]:
         """The RFC 9457 problem document (section 3) for this error."""
         return {
-            "type": f"urn:eagercache:problem:{self.slug}",
+            "type": f"urn:eagercache:problem:{self.slug}" if self.slug else "about:blank",
             "title": self.title,
             "status": self.status,
             "detail": self.detail,
         }
+
+
+class Problem(EagerCacheError):
+    """An error whose status and type are chosen where it is raised (admin, auth)."""
+
+    def __init__(
+        self, status: int, slug: str, title: str, detail: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(detail, headers=headers)
+        self.status, self.slug, self.title = status, slug, title  # type: ignore[misc]
 
 
 class ConfigurationError(EagerCacheError):
@@ -64,14 +89,24 @@ class QueryTooLong(EagerCacheError):
 
 
 class FetchFailed(EagerCacheError):
-    """The fetcher raised, or returned something that cannot be encoded as JSON."""
+    """The fetcher raised (anything at all), or returned something that cannot be encoded as JSON.
+
+    `detail` (what a reader sees) names the exception's type only: its message may carry an upstream's
+    secrets. `error` is the whole story, for the log and the stale marker (admin API).
+    """
 
     status = 502
     slug = "fetch-failed"
     title = "Fetcher failed"
 
+    def __init__(self, detail: str, *, error: str | None = None) -> None:
+        super().__init__(detail)
+        self.error = error or detail
+
 
 class FetchTimeout(FetchFailed):
+    """The fetcher did not answer within its `timeout` (eagercache's own deadline, nothing else)."""
+
     status = 504
     slug = "fetch-timeout"
     title = "Fetcher timed out"
@@ -85,9 +120,47 @@ class StoreUnavailable(EagerCacheError):
     title = "Store unavailable"
 
 
+class StoreTimeout(StoreUnavailable):
+    """Redis did not answer within the budget of the caller (a reader's, or a probe's)."""
+
+
 class DataTooStale(EagerCacheError):
-    """Refreshes have failed for longer than the fetcher's `max_stale`: the last good data is too old to serve."""
+    """The entry's refresh is overdue by more than the fetcher's `max_stale`: too old to serve."""
 
     status = 503
     slug = "data-too-stale"
     title = "Data too stale"
+
+
+class ShuttingDown(EagerCacheError):
+    """The process is stopping and the answer was not ready within the shutdown timeout."""
+
+    status = 503
+    slug = "shutting-down"
+    title = "Shutting down"
+
+
+def problem_response(error: EagerCacheError) -> Response:
+    """The problem+json response for an error, with its headers (Retry-After, WWW-Authenticate)."""
+    doc = error.problem()
+    return Response(msgspec.json.encode(doc), status_code=error.status, media_type=PROBLEM_JSON, headers=error.headers)
+
+
+async def _eagercache_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EagerCacheError)
+    return problem_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return problem_response(Problem(exc.status_code, "", exc.detail, exc.detail, headers=exc.headers))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return problem_response(EagerCacheError("the server failed to answer; the error is in its log"))
+
+
+def exception_handlers() -> dict[Any, Any]:
+    """Starlette's `exception_handlers`: every error becomes a problem document, a 500 without a trace."""
+    return {EagerCacheError: _eagercache_error, HTTPException: _http_error, Exception: _unexpected}

@@ -16,13 +16,10 @@ from .errors import ConfigurationError, UnknownFetcher
 from .params import Call, Signature
 
 ENTRY_POINT_GROUP = "eagercache.fetchers"
-DEFAULT_TTL_S = 60.0
-DEFAULT_TIMEOUT_S = 10.0
-DEFAULT_MAX_IDLE_S = 3600.0
-DEFAULT_MAX_ENTRIES = 100_000
 # Fetcher names appear in URLs and Redis keys: no '/', '?', ':' or whitespace.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _OPTIONS_ATTR = "__eagercache_options__"
+_NAME_ATTR = "__eagercache_name__"
 
 FetcherFunc = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=FetcherFunc)
@@ -30,17 +27,63 @@ F = TypeVar("F", bound=FetcherFunc)
 
 @dataclass(frozen=True, slots=True)
 class FetcherOptions:
-    """What `@fetcher(...)` attaches to a function. Times are in seconds."""
+    """Every option a fetcher has, with its default: the one place each is written.
 
-    ttl: float = DEFAULT_TTL_S
+    `@fetcher(...)`, the config file's `[fetcher.NAME]` tables, the admin listing, `eagercache fetchers`
+    and the OpenAPI document all derive from these fields. Times are in seconds.
+    """
+
+    ttl: float = 60.0
+    """How often an entry is refreshed (plus a random 0..jitter)."""
     jitter: float = 0.0
-    timeout: float = DEFAULT_TIMEOUT_S
-    name: str | None = None
+    timeout: float = 10.0
+    """The longest a fetch may take; past it the fetch is cancelled and counts as a timeout."""
     max_stale: float | None = None
-    max_idle: float = DEFAULT_MAX_IDLE_S
-    max_entries: int = DEFAULT_MAX_ENTRIES
+    """How long past its due time an entry whose refresh is failing is still served (STALE); then 503."""
+    max_idle: float = 3600.0
+    """An entry nobody reads (or watches) for this long stops being refreshed and is removed."""
+    max_entries: int = 100_000
+    """Past this many entries, new parameter combinations are fetched and answered but not cached."""
     max_concurrency: int | None = None
+    """Fetches of this fetcher running at once in one process (None: only the process-wide limit)."""
     ignore_unknown: bool = False
+    """Ignore query parameters the function does not take, instead of answering 400."""
+
+    def check(self, where: str) -> None:
+        """Raise ConfigurationError naming `where` for an option that cannot work."""
+        for option in ("ttl", "jitter", "timeout", "max_idle", "max_stale"):
+            value = getattr(self, option)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigurationError(f"{where}: {option} must be a number of seconds, got {value!r}")
+            if value is not None and not math.isfinite(value):
+                raise ConfigurationError(f"{where}: {option} must be a finite number of seconds, got {value}")
+        if not self.ttl > 0:
+            raise ConfigurationError(f"{where}: ttl must be > 0 seconds, got {self.ttl}")
+        if not self.jitter >= 0:
+            raise ConfigurationError(f"{where}: jitter must be >= 0 seconds, got {self.jitter}")
+        if not self.timeout > 0:
+            raise ConfigurationError(f"{where}: timeout must be > 0 seconds, got {self.timeout}")
+        if self.max_stale is not None and not self.max_stale >= 0:
+            raise ConfigurationError(f"{where}: max_stale must be >= 0 seconds or None, got {self.max_stale}")
+        if not self.max_idle > 0:
+            raise ConfigurationError(f"{where}: max_idle must be > 0 seconds, got {self.max_idle}")
+        for option in ("max_entries", "max_concurrency"):
+            value = getattr(self, option)
+            if value is not None and (type(value) is not int):
+                raise ConfigurationError(f"{where}: {option} must be an integer, got {value!r}")
+        if not self.max_entries >= 1:
+            raise ConfigurationError(f"{where}: max_entries must be >= 1, got {self.max_entries}")
+        if self.max_concurrency is not None and not self.max_concurrency >= 1:
+            raise ConfigurationError(f"{where}: max_concurrency must be >= 1 or None, got {self.max_concurrency}")
+        if type(self.ignore_unknown) is not bool:
+            raise ConfigurationError(f"{where}: ignore_unknown must be true or false, got {self.ignore_unknown!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(FetcherOptions)}
+
+
+OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(FetcherOptions))
+_DEFAULT = FetcherOptions()
 
 
 @overload
@@ -48,10 +91,10 @@ def fetcher(func: F, /) -> F: ...
 @overload
 def fetcher(
     *,
+    name: str | None = ...,
     ttl: float = ...,
     jitter: float = ...,
     timeout: float = ...,
-    name: str | None = ...,
     max_stale: float | None = ...,
     max_idle: float = ...,
     max_entries: int = ...,
@@ -62,28 +105,17 @@ def fetcher(
     func: F | None = None,
     /,
     *,
-    ttl: float = DEFAULT_TTL_S,
-    jitter: float = 0.0,
-    timeout: float = DEFAULT_TIMEOUT_S,
     name: str | None = None,
-    max_stale: float | None = None,
-    max_idle: float = DEFAULT_MAX_IDLE_S,
-    max_entries: int = DEFAULT_MAX_ENTRIES,
-    max_concurrency: int | None = None,
-    ignore_unknown: bool = False,
+    ttl: float = _DEFAULT.ttl,
+    jitter: float = _DEFAULT.jitter,
+    timeout: float = _DEFAULT.timeout,
+    max_stale: float | None = _DEFAULT.max_stale,
+    max_idle: float = _DEFAULT.max_idle,
+    max_entries: int = _DEFAULT.max_entries,
+    max_concurrency: int | None = _DEFAULT.max_concurrency,
+    ignore_unknown: bool = _DEFAULT.ignore_unknown,
 ) -> F | Callable[[F], F]:
-    """Mark an async function as a fetcher. Times are in seconds.
-
-    - `ttl` (+ a random `0..jitter`): how often an entry is refreshed; `timeout`: the longest a fetch may take.
-    - `max_stale`: while refreshes fail, the last good data is served marked stale for at most this
-      long, then reads answer 503 (None: no limit).
-    - `max_idle`: an entry nobody reads for this long stops being refreshed and is removed.
-    - `max_entries`: past this many entries, new parameter combinations are fetched and answered but
-      not cached.
-    - `max_concurrency`: fetches of this fetcher running at once in one process (None: only the
-      process-wide limit).
-    - `ignore_unknown`: query parameters the function does not take are ignored instead of answered
-      with 400 (e.g. cache-busting or tracking parameters added by clients).
+    """Mark an async function as a fetcher; each option is described on `FetcherOptions`.
 
     The function is returned unchanged, so it stays a plain async function that tests can call.
     """
@@ -91,7 +123,6 @@ def fetcher(
         ttl=ttl,
         jitter=jitter,
         timeout=timeout,
-        name=name,
         max_stale=max_stale,
         max_idle=max_idle,
         max_entries=max_entries,
@@ -101,75 +132,46 @@ def fetcher(
 
     def mark(f: F) -> F:
         setattr(f, _OPTIONS_ATTR, options)
+        setattr(f, _NAME_ATTR, name)
         return f
 
     return mark(func) if func is not None else mark
 
 
-@dataclass(frozen=True)
-class Fetcher:
-    """A registered fetcher: the function, its query signature and its timing."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fetcher(FetcherOptions):
+    """A registered fetcher: the function, its query signature, where it came from, and its options."""
 
     name: str
     func: FetcherFunc
     signature: Signature
-    ttl: float
-    jitter: float
-    timeout: float
-    source: str
-    max_stale: float | None = None
-    max_idle: float = DEFAULT_MAX_IDLE_S
-    max_entries: int = DEFAULT_MAX_ENTRIES
-    max_concurrency: int | None = None
+    source: str = "code"
+
+    @property
+    def options(self) -> FetcherOptions:
+        return FetcherOptions(**{option: getattr(self, option) for option in OPTION_NAMES})
 
     @classmethod
     def from_callable(
         cls, func: Any, *, name: str | None = None, source: str = "code", overrides: Mapping[str, Any] | None = None
     ) -> Fetcher:
-        options = getattr(func, _OPTIONS_ATTR, None) or FetcherOptions()
-        if overrides:
-            options = dataclasses.replace(options, **overrides)
-        name = str(next((n for n in (name, options.name) if n is not None), getattr(func, "__name__", "")))
+        options = getattr(func, _OPTIONS_ATTR, None) or _DEFAULT
+        name = str(
+            next((n for n in (name, getattr(func, _NAME_ATTR, None)) if n is not None), getattr(func, "__name__", ""))
+        )
         where = f"fetcher {name!r} ({source})"
+        if overrides:
+            unknown = set(overrides) - OPTION_NAMES
+            if unknown:
+                raise ConfigurationError(f"{where}: unknown option {sorted(unknown)[0]!r}")
+            options = dataclasses.replace(options, **overrides)
         if not inspect.iscoroutinefunction(func):
             raise ConfigurationError(f"{where}: must be an async function (async def), got {func!r}")
         if not _NAME.fullmatch(name):
             raise ConfigurationError(f"{where}: name must match {_NAME.pattern}")
-        for option in ("ttl", "jitter", "timeout", "max_idle", "max_stale"):
-            value = getattr(options, option)
-            if value is not None and not math.isfinite(value):
-                raise ConfigurationError(f"{where}: {option} must be a finite number of seconds, got {value}")
-        if not options.ttl > 0:
-            raise ConfigurationError(f"{where}: ttl must be > 0 seconds, got {options.ttl}")
-        if not options.jitter >= 0:
-            raise ConfigurationError(f"{where}: jitter must be >= 0 seconds, got {options.jitter}")
-        if not options.timeout > 0:
-            raise ConfigurationError(f"{where}: timeout must be > 0 seconds, got {options.timeout}")
-        if options.max_stale is not None and not options.max_stale >= 0:
-            raise ConfigurationError(f"{where}: max_stale must be >= 0 seconds or None, got {options.max_stale}")
-        if not options.max_idle > 0:
-            raise ConfigurationError(f"{where}: max_idle must be > 0 seconds, got {options.max_idle}")
-        for option in ("max_entries", "max_concurrency"):
-            value = getattr(options, option)
-            if value is not None and (type(value) is not int):
-                raise ConfigurationError(f"{where}: {option} must be an integer, got {value!r}")
-        if not options.max_entries >= 1:
-            raise ConfigurationError(f"{where}: max_entries must be >= 1, got {options.max_entries}")
-        if options.max_concurrency is not None and not options.max_concurrency >= 1:
-            raise ConfigurationError(f"{where}: max_concurrency must be >= 1 or None, got {options.max_concurrency}")
-        return cls(
-            name,
-            func,
-            Signature(func, name, ignore_unknown=options.ignore_unknown),
-            options.ttl,
-            options.jitter,
-            options.timeout,
-            source,
-            max_stale=options.max_stale,
-            max_idle=options.max_idle,
-            max_entries=options.max_entries,
-            max_concurrency=options.max_concurrency,
-        )
+        options.check(where)
+        signature = Signature(func, name, ignore_unknown=options.ignore_unknown)
+        return cls(name=name, func=func, signature=signature, source=source, **options.as_dict())
 
 
 class Registry(Mapping[str, Fetcher]):

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from deepdiff import DeepDiff
 
 from .errors import FetchFailed
 
@@ -31,14 +30,16 @@ class DataItem(msgspec.Struct, frozen=True):
 
 
 class _Body(msgspec.Struct):
-    # Same fields as DataItem, with the data kept as its encoded JSON: it is compared and copied, never rebuilt.
+    # Same fields as DataItem, with the data kept as its encoded JSON: it is copied, never rebuilt.
     data: msgspec.Raw
     last_retrieved: str
     last_modified: str
 
 
 _encoder = msgspec.json.Encoder()
-_body_decoder = msgspec.json.Decoder(_Body)
+# The data is encoded canonically (object keys and sets sorted), so equal data is equal bytes: a change is
+# a different ETag, found by hashing, with no decoding and no structural diff on the event loop.
+_canonical = msgspec.json.Encoder(order="sorted")
 _item_decoder = msgspec.json.Decoder(DataItem)
 
 
@@ -64,68 +65,44 @@ class Entry:
 
 
 def encode_data(data: Any, fetcher_name: str) -> bytes:
-    """Encode a fetcher's result; a value JSON cannot carry is that fetcher's error."""
+    """Encode a fetcher's result canonically; a value JSON cannot carry is that fetcher's error."""
     try:
-        return _encoder.encode(data)
-    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-        raise FetchFailed(f"fetcher {fetcher_name!r} returned a value that cannot be encoded as JSON: {exc}") from exc
+        return _canonical.encode(data)
+    except Exception as exc:  # TypeError, OverflowError, RecursionError on deep data, a __str__ that raises...
+        raise FetchFailed(
+            f"fetcher {fetcher_name!r} returned a value that cannot be encoded as JSON: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def build_entry(
-    data_json: bytes,
-    now_ms: int,
-    due_at_ms: int,
-    *,
-    previous_value: bytes | None = None,
-    unchanged_since_ms: int | None = None,
+    data_json: bytes, now_ms: int, due_at_ms: int, *, previous_header: bytes | None = None
 ) -> tuple[bytes, bool]:
     """The new stored value and whether its data changed since the previous one.
 
-    `unchanged_since_ms` (from `unchanged_since`: the stored header shows the same bytes) settles the
-    common case without the old value; otherwise `previous_value` is compared with deepdiff.
-    Unchanged data keeps its previous bytes (and so its ETag) even if the fetcher reordered object keys.
+    `previous_header` is the start of the stored value (its header line is enough): if it carries the
+    same ETag, the data is unchanged and keeps its `last_modified`.
     """
     etag = etag_of(data_json)
-    last_modified_ms, changed = now_ms, True
-    last_modified = stamp = rfc3339(now_ms)
-    if unchanged_since_ms is not None:
-        last_modified_ms, changed = unchanged_since_ms, False
-        last_modified = rfc3339(last_modified_ms)
-    elif previous_value is not None:
-        try:
-            stored = Entry.parse(previous_value)
-            old = _body_decoder.decode(stored.body)
-        except (ValueError, msgspec.DecodeError):
-            pass  # an unreadable value is replaced as if the data changed
-        else:
-            if not data_changed(bytes(old.data), data_json):
-                data_json, etag, changed = bytes(old.data), stored.etag, False
-                last_modified, last_modified_ms = old.last_modified, stored.last_modified_ms
-    body = _encoder.encode(_Body(msgspec.Raw(data_json), stamp, last_modified))
+    previous = _header(previous_header)
+    changed = previous is None or previous.etag != etag
+    last_modified_ms = now_ms if changed or previous is None else previous.last_modified_ms
+    body = _encoder.encode(_Body(msgspec.Raw(data_json), rfc3339(now_ms), rfc3339(last_modified_ms)))
     return Entry(etag, now_ms, last_modified_ms, due_at_ms, body).encode(), changed
 
 
-def unchanged_since(data_json: bytes, previous_header: bytes | None) -> int | None:
-    """The stored last_modified (ms) if the stored value's header shows these very data bytes, else None."""
-    if previous_header is None:
+def _header(raw: bytes | None) -> Entry | None:
+    """The validators in a stored value's header line (no body needed); None if there is none to read."""
+    if raw is None:
         return None
     try:
-        before = Entry.parse(previous_header.split(b"\n", 1)[0] + b"\n")
+        return Entry.parse(raw.split(b"\n", 1)[0] + b"\n")
     except ValueError:
         return None
-    return before.last_modified_ms if before.etag == etag_of(data_json) else None
 
 
 def etag_of(data_json: bytes) -> str:
     # 96 bits of BLAKE2b: collisions are out of reach, and the tag stays short in every response.
     return base64.urlsafe_b64encode(hashlib.blake2b(data_json, digest_size=12).digest()).decode()
-
-
-def data_changed(old_json: bytes, new_json: bytes) -> bool:
-    """Equal bytes are equal data; otherwise deepdiff decides (so reordered object keys are no change)."""
-    if old_json == new_json:
-        return False
-    return bool(DeepDiff(msgspec.json.decode(old_json), msgspec.json.decode(new_json)))
 
 
 def decode_item(raw: bytes) -> DataItem:

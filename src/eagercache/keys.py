@@ -7,6 +7,7 @@
 - `{ns}due`            sorted set: entry id -> due time (ms since the epoch); the schedule and the claim
 - `{ns}read`           sorted set: entry id -> last read (ms), written in batches; for max_idle
 - `{ns}counts`         hash: fetcher name -> number of entries; for max_entries
+- `{ns}sweep`          held (SET NX PX) by the replica that sweeps the store for entries off the schedule
 - `{ns}probe:{uuid}`   short-lived, only at start-up on servers that refuse CONFIG
 """
 
@@ -16,7 +17,17 @@ DEFAULT_NAMESPACE = "eagercache:"
 
 
 class Keys:
-    __slots__ = ("counts", "due", "fill_prefix", "item_prefix", "namespace", "read", "shadow_prefix", "stale_prefix")
+    __slots__ = (
+        "counts",
+        "due",
+        "fill_prefix",
+        "item_prefix",
+        "namespace",
+        "read",
+        "shadow_prefix",
+        "stale_prefix",
+        "sweep",
+    )
 
     def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
         self.namespace = namespace
@@ -27,6 +38,7 @@ class Keys:
         self.due = f"{namespace}due"
         self.read = f"{namespace}read"
         self.counts = f"{namespace}counts"
+        self.sweep = f"{namespace}sweep"
 
     def item(self, entry_id: str) -> str:
         return self.item_prefix + entry_id
@@ -40,9 +52,20 @@ class Keys:
     def fill(self, entry_id: str) -> str:
         return self.fill_prefix + entry_id
 
-    def entry_of_shadow(self, key: str) -> str | None:
-        """The entry id behind a shadow key, or None for any other key (other namespaces, other apps)."""
-        return key[len(self.shadow_prefix) :] if key.startswith(self.shadow_prefix) else None
+    def entry_of_shadow(self, key: bytes) -> str | None:
+        """The entry id behind a shadow key, or None for any other key (other namespaces, other apps).
+
+        Key names arrive as bytes and stay bytes until they are known to be ours: another application's
+        key may be any bytes at all. Entry ids are canonical percent-encoded ASCII, so a key under our
+        prefix that is not ASCII was never written by eagercache.
+        """
+        prefix = self.shadow_prefix.encode()
+        if not key.startswith(prefix):
+            return None
+        try:
+            return key[len(prefix) :].decode("ascii")
+        except UnicodeDecodeError:
+            return None
 
 
 def split_entry_id(entry_id: str) -> tuple[str, str]:

@@ -33,7 +33,7 @@ class Metrics:
         )
         self.background_errors = Counter(
             "eagercache_background_errors",
-            "Failures in background work, by component.",
+            "Failures in background work, by component (a loop's name for a loop that failed and restarted).",
             ["component"],
             registry=self.registry,
         )
@@ -58,6 +58,22 @@ class Metrics:
             registry=self.registry,
         )
         self.inflight = Gauge("eagercache_fetches_in_flight", "Fetcher runs in progress.", registry=self.registry)
+        self.abandoned = Gauge(
+            "eagercache_fetches_abandoned",
+            "Fetcher runs still going after their timeout cancelled them (a fetcher that ignores cancellation).",
+            registry=self.registry,
+        )
+        self.repaired = Counter(
+            "eagercache_schedule_repairs",
+            "Stored entries found off the refresh schedule (evicted, deleted by hand) and put back on it.",
+            ["found_by"],
+            registry=self.registry,
+        )
+        self.loops_down = Gauge(
+            "eagercache_background_loops_down",
+            "Background loops that failed and are waiting to restart.",
+            registry=self.registry,
+        )
         self.idle_removed = Counter(
             "eagercache_idle_removed",
             "Entries removed because nobody read them for max_idle.",

@@ -2,36 +2,38 @@
 
 Two signals lead here. The schedule (the `due` sorted set) is the truth: a loop sleeps until the
 earliest due time, or at most the backstop interval, and claims what is due. Redis `expired` events
-for shadow keys are a hint that arrives without polling (entries written by other replicas), late
-by up to a second or so because Redis expires keys by sampling, and not at all while disconnected,
-for evicted keys, or on `memory://`. Whichever comes first, an entry is refreshed only by whoever
-claims it in the schedule, so the two never fetch it twice, and neither do several replicas.
+for shadow keys (events.py) are a hint that arrives without polling, late by up to a second or so,
+and not at all while disconnected, for evicted keys, or on `memory://`. Whichever comes first, an
+entry is refreshed only by whoever claims it in the schedule, so the two never fetch it twice, and
+neither do several replicas.
+
+Each loop runs supervised (supervise.py): whatever it raises, it is logged, counted and restarted,
+and /readyz says so while it is down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
-
-from redis.exceptions import RedisError
+import uuid
+from collections import Counter
 
 from .engine import Cause, Engine
 from .errors import ConfigurationError, StoreUnavailable
-from .store import EXPIRED_CHANNEL, Claim, Store, now_ms
+from .events import ExpiryEvents
+from .keys import split_entry_id
+from .settings import Settings
+from .store import UNSAFE_EVICTION, Claim, Store
+from .supervise import Outage, Supervisor
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKSTOP_INTERVAL_S = 1.0
 CLAIM_BATCH = 256
 # A claim outlives the slowest fetch by this much; a claimer that died frees its entries then.
 LEASE_MARGIN_MS = 5_000
-RECONNECT_MIN_S = 0.1
-RECONNECT_MAX_S = 5.0
-DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 FIRST_SUBSCRIPTION_TIMEOUT_S = 5.0
 # Reads are recorded in the store at most this often, and at least 4 times per shortest max_idle.
 READ_FLUSH_MAX_S = 5.0
@@ -39,89 +41,95 @@ READ_FLUSH_MIN_S = 0.05
 # The schedule loop wakes this long after the next due time, to claim what falls due meanwhile in one go.
 SCHEDULE_COALESCE_MS = 10
 ENTRY_COUNT_INTERVAL_S = 10.0
+CLOCK_SYNC_INTERVAL_S = 10.0
+# Every this often one replica scans the stored items: entries that lost their place in the schedule
+# (evicted, deleted by hand) are put back on it, and the per-fetcher counts are recounted from the items.
+SWEEP_INTERVAL_S = 60.0
+SWEEP_BATCH = 1000
 
 
 class Refresher:
     """One per process; started and stopped by the app's lifespan.
 
-    Claimed entries go to a queue that `max_concurrent` worker tasks drain; the loops never claim more
-    than there are free workers, so nothing waits long enough in the queue for its lease to run out.
+    The loops never claim more entries than the engine has free fetch slots, so a claimed entry starts
+    its fetch at once and its lease does not run out while it waits.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        store: Store,
-        *,
-        max_concurrent: int = 64,
-        backstop_interval_s: float = DEFAULT_BACKSTOP_INTERVAL_S,
-        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, engine: Engine, store: Store, settings: Settings) -> None:
         self.engine = engine
         self.store = store
         self.metrics = engine.metrics
-        self.max_concurrent = max_concurrent
-        self.schedule_max_wait_s = backstop_interval_s
-        self.shutdown_timeout_s = shutdown_timeout_s
+        self.schedule_max_wait_s = settings.backstop_interval
+        self.sweep_interval_s = SWEEP_INTERVAL_S
         fetchers = engine.registry.values()
         self.lease_ms = int(max((f.timeout for f in fetchers), default=0.0) * 1000) + LEASE_MARGIN_MS
         shortest_idle = min((f.max_idle for f in fetchers), default=READ_FLUSH_MAX_S * 4)
         self.read_flush_s = max(READ_FLUSH_MIN_S, min(READ_FLUSH_MAX_S, shortest_idle / 4))
-        self.uses_events = not store.is_memory
-        self._subscribed = asyncio.Event()
+        self.events = (
+            None
+            if store.is_memory
+            else ExpiryEvents(store, self.metrics, batch=CLAIM_BATCH, idle_s=settings.backstop_interval)
+        )
+        self.uses_events = self.events is not None
+        self.supervisor = Supervisor(self.metrics)
         self._wake = asyncio.Event()
         # Loops also stop on this flag: a CancelledError that lands inside a redis-py call can be
         # swallowed there (redis/redis-py#2028), and the loop would then run on.
         self._stopping = False
-        self._loops: list[asyncio.Task[None]] = []
-        self._workers: list[asyncio.Task[None]] = []
-        self._queue: asyncio.Queue[tuple[Claim, Cause] | None] = asyncio.Queue()  # None: a worker stops
-        self._busy = 0
         self._claims: dict[str, int] = {}  # entry id -> lease end (ms), while this process holds the claim
         self._sleep_until_ms = 0  # when the schedule loop looks next; a write due sooner wakes it
-        self._waiting_for_workers = False
+        self._waiting_for_slots = False
+        self._owner = uuid.uuid4().hex
         engine.on_write(self._written)
+        engine.on_fetch_done(self._slot_freed)
 
     @property
     def subscribed(self) -> bool:
-        return self._subscribed.is_set()
+        return self.events is not None and self.events.subscribed
 
     @property
     def mode(self) -> str:
         return "events+schedule" if self.uses_events else "schedule"
 
+    def problems(self) -> list[str]:
+        """What keeps this process from refreshing as it should, for /readyz; empty when all is well."""
+        found = [f"background loop {reason}" for reason in self.supervisor.down()]
+        if self.uses_events and not self.subscribed:
+            found.append("not subscribed to Redis expiry events")
+        return found
+
     async def start(self) -> None:
-        if self.uses_events:
+        await self.store.sync_clock()
+        policy = await self.store.eviction_policy()
+        if policy in UNSAFE_EVICTION:
+            log.warning(
+                "the server's maxmemory-policy can evict the refresh schedule; entries are then found again "
+                "only by reads and the periodic sweep. Use noeviction or a volatile-* policy",
+                extra={"maxmemory_policy": policy},
+            )
+        if self.events is not None:
             try:
-                await self.store.enable_expiry_events()
+                await self.events.enable()
             except ConfigurationError as exc:
                 self.uses_events = False
                 log.warning("no expiry events: refreshing on the schedule alone", extra={"why": exc.detail})
         self.metrics.mode.labels(self.mode).set(1)
-        self._workers = [self._task(self._work(), f"worker {i}") for i in range(self.max_concurrent)]
-        self._loops.append(self._task(self._follow_schedule(), "schedule"))
-        self._loops.append(self._task(self._record_reads(), "reads"))
+        self.supervisor.start("schedule", self._follow_schedule)
+        self.supervisor.start("reads", self._record_reads)
+        self.supervisor.start("sweep", self._sweep)
         if self.uses_events:
-            self._loops.append(self._task(self._follow_events(), "expiry events"))
+            self.supervisor.start("expiry events", self._follow_events)
             # Ready means subscribed; a failure here is retried by the loop (and /readyz says so).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._subscribed.wait(), FIRST_SUBSCRIPTION_TIMEOUT_S)
+            deadline = time.monotonic() + FIRST_SUBSCRIPTION_TIMEOUT_S
+            while not self.subscribed and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # the subscription is another task's; it has no event to await
 
     async def stop(self) -> None:
         """Stop claiming, let in-flight fetches finish (up to the shutdown timeout), give back what is left."""
         self._stopping = True
         self._wake.set()
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        self._loops.clear()
-        while not self._queue.empty():  # claimed, not started: given back below
-            self._queue.get_nowait()
-        for _ in self._workers:
-            self._queue.put_nowait(None)  # not cancel(): redis-py may swallow it mid-command (see _stopping)
-        await self.engine.drain(self.shutdown_timeout_s)
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers.clear()
+        await self.supervisor.stop()
+        await self.engine.drain()
         with contextlib.suppress(StoreUnavailable):
             await self.store.touch(sorted(self._take_reads()))
         if self._claims:
@@ -134,70 +142,48 @@ class Refresher:
                 log.info("gave back refresh claims", extra={"claims": released})
             self._claims.clear()
 
-    def _task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        return asyncio.create_task(coro, name=f"eagercache refresher: {name}")
-
-    @property
-    def _capacity(self) -> int:
-        return self.max_concurrent - self._busy - self._queue.qsize()
-
-    def _lease_end(self) -> int:
-        return now_ms() + self.lease_ms
-
     def _written(self, next_due_ms: int) -> None:
         if next_due_ms < self._sleep_until_ms:
             self._wake.set()  # the schedule loop sleeps past this entry's next refresh
 
-    def _enqueue(self, claims: list[Claim], cause: Cause) -> None:
+    def _slot_freed(self) -> None:
+        if self._waiting_for_slots:
+            self._wake.set()
+
+    def _refresh(self, claims: list[Claim], cause: Cause) -> None:
         for claim in claims:
+            task = self.engine.spawn_refresh(claim, cause)
+            if task is None:
+                continue  # a reader is fetching it here right now; that write reschedules it
             self._claims[claim.entry_id] = claim.lease_end_ms
-            self._queue.put_nowait((claim, cause))
+            task.add_done_callback(functools.partial(self._refreshed, claim.entry_id))
 
-    async def _work(self) -> None:
-        while (item := await self._queue.get()) is not None:
-            claim, cause = item
-            self._busy += 1
-            try:
-                await self._refresh(claim, cause)
-            finally:
-                self._busy -= 1
-                if self._waiting_for_workers:
-                    self._wake.set()
-
-    async def _refresh(self, claim: Claim, cause: Cause) -> None:
-        try:
-            await self.engine.refresh(claim, cause)
-        except StoreUnavailable as exc:
-            # The claim's lease runs out and the entry is due again: nothing is lost.
-            self.metrics.background_errors.labels("refresh").inc()
-            log.warning("refresh could not reach the store", extra={"entry": claim.entry_id, "error": exc.detail})
-        except Exception:
-            self.metrics.background_errors.labels("refresh").inc()
-            log.exception("refresh crashed", extra={"entry": claim.entry_id})
-        self._claims.pop(claim.entry_id, None)  # written, postponed or lost: no longer ours to give back
+    def _refreshed(self, entry_id: str, task: asyncio.Task[bytes | None]) -> None:
+        if not task.cancelled():  # written, postponed or lost: no longer ours to give back
+            self._claims.pop(entry_id, None)
 
     async def _follow_schedule(self) -> None:
-        outage = _Outage("schedule")
+        outage = Outage("schedule")
         while not self._stopping:
             self._wake.clear()
-            limit = min(self._capacity, CLAIM_BATCH)
+            limit = min(self.engine.free_slots, CLAIM_BATCH)
             if limit <= 0:
-                self._waiting_for_workers = True
+                self._waiting_for_slots = True
                 await self._wake.wait()
-                self._waiting_for_workers = False
+                self._waiting_for_slots = False
                 continue
             try:
-                claimed = await self.store.claim_due(self._lease_end(), limit)
+                claimed = await self.store.claim_due(self.lease_ms, limit)
                 next_due = None if len(claimed) == limit else await self.store.next_due_ms()
             except StoreUnavailable as exc:
-                self.metrics.background_errors.labels("schedule").inc()
+                self.metrics.background_errors.labels("schedule-store").inc()
                 await asyncio.sleep(outage.failed(exc.detail))
                 continue
             outage.over()
-            self._enqueue(claimed, "schedule")
+            self._refresh(claimed, "schedule")
             if len(claimed) == limit:
                 continue  # more may be due
-            now = now_ms()
+            now = self.store.clock.now_ms()
             wait_ms = self.schedule_max_wait_s * 1000
             if next_due is not None:
                 # A little past the next due time, so that entries falling due together share one claim.
@@ -208,90 +194,84 @@ class Refresher:
             self._sleep_until_ms = 0
 
     async def _follow_events(self) -> None:
-        outage = _Outage("expiry events")
-        keys = self.store.keys
-        first = True
-        while not self._stopping:
-            pubsub = self.store.pubsub()
-            try:
-                await pubsub.psubscribe(EXPIRED_CHANNEL)
-                if not first:
-                    self.metrics.reconnects.inc()
-                first = False
-                self._set_subscribed(True)
-                outage.over()
-                while not self._stopping:
-                    message = await pubsub.get_message(timeout=self.schedule_max_wait_s)
-                    due: list[str] = []
-                    while message is not None and len(due) < CLAIM_BATCH:
-                        # Everything already received goes into one claim: a burst costs one round trip.
-                        entry_id = keys.entry_of_shadow(_text(message["data"]))
-                        if entry_id is not None:
-                            due.append(entry_id)
-                        message = await pubsub.get_message(timeout=0)
-                    # At capacity the entries stay due in the schedule, which takes them when workers free up.
-                    room = self._capacity
-                    if due and room > 0:
-                        self._enqueue(await self.store.claim(due[:room], self._lease_end()), "event")
-            except (RedisError, OSError, StoreUnavailable) as exc:
-                self._set_subscribed(False)
-                self.metrics.background_errors.labels("subscription").inc()
-                await asyncio.sleep(outage.failed(f"{type(exc).__name__}: {exc}"))
-            finally:
-                self._set_subscribed(False)
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        assert self.events is not None
+        batches = self.events.batches()
+        async with contextlib.aclosing(batches):
+            async for due in batches:
+                if self._stopping:
+                    return
+                # At capacity the entries stay due in the schedule, which takes them when slots free up.
+                room = self.engine.free_slots
+                if not due or room <= 0:
+                    continue
+                try:
+                    claimed = await self.store.claim(due[:room], self.lease_ms)
+                except StoreUnavailable:
+                    self.metrics.background_errors.labels("event-claim").inc()
+                    continue  # still due in the schedule: nothing is lost
+                self._refresh(claimed, "event")
 
     async def _record_reads(self) -> None:
-        """Write the entries read lately to the store in one command per interval, not one per hit.
-
-        Also keeps the entries-per-fetcher gauge current, which a scrape cannot ask Redis for itself.
-        """
-        counted_at = 0.0
+        """Write the entries read lately to the store in one command per interval, not one per hit; put
+        entries read while overdue back on the schedule if they fell off it; keep the clock and the
+        entries-per-fetcher gauge current (a scrape cannot ask Redis for itself)."""
+        counted_at, synced_at = 0.0, time.monotonic()
+        outage = Outage("reads")
         while not self._stopping:
             await asyncio.sleep(self.read_flush_s)
-            reads = self._take_reads()
+            reads, overdue = self._take_reads(), self._take_overdue()
             try:
                 await self.store.touch(sorted(reads))
+                if repaired := await self.store.repair(sorted(overdue)):
+                    self.metrics.repaired.labels("read").inc(len(repaired))
+                    log.info("entries off the schedule put back on it", extra={"entries": len(repaired)})
+                if time.monotonic() - synced_at >= CLOCK_SYNC_INTERVAL_S:
+                    synced_at = time.monotonic()
+                    await self.store.sync_clock()
                 if time.monotonic() - counted_at >= ENTRY_COUNT_INTERVAL_S:
                     counted_at = time.monotonic()
                     counts = await self.store.entry_counts()
                     for name in self.engine.registry:
                         self.metrics.entries.labels(name).set(counts.get(name, 0))
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 self.engine.reads |= reads  # try again next time
-                self.metrics.background_errors.labels("reads").inc()
+                self.engine.overdue |= overdue
+                self.metrics.background_errors.labels("reads-store").inc()
+                await asyncio.sleep(outage.failed(exc.detail))
+            else:
+                outage.over()
+
+    async def _sweep(self) -> None:
+        """Every sweep interval, one replica scans the stored items: entries missing from the schedule
+        go back on it (due now), and the entry counts are recounted from what is really stored."""
+        outage = Outage("sweep")
+        while not self._stopping:
+            await asyncio.sleep(self.sweep_interval_s)
+            try:
+                if not await self.store.take_sweep(int(self.sweep_interval_s * 900), self._owner):
+                    continue  # another replica sweeps this round
+                counts: Counter[str] = Counter()
+                repaired, cursor = 0, 0
+                while not self._stopping:
+                    cursor, ids = await self.store.scan_entries(None, cursor, SWEEP_BATCH)
+                    counts.update(split_entry_id(entry_id)[0] for entry_id in ids)
+                    repaired += len(await self.store.repair(ids))
+                    if cursor == 0:
+                        await self.store.set_counts(dict(counts))
+                        break
+            except StoreUnavailable as exc:
+                self.metrics.background_errors.labels("sweep-store").inc()
+                outage.failed(exc.detail)
+                continue
+            outage.over()
+            if repaired:
+                self.metrics.repaired.labels("sweep").inc(repaired)
+                log.warning("entries off the schedule put back on it by the sweep", extra={"entries": repaired})
 
     def _take_reads(self) -> set[str]:
         reads, self.engine.reads = self.engine.reads, set()
         return reads
 
-    def _set_subscribed(self, up: bool) -> None:
-        if up:
-            self._subscribed.set()
-        else:
-            self._subscribed.clear()
-        self.metrics.subscribed.set(1 if up else 0)
-
-
-class _Outage:
-    """Logs a failing background loop once per outage, and paces its retries with exponential backoff."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.delay_s = 0.0
-
-    def failed(self, error: str) -> float:
-        if self.delay_s == 0.0:
-            log.warning("lost the store; retrying", extra={"loop": self.what, "error": error})
-        self.delay_s = min(max(self.delay_s * 2, RECONNECT_MIN_S), RECONNECT_MAX_S)
-        return self.delay_s
-
-    def over(self) -> None:
-        if self.delay_s:
-            log.info("store is back", extra={"loop": self.what})
-        self.delay_s = 0.0
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    def _take_overdue(self) -> set[str]:
+        overdue, self.engine.overdue = self.engine.overdue, set()
+        return overdue

@@ -6,8 +6,8 @@ RFC 9110 (semantics: ETag 8.8.3, Last-Modified 8.8.2, conditional requests 13) a
 
 from __future__ import annotations
 
+import asyncio
 import gzip
-import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from email.utils import formatdate, parsedate_to_datetime
@@ -23,6 +23,9 @@ GZIP_MIN_BYTES = 1024
 # refresh, not per read.
 PREPARED_ENTRIES = 1024
 GZIP_LEVEL = 6
+# Larger bodies are compressed in a thread (zlib lets go of the GIL): a 2 MB body takes ~100 ms to
+# compress, which on the event loop would stall every other request.
+GZIP_IN_THREAD_BYTES = 64 * 1024
 
 
 class EntryResponse(Response):
@@ -68,12 +71,16 @@ class Representer:
 
     def __init__(self) -> None:
         self._prepared: OrderedDict[tuple[str, int, bool], _Prepared] = OrderedDict()
+        self._compressing: dict[tuple[str, int, bool], asyncio.Future[_Prepared]] = {}
 
-    def respond(self, read: Read, request_headers: Mapping[str, str]) -> Response:
+    async def respond(self, read: Read, request_headers: Mapping[str, str]) -> Response:
         entry, fetcher = read.entry, read.fetcher
         zipped = len(entry.body) >= GZIP_MIN_BYTES and _accepts_gzip(request_headers.get("accept-encoding", ""))
-        prepared = self._prepare(read, zipped)
-        age = max(0, (int(time.time() * 1000) - entry.last_retrieved_ms) // 1000)
+        key = (read.entry_id, entry.last_retrieved_ms, zipped)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = await self._prepare(key, read, zipped)
+        age = max(0, (read.now_ms - entry.last_retrieved_ms) // 1000)
         per_read = prepared.per_read.get((age, read.cache))
         if per_read is None:  # the headers that vary between reads change once a second at most: build them then
             # RFC 9111, 4.2: a cache counts max-age from the response's generation, which Age says was
@@ -92,21 +99,36 @@ class Representer:
             return EntryResponse(304, prepared.not_modified + per_read)
         return EntryResponse(200, prepared.ok + per_read, prepared.body)
 
-    def _prepare(self, read: Read, zipped: bool) -> _Prepared:
-        key = (read.entry_id, read.entry.last_retrieved_ms, zipped)
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            entry = read.entry
-            if zipped:
-                # A different content coding is a different representation: it gets its own strong ETag.
-                body = gzip.compress(entry.body, GZIP_LEVEL, mtime=0)
-                prepared = _Prepared(body, f'"{entry.etag}-gz"', entry.last_modified_ms, "gzip")
+    async def _prepare(self, key: tuple[str, int, bool], read: Read, zipped: bool) -> _Prepared:
+        entry = read.entry
+        if not zipped:
+            prepared = _Prepared(entry.body, f'"{entry.etag}"', entry.last_modified_ms, None)
+        elif len(entry.body) < GZIP_IN_THREAD_BYTES:
+            prepared = _zipped(entry.body, entry.etag, entry.last_modified_ms)
+        elif (pending := self._compressing.get(key)) is not None:
+            return await asyncio.shield(pending)  # another reader is compressing this very version
+        else:
+            future: asyncio.Future[_Prepared] = asyncio.get_running_loop().create_future()
+            self._compressing[key] = future
+            try:
+                prepared = await asyncio.to_thread(_zipped, entry.body, entry.etag, entry.last_modified_ms)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: nobody else may be waiting
+                raise
             else:
-                prepared = _Prepared(entry.body, f'"{entry.etag}"', entry.last_modified_ms, None)
-            self._prepared[key] = prepared
-            if len(self._prepared) > PREPARED_ENTRIES:
-                self._prepared.popitem(last=False)
+                future.set_result(prepared)
+            finally:
+                del self._compressing[key]
+        self._prepared[key] = prepared
+        if len(self._prepared) > PREPARED_ENTRIES:
+            self._prepared.popitem(last=False)
         return prepared
+
+
+def _zipped(body: bytes, etag: str, last_modified_ms: int) -> _Prepared:
+    # A different content coding is a different representation: it gets its own strong ETag.
+    return _Prepared(gzip.compress(body, GZIP_LEVEL, mtime=0), f'"{etag}-gz"', last_modified_ms, "gzip")
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:

@@ -1,47 +1,60 @@
 """The Lua scripts the store runs. Each runs atomically in Redis (and in fakeredis, through lupa).
 
-Times are milliseconds since the epoch, passed in by the caller: one clock for the whole script.
-Scores come back from ZSCORE as strings; '-1' stands for "no score" because a nil would cut a Lua
-array short.
+Every time a script compares or stores is read from the server's own clock (`TIME`), so replicas whose
+clocks disagree still agree on what is due (see clock.py). Scores come back from ZSCORE as strings;
+'-1' stands for "no score" because a nil would cut a Lua array short.
 """
 
 from __future__ import annotations
 
-# Claim up to ARGV[3] entries due by ARGV[1] by moving their score to ARGV[2], the lease end: whoever moved
+# Milliseconds since the epoch by the server's clock. Lua numbers are doubles: exact for these values.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Claim up to ARGV[2] entries due now by moving their score to now + ARGV[1], the lease end: whoever moved
 # an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
-# KEYS: due, read. ARGV[4]: the item key prefix; ARGV[5]: the last byte of the header to return.
-# Returns id, last-read, due, header, ... where header is the start of the stored value (item.Entry's
-# header line), so a refresh that brings unchanged data needs no read of the old value.
-CLAIM_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
+# KEYS: due, read. ARGV[3]: the item key prefix; ARGV[4]: the last byte of the header to return.
+# Returns now, lease end, then id, last-read, due, header, ... where header is the start of the stored
+# value (item.Entry's header line), so a refresh that brings unchanged data needs no read of the old value.
+CLAIM_DUE = (
+    _NOW
+    + """
+local lease_end = now + tonumber(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {now, lease_end}
 for i = 1, #due, 2 do
   local id = due[i]
-  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  redis.call('ZADD', KEYS[1], lease_end, id)
   local read = redis.call('ZSCORE', KEYS[2], id)
   -- an entry with no read time (its record was lost) starts counting towards max_idle now
-  if not read then redis.call('ZADD', KEYS[2], ARGV[1], id) end
+  if not read then redis.call('ZADD', KEYS[2], now, id) end
   out[#out + 1] = id
   out[#out + 1] = read or '-1'
   out[#out + 1] = due[i + 1]
-  out[#out + 1] = redis.call('GETRANGE', ARGV[4] .. id, 0, ARGV[5])
+  out[#out + 1] = redis.call('GETRANGE', ARGV[3] .. id, 0, ARGV[4])
 end
 return out
 """
+)
 
-# Claim the entries ARGV[5..] that expired shadow keys say are due, if they are (ARGV: now, lease end,
-# item key prefix, last header byte, ids...). An entry that is stored but missing from the schedule is claimed too, so
-# a damaged schedule heals. KEYS: due, read. Returns what CLAIM_DUE does, for the claimed ones.
-CLAIM_MANY = """
-local out = {}
-for i = 5, #ARGV do
+# Claim the entries ARGV[4..] that expired shadow keys say are due, if they are (ARGV: lease ms, item key
+# prefix, last header byte, ids...). An entry that is stored but missing from the schedule is claimed too,
+# so a damaged schedule heals. KEYS: due, read. Returns what CLAIM_DUE does, for the claimed ones.
+CLAIM_MANY = (
+    _NOW
+    + """
+local lease_end = now + tonumber(ARGV[1])
+local out = {now, lease_end}
+for i = 4, #ARGV do
   local id = ARGV[i]
   local due = redis.call('ZSCORE', KEYS[1], id)
-  local header = redis.call('GETRANGE', ARGV[3] .. id, 0, ARGV[4])
-  if (due and tonumber(due) <= tonumber(ARGV[1])) or (not due and header ~= '') then
-    redis.call('ZADD', KEYS[1], ARGV[2], id)
+  local header = redis.call('GETRANGE', ARGV[2] .. id, 0, ARGV[3])
+  if (due and tonumber(due) <= now) or (not due and header ~= '') then
+    redis.call('ZADD', KEYS[1], lease_end, id)
     local read = redis.call('ZSCORE', KEYS[2], id)
-    if not read then redis.call('ZADD', KEYS[2], ARGV[1], id) end
+    if not read then redis.call('ZADD', KEYS[2], now, id) end
     out[#out + 1] = id
     out[#out + 1] = read or '-1'
     out[#out + 1] = due or '-1'
@@ -50,64 +63,77 @@ for i = 5, #ARGV do
 end
 return out
 """
+)
 
-# Give a claim back (ARGV: id, lease end, now) if it is still ours: due again at once, for anyone.
-# KEYS: due.
-RELEASE = """
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if due and tonumber(due) == tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return 1
+# Give claims back (ARGV: id, lease end, id, lease end, ...) where they are still ours: due again at
+# once, for anyone. KEYS: due. Returns how many were given back.
+RELEASE = (
+    _NOW
+    + """
+local released = 0
+for i = 1, #ARGV, 2 do
+  local due = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if due and tonumber(due) == tonumber(ARGV[i + 1]) then
+    redis.call('ZADD', KEYS[1], now, ARGV[i])
+    released = released + 1
+  end
 end
-return 0
+return released
 """
+)
 
 # Store an entry and schedule its next refresh (and let go of the cold-fill lock, if any).
 # KEYS: item, shadow, due, read, stale, counts, fill.
-# ARGV: id, body, due-in ms, now, due at, fetcher, max entries, mode.
+# ARGV: id, body, due at, fetcher, max entries, mode.
 # mode 'cold': a reader's fetch; a new entry counts against max entries and is marked read now.
 # mode 'refresh': only an entry that still exists is written. One whose item was deleted meanwhile
 # (by hand, by eviction) is dropped whole; it is counted out unless FORGET did that already (then it
 # is no longer scheduled).
 # Returns 1 stored, 0 not stored (fetcher at max entries), -1 not stored (entry gone).
-WRITE = """
+WRITE = (
+    _NOW
+    + """
 local is_new = redis.call('EXISTS', KEYS[1]) == 0
 if is_new then
-  if ARGV[8] ~= 'cold' then
-    if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[6], -1) end
+  if ARGV[6] ~= 'cold' then
+    if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[4], -1) end
     redis.call('ZREM', KEYS[4], ARGV[1])
     redis.call('DEL', KEYS[2], KEYS[5])
     return -1
   end
-  if tonumber(redis.call('HGET', KEYS[6], ARGV[6]) or '0') >= tonumber(ARGV[7]) then
+  if tonumber(redis.call('HGET', KEYS[6], ARGV[4]) or '0') >= tonumber(ARGV[5]) then
     redis.call('DEL', KEYS[7])
     return 0
   end
-  redis.call('HINCRBY', KEYS[6], ARGV[6], 1)
+  redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
 end
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], '', 'PX', ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-if ARGV[8] == 'cold' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
+redis.call('SET', KEYS[2], '', 'PX', math.max(1, tonumber(ARGV[3]) - now))
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+if ARGV[6] == 'cold' then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
 redis.call('DEL', KEYS[5], KEYS[7])
 return 1
 """
+)
 
 # After a failed refresh: keep the body, mark the entry stale, try again later.
-# KEYS: item, shadow, due, stale, read, counts. ARGV: id, due-in ms, due at, stale marker ('' to leave the
+# KEYS: item, shadow, due, stale, read, counts. ARGV: id, retry in ms, stale marker ('' to leave the
 # marker alone), fetcher. An entry whose item is gone is dropped whole, as in WRITE. Returns 0 if it is gone.
-POSTPONE = """
+POSTPONE = (
+    _NOW
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[5], -1) end
+  if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[4], -1) end
   redis.call('ZREM', KEYS[5], ARGV[1])
   redis.call('DEL', KEYS[2], KEYS[4])
   return 0
 end
-if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4]) end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3]) end
 redis.call('SET', KEYS[2], '', 'PX', ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
+)
 
 # Remove an entry and everything about it. KEYS: item, shadow, due, read, stale, counts. ARGV: id, fetcher.
 # Returns 1 if the entry had a stored item.
@@ -119,3 +145,22 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return existed
 """
+
+# Put stored entries that lost their place in the schedule (evicted, deleted by hand) back on it, due
+# now; an entry on the schedule (or claimed: its score is a lease end) is left alone.
+# KEYS: due, read. ARGV: item key prefix, ids... Returns the ids put back.
+REPAIR = (
+    _NOW
+    + """
+local repaired = {}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  if not redis.call('ZSCORE', KEYS[1], id) and redis.call('EXISTS', ARGV[1] .. id) == 1 then
+    redis.call('ZADD', KEYS[1], now, id)
+    redis.call('ZADD', KEYS[2], 'NX', now, id)
+    repaired[#repaired + 1] = id
+  end
+end
+return repaired
+"""
+)

@@ -18,30 +18,15 @@ from typing import Any, Literal
 import msgspec
 
 from .errors import ConfigurationError
+from .fetchers import OPTION_NAMES, FetcherOptions
 from .keys import DEFAULT_NAMESPACE
-from .store import DEFAULT_MAX_CONNECTIONS, MEMORY_URL
+from .store import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_BUDGET_S, MEMORY_URL
 
 ENV_PREFIX = "EAGERCACHE_"
 # Settings with no command-line flag: a secret in argv is visible to every user of the machine (ps),
 # and per-fetcher tables only make sense in the file.
 NO_FLAG = frozenset({"admin_token", "fetcher_overrides"})
 LogFormat = Literal["text", "json"]
-
-
-class FetcherOverride(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What a `[fetcher.NAME]` table may change; anything left out keeps the code's value."""
-
-    ttl: float | msgspec.UnsetType = msgspec.UNSET
-    jitter: float | msgspec.UnsetType = msgspec.UNSET
-    timeout: float | msgspec.UnsetType = msgspec.UNSET
-    max_stale: float | msgspec.UnsetType = msgspec.UNSET
-    max_idle: float | msgspec.UnsetType = msgspec.UNSET
-    max_entries: int | msgspec.UnsetType = msgspec.UNSET
-    max_concurrency: int | msgspec.UnsetType = msgspec.UNSET
-    ignore_unknown: bool | msgspec.UnsetType = msgspec.UNSET
-
-    def changes(self) -> dict[str, Any]:
-        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not msgspec.UNSET}
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -62,13 +47,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     backstop_interval: float = 1.0
     """Seconds: the schedule is re-read at least this often, bounding how late a lost event makes a refresh."""
     shutdown_timeout: float = 10.0
-    """Seconds that in-flight fetches get to finish at shutdown."""
+    """Seconds from SIGTERM that readers and in-flight fetches get; then readers get a 503 and the process exits."""
+    read_budget: float = DEFAULT_READ_BUDGET_S
+    """Seconds a reader waits for Redis; past it a recently served entry is answered from memory (STALE), else 503."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: LogFormat = "text"
     access_log: bool = False
     admin_token: str | None = None
     """Bearer token for /admin; the admin API is off without one."""
-    fetcher_overrides: dict[str, FetcherOverride] = msgspec.field(default_factory=dict)
+    fetcher_overrides: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     """From the config file's `[fetcher.NAME]` tables."""
 
     def __post_init__(self) -> None:
@@ -86,6 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError("admin_token must be at least 16 characters, without whitespace (or unset: no admin API)")
         if not 0 <= self.near_cache_ttl <= 60:
             raise ValueError(f"near_cache_ttl must be >= 0 and <= 60 seconds, got {self.near_cache_ttl}")
+        if not 0.01 <= self.read_budget <= 10:
+            raise ValueError(f"read_budget must be >= 0.01 and <= 10 seconds, got {self.read_budget}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if not self.redis_url.startswith((MEMORY_URL, "redis://", "rediss://", "unix://")):
@@ -136,10 +125,15 @@ def read_config(path: str | None) -> dict[str, Any]:
         raise ConfigurationError(f"config file {path}: `fetcher` must be tables, [fetcher.NAME]")
     overrides = {}
     for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigurationError(f"config file {path}: [fetcher.{name}] must be a table")
+        if unknown := sorted(set(table) - OPTION_NAMES):
+            raise ConfigurationError(f"config file {path}: [fetcher.{name}]: unknown setting `{unknown[0]}`")
         try:
-            overrides[name] = msgspec.convert(table, FetcherOverride)
+            msgspec.convert(table, FetcherOptions)  # types only; ranges are checked when the fetcher is built
         except msgspec.ValidationError as exc:
             raise ConfigurationError(f"config file {path}: [fetcher.{name}]: {_plain(str(exc))}") from exc
+        overrides[name] = table
     if overrides:
         raw["fetcher_overrides"] = overrides
     return raw

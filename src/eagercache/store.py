@@ -2,15 +2,16 @@
 
 `memory://` is fakeredis in this process: the same commands and scripts, no server, nothing shared or
 kept. It publishes no `expired` events, which is why the schedule (the `due` sorted set) and not
-the events is what the refresher trusts. Key names are in keys.py, scripts in scripts.py.
+the events is what the refresher trusts. Key names are in keys.py, scripts in scripts.py, the
+expiry-event subscription in events.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -18,27 +19,24 @@ from urllib.parse import urlsplit, urlunsplit
 import fakeredis
 import redis.asyncio as redis
 from redis import exceptions as redis_exceptions
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from . import scripts
-from .errors import ConfigurationError, StoreUnavailable
+from .clock import ServerClock
+from .errors import ConfigurationError, StoreTimeout, StoreUnavailable
 from .keys import Keys
 
 MEMORY_URL = "memory://"
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
+# The longest a reader waits for Redis (connection and reply); past it the read is answered from memory
+# (grace) or with a 503. Background work has COMMAND_TIMEOUT_S.
+DEFAULT_READ_BUDGET_S = 0.2
 # The header line of a stored value (item.Entry) fits in this many bytes; claims and listings read only these.
 HEADER_MAX_BYTES = 128
-EXPIRED_CHANNEL = "__keyevent@*__:expired"
-EVENT_PROBE_TIMEOUT_S = 2.0
-# Keyspace notification flags: E = keyevent channel, x = expired events; A is an alias that includes x.
-_NEEDED_EVENT_FLAGS = "Ex"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+# Eviction policies that may delete keys without a TTL: the schedule, the read times, the counts.
+UNSAFE_EVICTION = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 
 
 def redact(url: str) -> str:
@@ -73,7 +71,10 @@ class Stale:
         if raw is None:
             return None
         since, failures, error = [*_text(raw).split(" ", 2), "", ""][:3]
-        return cls(int(since), int(failures or 1), error)
+        try:
+            return cls(int(since), int(failures or 1), error)
+        except ValueError:  # not a marker eagercache wrote: still a marker, from now on
+            return cls(0, 1, f"unreadable stale marker {_text(raw)[:40]!r}")
 
     def encode(self) -> str:
         return f"{self.since_ms} {self.failures} {self.error}"
@@ -97,20 +98,30 @@ STORED, OVER_LIMIT, GONE = 1, 0, -1
 class Store:
     """The cache's storage: entry bodies, shadow keys, the due schedule, read times and entry counts."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, url: str) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, url: str, read_budget_s: float = DEFAULT_READ_BUDGET_S):
         self.client = client
         self.keys = keys
         self.url = url
         self.is_memory = url.startswith(MEMORY_URL)
+        self.read_budget_s = read_budget_s
+        self.clock = ServerClock()
         self._claim_due = client.register_script(scripts.CLAIM_DUE)
         self._claim_many = client.register_script(scripts.CLAIM_MANY)
         self._release = client.register_script(scripts.RELEASE)
         self._write = client.register_script(scripts.WRITE)
         self._postpone = client.register_script(scripts.POSTPONE)
         self._forget = client.register_script(scripts.FORGET)
+        self._repair = client.register_script(scripts.REPAIR)
 
     @classmethod
-    def from_url(cls, url: str, keys: Keys, *, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> Store:
+    def from_url(
+        cls,
+        url: str,
+        keys: Keys,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        read_budget_s: float = DEFAULT_READ_BUDGET_S,
+    ) -> Store:
         if url.startswith(MEMORY_URL):
             client: redis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
         else:
@@ -127,54 +138,81 @@ class Store:
             except ValueError as exc:
                 raise ConfigurationError(f"redis_url {redact(url)!r} is not a valid Redis URL: {exc}") from exc
             client = redis.Redis.from_pool(pool)
-        return cls(client, keys, url=url)
+        return cls(client, keys, url=url, read_budget_s=read_budget_s)
+
+    @property
+    def db(self) -> int:
+        """The database number the client uses (expiry events are published per database)."""
+        return int(self.client.connection_pool.connection_kwargs.get("db", 0) or 0)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def ping(self) -> None:
-        with _redis_errors(self.url):
+    async def ping(self, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
+        async with self._within(timeout_s):
             await self.client.ping()
 
+    async def sync_clock(self) -> None:
+        """Read the server's clock (TIME) into `self.clock`."""
+        async with self._within(COMMAND_TIMEOUT_S):
+            sent = time.monotonic()
+            seconds, micros = await self.client.time()
+            self.clock.observe(seconds * 1000 + micros / 1000, sent, time.monotonic())
+
+    @asynccontextmanager
+    async def _within(self, budget_s: float) -> AsyncIterator[None]:
+        """Redis errors as StoreUnavailable, and no wait longer than `budget_s` (connection included).
+
+        A command cut short by the timeout closes its connection (redis-py disconnects on cancellation),
+        so a late reply can never be read as the answer to the next command.
+        """
+        try:
+            async with asyncio.timeout(budget_s):
+                with _redis_errors(self.url):
+                    yield
+        except TimeoutError:
+            raise StoreTimeout(f"the store at {redact(self.url)} did not answer within {budget_s:g} s") from None
+
+    def _read(self) -> AbstractAsyncContextManager[None]:
+        return self._within(self.read_budget_s)
+
     async def get(self, entry_id: str) -> tuple[bytes | None, Stale | None]:
-        """The entry's body and, if its refreshes are failing, its stale marker: one round trip."""
-        with _redis_errors(self.url):
+        """The entry's body and, if its refreshes are failing, its stale marker: one round trip, within the budget."""
+        async with self._read():
             body, stale = await self.client.mget(self.keys.item(entry_id), self.keys.stale(entry_id))
         assert body is None or isinstance(body, bytes)  # the client is built without decode_responses
         return body, Stale.parse(stale)
 
+    async def header(self, entry_id: str) -> bytes | None:
+        """The start of the stored value (its header line), without the body; None if it is not stored."""
+        with _redis_errors(self.url):
+            head = await self.client.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES - 1)
+        assert head is None or isinstance(head, bytes)
+        return head or None
+
     async def write(
-        self,
-        entry_id: str,
-        fetcher: str,
-        value: bytes,
-        now: int,
-        due_at_ms: int,
-        *,
-        mode: WriteMode,
-        max_entries: int,
+        self, entry_id: str, fetcher: str, value: bytes, due_at_ms: int, *, mode: WriteMode, max_entries: int
     ) -> int:
         """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE."""
         keys = [*self._entry_keys(entry_id), self.keys.fill(entry_id)]
-        due_in_ms = max(1, due_at_ms - now)
-        args: list[str | bytes | int] = [entry_id, value, due_in_ms, now, due_at_ms, fetcher, max_entries, mode]
+        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, max_entries, mode]
         with _redis_errors(self.url):
             result: int = await self._write(keys=keys, args=args)
         return result
 
     async def start_fill(self, entry_id: str, lock_ms: int) -> bool:
         """Take the right to fetch a missing entry across replicas; False if another replica has it."""
-        with _redis_errors(self.url):
+        async with self._read():
             return bool(await self.client.set(self.keys.fill(entry_id), b"", nx=True, px=lock_ms))
 
     async def end_fill(self, entry_id: str) -> None:
         """Let go of the cold-fill lock without storing (the fetch failed)."""
-        with _redis_errors(self.url):
+        async with self._read():
             await self.client.delete(self.keys.fill(entry_id))
 
     async def filling(self, entry_id: str) -> tuple[bytes | None, bool]:
         """The entry's body if stored by now, and whether a replica still holds its fill lock."""
-        with _redis_errors(self.url):
+        async with self._read():
             body, lock = await self.client.mget(self.keys.item(entry_id), self.keys.fill(entry_id))
         assert body is None or isinstance(body, bytes)
         return body, lock is not None
@@ -183,12 +221,12 @@ class Store:
         with _redis_errors(self.url):
             return Stale.parse(await self.client.get(self.keys.stale(entry_id)))
 
-    async def postpone(self, entry_id: str, fetcher: str, due_in_ms: int, stale: Stale | None) -> bool:
+    async def postpone(self, entry_id: str, fetcher: str, retry_in_ms: int, stale: Stale | None) -> bool:
         """Keep the body, mark the entry stale (unless `stale` is None), try again later; False if it is gone."""
         k = self.keys
         keys = [k.item(entry_id), k.shadow(entry_id), k.due, k.stale(entry_id), k.read, k.counts]
         marker = stale.encode() if stale is not None else ""
-        args: list[str | int] = [entry_id, due_in_ms, now_ms() + due_in_ms, marker, fetcher]
+        args: list[str | int] = [entry_id, max(1, retry_in_ms), marker, fetcher]
         with _redis_errors(self.url):
             kept: int = await self._postpone(keys=keys, args=args)
         return bool(kept)
@@ -199,14 +237,22 @@ class Store:
             existed = await self._forget(keys=self._entry_keys(entry_id), args=[entry_id, fetcher])
         return bool(existed)
 
-    async def scan_entries(self, fetcher: str, cursor: int, count: int) -> tuple[int, list[str]]:
-        """One page of a fetcher's stored entries (SCAN semantics: a cursor, 0 when done; pages vary in size)."""
+    async def scan_entries(self, fetcher: str | None, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One page of stored entries, of one fetcher or all (SCAN semantics: a cursor, 0 when done).
+
+        Keys under the namespace that are not eagercache's (not ASCII) are skipped, never decoded.
+        """
         # glob-escaped: a literal '?' ends the fetcher's name, so fetcher `a` never matches entries of `ab`
-        pattern = _glob_escape(f"{self.keys.item_prefix}{fetcher}?") + "*"
+        pattern = _glob_escape(self.keys.item_prefix + ("" if fetcher is None else f"{fetcher}?")) + "*"
         with _redis_errors(self.url):
             cursor, keys = await self.client.scan(cursor, match=pattern, count=count)
         start = len(self.keys.item_prefix)
-        return int(cursor), [_text(key)[start:] for key in keys]
+        ids = []
+        for key in keys:
+            assert isinstance(key, bytes)  # the client is built without decode_responses
+            with suppress(UnicodeDecodeError):
+                ids.append(key[start:].decode("ascii"))
+        return int(cursor), ids
 
     async def describe(self, entry_ids: list[str]) -> list[tuple[bytes | None, float | None, Stale | None]]:
         """For each entry: its stored header line (not the body), its due score, its stale marker."""
@@ -223,40 +269,67 @@ class Store:
         k = self.keys
         return [k.item(entry_id), k.shadow(entry_id), k.due, k.read, k.stale(entry_id), k.counts]
 
-    async def claim_due(self, lease_end_ms: int, limit: int) -> list[Claim]:
-        """Claim up to `limit` entries whose refresh is due now."""
-        args: list[str | int] = [now_ms(), lease_end_ms, limit, self.keys.item_prefix, HEADER_MAX_BYTES - 1]
+    async def claim_due(self, lease_ms: int, limit: int) -> list[Claim]:
+        """Claim up to `limit` entries whose refresh is due now, each for `lease_ms`."""
+        args: list[str | int] = [lease_ms, limit, self.keys.item_prefix, HEADER_MAX_BYTES - 1]
         with _redis_errors(self.url):
+            sent = time.monotonic()
             flat: list[bytes] = await self._claim_due(keys=[self.keys.due, self.keys.read], args=args)
-        return self._claims(flat, lease_end_ms)
+        return self._claims(flat, sent)
 
-    async def claim(self, entry_ids: list[str], lease_end_ms: int) -> list[Claim]:
+    async def claim(self, entry_ids: list[str], lease_ms: int) -> list[Claim]:
         """Claim those of these entries that are due (refreshed already, or claimed elsewhere: not)."""
-        args: list[str | int] = [now_ms(), lease_end_ms, self.keys.item_prefix, HEADER_MAX_BYTES - 1, *entry_ids]
+        args: list[str | int] = [lease_ms, self.keys.item_prefix, HEADER_MAX_BYTES - 1, *entry_ids]
         with _redis_errors(self.url):
+            sent = time.monotonic()
             flat: list[bytes] = await self._claim_many(keys=[self.keys.due, self.keys.read], args=args)
-        return self._claims(flat, lease_end_ms)
+        return self._claims(flat, sent)
 
-    @staticmethod
-    def _claims(flat: list[bytes], lease_end_ms: int) -> list[Claim]:
+    def _claims(self, flat: list[bytes], sent: float) -> list[Claim]:
+        # Every claim reply starts with the server's time: a free reading for the clock.
+        self.clock.observe(int(flat[0]), sent, time.monotonic())
+        lease_end_ms = int(flat[1])
         return [
-            Claim(_text(flat[i]), lease_end_ms, _ms(flat[i + 1]), _ms(flat[i + 2]), flat[i + 3] or None)
-            for i in range(0, len(flat), 4)
+            Claim(flat[i].decode(), lease_end_ms, _ms(flat[i + 1]), _ms(flat[i + 2]), flat[i + 3] or None)
+            for i in range(2, len(flat), 4)
         ]
 
     async def release(self, claims: dict[str, int]) -> int:
         """Give back claims still held (shutdown): those entries are due again at once, for any replica."""
-        now = now_ms()
+        args = [value for pair in claims.items() for value in pair]
         with _redis_errors(self.url):
-            released = [await self._release(keys=[self.keys.due], args=[i, end, now]) for i, end in claims.items()]
-        return sum(released)
+            released: int = await self._release(keys=[self.keys.due], args=args)
+        return released
 
     async def touch(self, entry_ids: list[str]) -> None:
         """Record reads, in one command: only for entries that exist, and never moving a time back."""
         if entry_ids:
-            now = now_ms()
+            now = self.clock.now_ms()
             with _redis_errors(self.url):
                 await self.client.zadd(self.keys.read, dict.fromkeys(entry_ids, now), xx=True, gt=True)
+
+    async def repair(self, entry_ids: list[str]) -> list[str]:
+        """Put stored entries that are missing from the schedule back on it (due now); returns those."""
+        if not entry_ids:
+            return []
+        keys = [self.keys.due, self.keys.read]
+        with _redis_errors(self.url):
+            repaired: list[bytes] = await self._repair(keys=keys, args=[self.keys.item_prefix, *entry_ids])
+        return [entry_id.decode() for entry_id in repaired]
+
+    async def take_sweep(self, interval_ms: int, owner: str) -> bool:
+        """The right to sweep the store for this interval; one replica sweeps at a time."""
+        with _redis_errors(self.url):
+            return bool(await self.client.set(self.keys.sweep, owner, nx=True, px=interval_ms))
+
+    async def set_counts(self, counts: dict[str, int]) -> None:
+        """Replace the entry counts with ones counted from the stored items."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.counts)
+            if counts:
+                pipe.hset(self.keys.counts, mapping=counts)  # type: ignore[arg-type]
+            with _redis_errors(self.url):
+                await pipe.execute()
 
     async def next_due_ms(self) -> int | None:
         """When the earliest scheduled refresh falls due (ms since the epoch), None if nothing is scheduled."""
@@ -273,55 +346,16 @@ class Store:
         with _redis_errors(self.url):
             return int(await self.client.hget(self.keys.counts, fetcher) or 0)
 
-    async def enable_expiry_events(self) -> None:
-        """Make Redis publish `expired` keyevents (notify-keyspace-events must include E and x).
-
-        Only that one setting is ever changed, and only by adding flags to what is already set.
-        """
-        with _redis_errors(self.url):
-            try:
-                current = _text((await self.client.config_get("notify-keyspace-events")).get("notify-keyspace-events"))
-            except ResponseError as exc:
-                # CONFIG is disabled or not allowed for this user (managed Redis, ACLs): see for ourselves.
-                if await self._expiry_events_arrive():
-                    return
-                raise self._events_off(_NEEDED_EVENT_FLAGS, exc) from exc
-            if _has_expired_events(current):
-                return
-            wanted = _merge_flags(current)
-            try:
-                await self.client.config_set("notify-keyspace-events", wanted)
-            except ResponseError as exc:
-                raise self._events_off(wanted, exc) from exc
-
-    def _events_off(self, wanted: str, exc: Exception) -> ConfigurationError:
-        return ConfigurationError(
-            f"the Redis server at {redact(self.url)} does not publish key expiry events and eagercache cannot "
-            f"enable them ({exc}). Set `notify-keyspace-events {wanted}` on the server (redis.conf, or the "
-            "parameter group of a managed Redis) for refreshes driven by expiry events."
-        )
-
-    async def _expiry_events_arrive(self) -> bool:
-        """Expire a probe key under the namespace and wait briefly for its `expired` event."""
-        probe = f"{self.keys.namespace}probe:{uuid.uuid4().hex}"
-        pubsub = self.pubsub()
+    async def eviction_policy(self) -> str | None:
+        """The server's maxmemory-policy, or None where CONFIG is not allowed (or on memory://)."""
+        if self.is_memory:
+            return None
         try:
-            await pubsub.psubscribe(EXPIRED_CHANNEL)
-            await self.client.set(probe, b"", px=1)
-            deadline = time.monotonic() + EVENT_PROBE_TIMEOUT_S
-            while time.monotonic() < deadline:
-                # Touching an expired key deletes it at once (lazy expiry), which publishes the event.
-                await self.client.exists(probe)
-                message = await pubsub.get_message(timeout=0.05)
-                if message is not None and _text(message["data"]) == probe:
-                    return True
-            return False
-        finally:
-            await self.client.delete(probe)
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    def pubsub(self) -> PubSub:
-        return self.client.pubsub(ignore_subscribe_messages=True)
+            with _redis_errors(self.url):
+                found = await self.client.config_get("maxmemory-policy")
+        except StoreUnavailable:
+            return None
+        return _text(found.get("maxmemory-policy")) or None
 
 
 def _glob_escape(text: str) -> str:
@@ -335,16 +369,4 @@ def _ms(raw: bytes | str) -> int | None:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
-
-
-def _has_expired_events(flags: str) -> bool:
-    return "E" in flags and ("x" in flags or "A" in flags)
-
-
-def _merge_flags(flags: str) -> str:
-    merged = flags
-    for flag in _NEEDED_EVENT_FLAGS:
-        if flag not in merged and not (flag == "x" and "A" in merged):
-            merged += flag
-    return merged
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
