@@ -33,3 +33,18 @@ async def counted(k: str) -> dict[str, str]:
         await asyncio.sleep(pause)
         await _redis().incr("fleet:finished")
     return {"k": k, "pid": str(os.getpid())}
+
+
+# The server's clock, not this process's: a test may run this fetcher in a process whose clock is skewed.
+_LOG_BY_SERVER_TIME = """
+local t = redis.call('TIME')
+redis.call('RPUSH', KEYS[1], t[1] .. '.' .. string.format('%06d', tonumber(t[2])) .. ' ' .. ARGV[1])
+return 1
+"""
+
+
+@fetcher(ttl=1, jitter=0, timeout=1)
+async def quick(k: str) -> dict[str, str]:
+    """Logs each call under fleet:calls:<k> as '<server time> <pid>'; a short timeout keeps leases short."""
+    await _redis().eval(_LOG_BY_SERVER_TIME, 1, f"fleet:calls:{k}", str(os.getpid()))
+    return {"k": k}

@@ -37,7 +37,9 @@ class FetchLog:
         return {k for k, ts in self.times.items() if ts[-1] > moment}
 
 
-async def test_killed_subscription_loses_no_refresh(redis_url: str, redis_sync: redis.Redis) -> None:
+async def test_killed_subscription_loses_no_refresh_thanks_to_the_schedule(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
     log = FetchLog()
 
     @fetcher(ttl=1, jitter=0)
@@ -65,6 +67,59 @@ async def test_killed_subscription_loses_no_refresh(redis_url: str, redis_sync: 
             while not app.state.refresher.subscribed:
                 await asyncio.sleep(0.02)  # the reconnect happens in the background; nothing to await
         assert app.state.metrics.sample("eagercache_subscription_reconnects_total") >= 1
+
+
+async def test_killed_subscription_reconnects_and_event_refreshes_resume(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """With the schedule loop switched off, only expiry events refresh: they must keep doing so after the
+    subscription's connection is killed (it reconnects by itself), or this test fails."""
+    log = FetchLog()
+
+    @fetcher(ttl=1, jitter=1)  # due times spread over a second: a reconnect gap loses only a few events
+    async def item(k: str) -> str:
+        log.record(k)
+        return k
+
+    app = create_app([item], redis_url=redis_url)
+    never = asyncio.Event()
+
+    async def no_schedule() -> None:
+        await never.wait()
+
+    app.state.refresher._follow_schedule = no_schedule  # looked up when the refresher starts its loops
+    metrics = app.state.metrics
+
+    def by_events() -> float:
+        count: float = metrics.sample("eagercache_fetches_total", fetcher="item", cause="event", outcome="ok")
+        return count
+
+    writes = Counter()
+    app.state.engine.on_write(writes.hit)
+    async with running(app) as client:
+        answers = await asyncio.gather(*(client.get(f"/data/item?k={i}") for i in range(100)))
+        assert {a.status_code for a in answers} == {200}
+        await writes.reach(200)  # 100 cold writes, then each entry refreshed once
+        assert by_events() >= 100  # nothing but events refreshes here
+        killed_at = time.monotonic()
+        assert redis_sync.client_kill_filter(_type="pubsub") >= 1
+        async with asyncio.timeout(10):
+            while metrics.sample("eagercache_subscription_reconnects_total") < 1 or not app.state.refresher.subscribed:
+                await asyncio.sleep(0.01)  # the reconnect happens in the background; nothing to await
+        back_at = time.monotonic()
+        before = by_events()
+        # Entries whose shadow key expired during the gap lost their event (the schedule would take them);
+        # every other entry is refreshed by its event again within about a ttl.
+        async with asyncio.timeout(10):
+            while by_events() - before < 60:
+                await writes.reach(writes.count + 1)
+        resumed = len(log.fetched_since(back_at))
+        assert resumed >= 60
+    print(
+        f"\nafter CLIENT KILL TYPE pubsub: subscribed again after {back_at - killed_at:.3f} s; "
+        f"{resumed} of 100 entries refreshed by their events since (schedule loop off)"
+    )
+    assert back_at - killed_at < 2.0
 
 
 @pytest.mark.parametrize("persistence", [False, True], ids=["no-persistence", "appendonly"])

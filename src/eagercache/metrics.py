@@ -69,6 +69,12 @@ class Metrics:
             ["found_by"],
             registry=self.registry,
         )
+        self.clock_skew = Gauge(
+            "eagercache_clock_skew_seconds",
+            "This host's wall clock minus the store's (Redis TIME), at the last reading. eagercache keeps time "
+            "by the store's clock, so skew changes nothing; it is shown for operators.",
+            registry=self.registry,
+        )
         self.loops_down = Gauge(
             "eagercache_background_loops_down",
             "Background loops that failed and are waiting to restart.",

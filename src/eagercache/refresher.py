@@ -42,6 +42,7 @@ READ_FLUSH_MIN_S = 0.05
 SCHEDULE_COALESCE_MS = 10
 ENTRY_COUNT_INTERVAL_S = 10.0
 CLOCK_SYNC_INTERVAL_S = 10.0
+CLOCK_SKEW_WARNING_MS = 1_000
 # Every this often one replica scans the stored items: entries that lost their place in the schedule
 # (evicted, deleted by hand) are put back on it, and the per-fetcher counts are recounted from the items.
 SWEEP_INTERVAL_S = 60.0
@@ -99,7 +100,12 @@ class Refresher:
         return found
 
     async def start(self) -> None:
-        await self.store.sync_clock()
+        await self._sync_clock()
+        if abs(skew := self.store.clock.skew_ms()) > CLOCK_SKEW_WARNING_MS:
+            log.warning(
+                "this host's clock is off the store's; eagercache keeps time by the store's clock",
+                extra={"skew_s": round(skew / 1000, 3)},
+            )
         policy = await self.store.eviction_policy()
         if policy in UNSAFE_EVICTION:
             log.warning(
@@ -227,7 +233,7 @@ class Refresher:
                     log.info("entries off the schedule put back on it", extra={"entries": len(repaired)})
                 if time.monotonic() - synced_at >= CLOCK_SYNC_INTERVAL_S:
                     synced_at = time.monotonic()
-                    await self.store.sync_clock()
+                    await self._sync_clock()
                 if time.monotonic() - counted_at >= ENTRY_COUNT_INTERVAL_S:
                     counted_at = time.monotonic()
                     counts = await self.store.entry_counts()
@@ -267,6 +273,10 @@ class Refresher:
             if repaired:
                 self.metrics.repaired.labels("sweep").inc(repaired)
                 log.warning("entries off the schedule put back on it by the sweep", extra={"entries": repaired})
+
+    async def _sync_clock(self) -> None:
+        await self.store.sync_clock()
+        self.metrics.clock_skew.set(self.store.clock.skew_ms() / 1000)
 
     def _take_reads(self) -> set[str]:
         reads, self.engine.reads = self.engine.reads, set()
