@@ -93,6 +93,7 @@ def create_app(
     settings: Settings | None = None,
     use_entry_points: bool = False,
     handle_signals: bool = False,
+    date_header: bool = False,
 ) -> Starlette:
     """Build the eagercache ASGI app.
 
@@ -101,6 +102,8 @@ def create_app(
     entry points are added to them. Keyword arguments override the matching settings.
     `handle_signals` (the CLI sets it) starts the shutdown timeout at SIGTERM/SIGINT, not only when the
     server has finished its requests, so a reader waiting for a slow fetch cannot hold shutdown.
+    `date_header` sends `Date` from the store's clock; run the server without its own then (uvicorn's
+    `date_header=False`), as the CLI does, or there are two.
     """
     settings = settings or load_settings()
     settings = msgspec.structs.replace(
@@ -197,7 +200,8 @@ def create_app(
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
-    app.add_middleware(DateHeader, clock=store.clock)
+    if date_header:
+        app.add_middleware(DateHeader, clock=store.clock)
     app.state.engine = engine
     app.state.refresher = refresher
     app.state.metrics = metrics

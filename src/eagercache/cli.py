@@ -111,7 +111,9 @@ def _serve(flags: dict[str, object]) -> int:
         flags["fetchers"] = tuple(flags["fetchers"])  # type: ignore[arg-type]
     settings = load_settings(flags)
     configure(settings.log_level, settings.log_format)
-    app = create_app(settings=settings, use_entry_points=True, handle_signals=True)  # checks fetchers now
+    app = create_app(
+        settings=settings, use_entry_points=True, handle_signals=True, date_header=True
+    )  # checks fetchers now
     if workers > 1 and settings.redis_url.startswith(MEMORY_URL):
         raise ConfigurationError("--workers needs a shared store: memory:// belongs to one process (use redis://)")
     asyncio.run(_preflight(settings))
@@ -141,7 +143,7 @@ def worker_app() -> Starlette:
     """The app of one `--workers` process, from the settings the parent put in the environment."""
     settings = load_settings()
     configure(settings.log_level, settings.log_format)
-    return create_app(settings=settings, use_entry_points=True, handle_signals=True)
+    return create_app(settings=settings, use_entry_points=True, handle_signals=True, date_header=True)
 
 
 async def _preflight(settings: Settings) -> None:
