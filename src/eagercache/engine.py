@@ -376,9 +376,17 @@ class Engine:
         due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms)
         value, changed = build_entry(data_json, now, due_at, previous_header=previous)
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
-        outcome = await self.store.write(
-            call.entry_id, fetcher.name, value, due_at, mode=mode, max_entries=fetcher.max_entries
-        )
+        try:
+            outcome = await self.store.write(
+                call.entry_id, fetcher.name, value, due_at, mode=mode, max_entries=fetcher.max_entries
+            )
+        except StoreUnavailable as exc:
+            if cause != "cold":
+                raise
+            # The reader paid for this fetch: it gets the data, unstored (the next read fetches again).
+            self.metrics.background_errors.labels("cold-write").inc()
+            self._refresh_errors.warning("fetched entry could not be stored", "cold", {"error": exc.detail})
+            return value
         if claim is not None and claim.due_ms is not None:
             self.metrics.refresh_lag.labels(fetcher.name).observe(max(0, self.clock.now_ms() - claim.due_ms) / 1000)
         if outcome == STORED:

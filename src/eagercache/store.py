@@ -193,10 +193,13 @@ class Store:
     async def write(
         self, entry_id: str, fetcher: str, value: bytes, due_at_ms: int, *, mode: WriteMode, max_entries: int
     ) -> int:
-        """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE."""
+        """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE.
+
+        A cold write is a reader's: it gets the read budget, like every other Redis call a reader makes.
+        """
         keys = [*self._entry_keys(entry_id), self.keys.fill(entry_id)]
         args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, max_entries, mode]
-        with _redis_errors(self.url):
+        async with self._within(self.read_budget_s if mode == "cold" else COMMAND_TIMEOUT_S):
             result: int = await self._write(keys=keys, args=args)
         return result
 
