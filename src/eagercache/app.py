@@ -184,8 +184,10 @@ def create_app(
                 _on_shutdown_signals(engine.begin_shutdown)
             yield
         finally:
-            await refresher.stop()
-            await store.aclose()
+            try:
+                await refresher.stop()
+            finally:
+                await store.aclose()
 
     admin = [] if settings.admin_token is None else admin_routes(engine, settings.admin_token)
     app = Starlette(

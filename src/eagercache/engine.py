@@ -56,6 +56,8 @@ OVERDUE_GRACE_MS = 1_000
 SHUTDOWN_RETRY_AFTER_S = 1
 # After the shutdown timeout, cancelled fetches get this long to unwind before the process goes on.
 CANCEL_GRACE_S = 1.0
+# A fetcher whose runs ignore cancellation gets no new run while this many of its old ones still go on.
+MAX_ABANDONED_PER_FETCHER = 16
 
 # The near cache: an entry read from Redis is served from this process's memory for near_cache_ttl.
 # A write by this process replaces it at once; one by another replica is seen at most that late. The
@@ -101,7 +103,7 @@ class Engine:
         self.shutdown_timeout_s = settings.shutdown_timeout
         self.near_cache_ttl_s = settings.near_cache_ttl
         self._inflight: dict[str, asyncio.Task[bytes | None]] = {}
-        self._abandoned: set[asyncio.Task[Any]] = set()  # fetchers that outlived their timeout
+        self._abandoned: dict[asyncio.Task[Any], str] = {}  # fetcher runs that outlived their timeout -> fetcher
         self._on_write: list[Callable[[int], None]] = []
         self._on_done: list[Callable[[], None]] = []
         self._fetch_slots = asyncio.Semaphore(self.max_concurrent)
@@ -408,14 +410,23 @@ class Engine:
         extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
         # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
         kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
+        if sum(1 for name in self._abandoned.values() if name == fetcher.name) >= MAX_ABANDONED_PER_FETCHER:
+            # Its earlier runs ignored their cancellation and still run: starting more would pile them up.
+            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+            error = (
+                f"fetcher {fetcher.name!r} not run: {MAX_ABANDONED_PER_FETCHER} of its earlier runs ignored "
+                "cancellation at their timeout and are still running"
+            )
+            self._refresh_errors.warning("fetch not started", f"abandoned {fetcher.name}", {**extra, "error": error})
+            raise FetchFailed(error)
         inner = asyncio.create_task(_guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
         try:
             done, _ = await asyncio.wait({inner}, timeout=fetcher.timeout)
         except asyncio.CancelledError:  # shutdown: the fetcher is cancelled with us
-            self._abandon(inner)
+            self._abandon(inner, fetcher.name)
             raise
         if not done:
-            self._abandon(inner)
+            self._abandon(inner, fetcher.name)
             self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
             log.warning("fetch timed out", extra={**extra, "timeout_s": fetcher.timeout})
             raise FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout:g} s")
@@ -432,16 +443,16 @@ class Engine:
             log.warning("fetch failed", extra={**extra, "error": error})
             raise FetchFailed(f"fetcher {fetcher.name!r} failed: {_kind(exc)}", error=error) from exc
 
-    def _abandon(self, inner: asyncio.Task[Any]) -> None:
+    def _abandon(self, inner: asyncio.Task[Any], fetcher_name: str) -> None:
         """Cancel a fetcher task and stop waiting for it; one that ignores cancellation is kept track of."""
         inner.cancel()
         if inner.done():
             return
-        self._abandoned.add(inner)
+        self._abandoned[inner] = fetcher_name
         self.metrics.abandoned.set(len(self._abandoned))
 
         def gone(task: asyncio.Task[Any]) -> None:
-            self._abandoned.discard(task)
+            self._abandoned.pop(task, None)
             self.metrics.abandoned.set(len(self._abandoned))
             if not task.cancelled():
                 task.exception()

@@ -136,13 +136,16 @@ class Refresher:
         self._wake.set()
         await self.supervisor.stop()
         await self.engine.drain()
-        with contextlib.suppress(StoreUnavailable):
+        # Each step on its own: one that fails must not skip the others.
+        try:
             await self.store.touch(sorted(self._take_reads()))
+        except Exception as exc:
+            log.warning("could not record the last reads", extra={"error": _error(exc)})
         if self._claims:
             try:
                 released = await self.store.release(self._claims)
-            except StoreUnavailable as exc:
-                log.warning("could not give back refresh claims; they expire", extra={"error": exc.detail})
+            except Exception as exc:
+                log.warning("could not give back refresh claims; they expire", extra={"error": _error(exc)})
             else:
                 self.metrics.released_claims.inc(released)
                 log.info("gave back refresh claims", extra={"claims": released})
@@ -240,10 +243,12 @@ class Refresher:
                     for name in self.engine.registry:
                         self.metrics.entries.labels(name).set(counts.get(name, 0))
             except StoreUnavailable as exc:
-                self.engine.reads |= reads  # try again next time
-                self.engine.overdue |= overdue
+                self._put_back(reads, overdue)
                 self.metrics.background_errors.labels("reads-store").inc()
                 await asyncio.sleep(outage.failed(exc.detail))
+            except BaseException:
+                self._put_back(reads, overdue)  # not lost: the supervisor restarts this loop
+                raise
             else:
                 outage.over()
 
@@ -278,6 +283,11 @@ class Refresher:
         await self.store.sync_clock()
         self.metrics.clock_skew.set(self.store.clock.skew_ms() / 1000)
 
+    def _put_back(self, reads: set[str], overdue: set[str]) -> None:
+        """Reads not yet recorded go back, to be tried again next time."""
+        self.engine.reads |= reads
+        self.engine.overdue |= overdue
+
     def _take_reads(self) -> set[str]:
         reads, self.engine.reads = self.engine.reads, set()
         return reads
@@ -285,3 +295,7 @@ class Refresher:
     def _take_overdue(self) -> set[str]:
         overdue, self.engine.overdue = self.engine.overdue, set()
         return overdue
+
+
+def _error(exc: Exception) -> str:
+    return exc.detail if isinstance(exc, StoreUnavailable) else f"{type(exc).__name__}: {exc}"
