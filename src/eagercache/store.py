@@ -33,6 +33,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 # The longest a reader waits for Redis (connection and reply); past it the read is answered from memory
 # (grace) or with a 503. Background work has COMMAND_TIMEOUT_S.
 DEFAULT_READ_BUDGET_S = 0.2
+FILL_BUDGET_S = 1.0
 # The header line of a stored value (item.Entry) fits in this many bytes; claims and listings read only these.
 HEADER_MAX_BYTES = 128
 # Eviction policies that may delete keys without a TTL: the schedule, the read times, the counts.
@@ -104,6 +105,10 @@ class Store:
         self.url = url
         self.is_memory = url.startswith(MEMORY_URL)
         self.read_budget_s = read_budget_s
+        # A miss's own calls (fill lock, write) come after Redis has answered its read, and its reader
+        # waits for a fetch anyway: they get more room, so a burst of misses on a busy process is not
+        # taken for a stall.
+        self.fill_budget_s = max(read_budget_s, FILL_BUDGET_S)
         self.clock = ServerClock()
         self._claim_due = client.register_script(scripts.CLAIM_DUE)
         self._claim_many = client.register_script(scripts.CLAIM_MANY)
@@ -176,6 +181,9 @@ class Store:
     def _read(self) -> AbstractAsyncContextManager[None]:
         return self._within(self.read_budget_s)
 
+    def _fill(self) -> AbstractAsyncContextManager[None]:
+        return self._within(self.fill_budget_s)
+
     async def get(self, entry_id: str) -> tuple[bytes | None, Stale | None]:
         """The entry's body and, if its refreshes are failing, its stale marker: one round trip, within the budget."""
         async with self._read():
@@ -195,27 +203,27 @@ class Store:
     ) -> int:
         """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE.
 
-        A cold write is a reader's: it gets the read budget, like every other Redis call a reader makes.
+        A cold write is a reader's: it is bounded like the reader's other calls on a miss.
         """
         keys = [*self._entry_keys(entry_id), self.keys.fill(entry_id)]
         args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, max_entries, mode]
-        async with self._within(self.read_budget_s if mode == "cold" else COMMAND_TIMEOUT_S):
+        async with self._within(self.fill_budget_s if mode == "cold" else COMMAND_TIMEOUT_S):
             result: int = await self._write(keys=keys, args=args)
         return result
 
     async def start_fill(self, entry_id: str, lock_ms: int) -> bool:
         """Take the right to fetch a missing entry across replicas; False if another replica has it."""
-        async with self._read():
+        async with self._fill():
             return bool(await self.client.set(self.keys.fill(entry_id), b"", nx=True, px=lock_ms))
 
     async def end_fill(self, entry_id: str) -> None:
         """Let go of the cold-fill lock without storing (the fetch failed)."""
-        async with self._read():
+        async with self._fill():
             await self.client.delete(self.keys.fill(entry_id))
 
     async def filling(self, entry_id: str) -> tuple[bytes | None, bool]:
         """The entry's body if stored by now, and whether a replica still holds its fill lock."""
-        async with self._read():
+        async with self._fill():
             body, lock = await self.client.mget(self.keys.item(entry_id), self.keys.fill(entry_id))
         assert body is None or isinstance(body, bytes)
         return body, lock is not None
