@@ -43,8 +43,9 @@ SCHEDULE_COALESCE_MS = 10
 ENTRY_COUNT_INTERVAL_S = 10.0
 CLOCK_SYNC_INTERVAL_S = 10.0
 CLOCK_SKEW_WARNING_MS = 1_000
-# Every this often one replica scans the stored items: entries that lost their place in the schedule
-# (evicted, deleted by hand) are put back on it, and the per-fetcher counts are recounted from the items.
+# Every this often one replica sweeps the store: schedule members whose item is gone are dropped, stored
+# entries that lost their place in the schedule (evicted, deleted by hand) are put back on it, and the
+# per-fetcher counts are recounted from the items.
 SWEEP_INTERVAL_S = 60.0
 SWEEP_BATCH = 1000
 
@@ -261,6 +262,14 @@ class Refresher:
             try:
                 if not await self.store.take_sweep(int(self.sweep_interval_s * 900), self._owner):
                     continue  # another replica sweeps this round
+                # Orphans first (scheduled, no item): dropped now, a later refresh has nothing to count out,
+                # so the recount below stays right.
+                cursor = 0
+                while not self._stopping:
+                    cursor, ids = await self.store.scan_schedule(cursor, SWEEP_BATCH)
+                    await self.store.prune(ids)
+                    if cursor == 0:
+                        break
                 counts: Counter[str] = Counter()
                 repaired, cursor = 0, 0
                 while not self._stopping:

@@ -146,6 +146,23 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 return existed
 """
 
+# Drop schedule members whose item is gone (deleted by hand, evicted), with their shadow, stale marker and
+# read time, leaving the counts to the sweep that recounts them from the items (a later WRITE or POSTPONE
+# then finds nothing to count out). KEYS: due, read. ARGV: item key prefix, shadow key prefix, stale key
+# prefix, ids... Returns how many were dropped.
+PRUNE = """
+local dropped = 0
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('EXISTS', ARGV[1] .. id) == 0 and redis.call('ZREM', KEYS[1], id) == 1 then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('DEL', ARGV[2] .. id, ARGV[3] .. id)
+    dropped = dropped + 1
+  end
+end
+return dropped
+"""
+
 # Put stored entries that lost their place in the schedule (evicted, deleted by hand) back on it, due
 # now; an entry on the schedule (or claimed: its score is a lease end) is left alone.
 # KEYS: due, read. ARGV: item key prefix, ids... Returns the ids put back.

@@ -117,6 +117,7 @@ class Store:
         self._postpone = client.register_script(scripts.POSTPONE)
         self._forget = client.register_script(scripts.FORGET)
         self._repair = client.register_script(scripts.REPAIR)
+        self._prune = client.register_script(scripts.PRUNE)
 
     @classmethod
     def from_url(
@@ -327,6 +328,27 @@ class Store:
         with _redis_errors(self.url):
             repaired: list[bytes] = await self._repair(keys=keys, args=[self.keys.item_prefix, *entry_ids])
         return [entry_id.decode() for entry_id in repaired]
+
+    async def scan_schedule(self, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One page of the schedule's entry ids (ZSCAN semantics: a cursor, 0 when done)."""
+        with _redis_errors(self.url):
+            cursor, pairs = await self.client.zscan(self.keys.due, cursor, count=count)
+        ids = []
+        for member, _ in pairs:
+            assert isinstance(member, bytes)  # the client is built without decode_responses
+            with suppress(UnicodeDecodeError):
+                ids.append(member.decode("ascii"))
+        return int(cursor), ids
+
+    async def prune(self, entry_ids: list[str]) -> int:
+        """Drop schedule members whose item is gone; how many were dropped (the counts are not touched)."""
+        if not entry_ids:
+            return 0
+        k = self.keys
+        args = [k.item_prefix, k.shadow_prefix, k.stale_prefix, *entry_ids]
+        with _redis_errors(self.url):
+            dropped: int = await self._prune(keys=[k.due, k.read], args=args)
+        return dropped
 
     async def take_sweep(self, interval_ms: int, owner: str) -> bool:
         """The right to sweep the store for this interval; one replica sweeps at a time."""
