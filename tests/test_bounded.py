@@ -107,3 +107,16 @@ async def test_shutdown_answers_waiting_readers_503_and_exits_within_its_timeout
     assert 1.5 <= answered_s <= 2 + 1.0
     assert exited_s <= 2 + 4.0, log
     assert code in (0, -15), log
+
+
+async def test_a_burst_on_a_healthy_redis_is_not_taken_for_a_stall(redis_url: str, redis_sync: redis.Redis) -> None:
+    """The budget measures the store, not this process: 300 reads at once, queued for 64 connections on
+    one event loop, wait far longer than the 0.2 s budget, but Redis answers all along, so none gets a 503."""
+    app = create_app([steady], settings=Settings(redis_url=redis_url, read_budget=0.2, near_cache_ttl=0))
+    async with running(app) as client:
+        cold = await asyncio.gather(*(client.get(f"/data/steady?k={i}") for i in range(300)))
+        warm = await asyncio.gather(*(client.get(f"/data/steady?k={i}") for i in range(300)))
+    assert [a.status_code for a in cold + warm] == [200] * 600, [a.text for a in cold + warm if a.status_code != 200][
+        :1
+    ]
+    assert {a.headers["x-cache"] for a in warm} == {"HIT"}

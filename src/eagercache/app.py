@@ -179,6 +179,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             await store.ping()
+            await store.warm()
             await refresher.start()
             if handle_signals:
                 _on_shutdown_signals(engine.begin_shutdown)

@@ -34,6 +34,12 @@ DEFAULT_MAX_CONNECTIONS = 64
 # (grace) or with a 503. Background work has COMMAND_TIMEOUT_S.
 DEFAULT_READ_BUDGET_S = 0.2
 FILL_BUDGET_S = 1.0
+# Connections opened at start-up (see Store.warm).
+WARM_CONNECTIONS = 16
+# A budget's check that runs this much later than planned means the event loop was busy: it looks again.
+LOOP_LATE_S = 0.05
+# Loop iterations a budget's check waits, once the budget is spent, for replies already received.
+CONFIRM_ROUNDS = 2
 # The header line of a stored value (item.Entry) fits in this many bytes; claims and listings read only these.
 HEADER_MAX_BYTES = 128
 # Eviction policies that may delete keys without a TTL: the schedule, the read times, the counts.
@@ -105,6 +111,7 @@ class Store:
         self.url = url
         self.is_memory = url.startswith(MEMORY_URL)
         self.read_budget_s = read_budget_s
+        self._answered_at = time.monotonic()  # when a call last got its answer: the store is answering
         # A miss's own calls (fill lock, write) come after Redis has answered its read, and its reader
         # waits for a fetch anyway: they get more room, so a burst of misses on a busy process is not
         # taken for a stall.
@@ -155,8 +162,26 @@ class Store:
         await self.client.aclose()
 
     async def ping(self, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
-        async with self._within(timeout_s):
-            await self.client.ping()
+        """PING, answered within `timeout_s` by the clock, however busy the store is (a probe's deadline)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                with self._errors():
+                    await self.client.ping()
+        except TimeoutError:
+            raise StoreTimeout(f"the store at {redact(self.url)} did not answer within {timeout_s:g} s") from None
+
+    async def warm(self, connections: int = WARM_CONNECTIONS) -> None:
+        """Open some connections now, so that the first burst of reads finds the store answering on them
+        while more connections are opened (a cold pool answers nothing until its first connections are up,
+        which a read budget cannot tell from a stall)."""
+        if self.is_memory:
+            return
+        pool = self.client.connection_pool
+        n = min(connections, pool.max_connections - 1)
+        with self._errors():
+            opened = await asyncio.gather(*(pool.get_connection() for _ in range(n)))  # type: ignore[no-untyped-call]
+            for connection in opened:
+                await pool.release(connection)
 
     async def sync_clock(self) -> None:
         """Read the server's clock (TIME) into `self.clock`."""
@@ -165,17 +190,54 @@ class Store:
             seconds, micros = await self.client.time()
             self.clock.observe(seconds * 1000 + micros / 1000, sent, time.monotonic())
 
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Redis errors as StoreUnavailable; a call that gets its answer shows the store is answering."""
+        with _redis_errors(self.url):
+            yield
+        self._answered_at = time.monotonic()
+
     @asynccontextmanager
     async def _within(self, budget_s: float) -> AsyncIterator[None]:
-        """Redis errors as StoreUnavailable, and no wait longer than `budget_s` (connection included).
+        """Redis errors as StoreUnavailable, and no wait past `budget_s` while the store answers nobody.
 
-        A command cut short by the timeout closes its connection (redis-py disconnects on cancellation),
-        so a late reply can never be read as the answer to the next command.
+        A budget measures the store, not this process: when it runs out but the store has answered other
+        calls within it (a burst of reads queued for connections on a busy event loop), the call waits
+        on, up to COMMAND_TIMEOUT_S. Only a store that answered nothing for `budget_s` (stalled, paused,
+        failing over) cuts the call short. A command cut short closes its connection (redis-py
+        disconnects on cancellation), so a late reply can never be read as the answer to the next one.
         """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            async with asyncio.timeout(budget_s):
-                with _redis_errors(self.url):
-                    yield
+            async with asyncio.timeout(None) as deadline:
+                handle: asyncio.TimerHandle
+
+                def check(planned: float, rounds_left: int = CONFIRM_ROUNDS) -> None:
+                    nonlocal handle
+                    now = loop.time()
+                    silent_s = time.monotonic() - self._answered_at
+                    if now - started >= COMMAND_TIMEOUT_S:
+                        deadline.reschedule(now)
+                    elif now - planned > LOOP_LATE_S:
+                        # This loop was busy, not the store: replies may be waiting in sockets. Look again.
+                        handle = loop.call_at(now + LOOP_LATE_S, check, now + LOOP_LATE_S)
+                    elif silent_s < budget_s:
+                        handle = loop.call_at(now + budget_s - silent_s, check, now + budget_s - silent_s)
+                    elif rounds_left:
+                        # Replies that arrived with this timer are only read by tasks that run after it: let
+                        # them run before calling the store silent (a burst of requests can take a whole
+                        # budget's worth of loop time before the first reply is read).
+                        handle = loop.call_at(now, check, now, rounds_left - 1)
+                    else:
+                        deadline.reschedule(now)  # the store answered nobody for the whole budget
+
+                handle = loop.call_at(started + budget_s, check, started + budget_s)
+                try:
+                    with self._errors():
+                        yield
+                finally:
+                    handle.cancel()
         except TimeoutError:
             raise StoreTimeout(f"the store at {redact(self.url)} did not answer within {budget_s:g} s") from None
 
@@ -194,7 +256,7 @@ class Store:
 
     async def header(self, entry_id: str) -> bytes | None:
         """The start of the stored value (its header line), without the body; None if it is not stored."""
-        with _redis_errors(self.url):
+        with self._errors():
             head = await self.client.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES - 1)
         assert head is None or isinstance(head, bytes)
         return head or None
@@ -230,7 +292,7 @@ class Store:
         return body, lock is not None
 
     async def stale(self, entry_id: str) -> Stale | None:
-        with _redis_errors(self.url):
+        with self._errors():
             return Stale.parse(await self.client.get(self.keys.stale(entry_id)))
 
     async def postpone(self, entry_id: str, fetcher: str, retry_in_ms: int, stale: Stale | None) -> bool:
@@ -239,13 +301,13 @@ class Store:
         keys = [k.item(entry_id), k.shadow(entry_id), k.due, k.stale(entry_id), k.read, k.counts]
         marker = stale.encode() if stale is not None else ""
         args: list[str | int] = [entry_id, max(1, retry_in_ms), marker, fetcher]
-        with _redis_errors(self.url):
+        with self._errors():
             kept: int = await self._postpone(keys=keys, args=args)
         return bool(kept)
 
     async def forget(self, entry_id: str, fetcher: str) -> bool:
         """Remove an entry and everything about it; False if it had no stored item."""
-        with _redis_errors(self.url):
+        with self._errors():
             existed = await self._forget(keys=self._entry_keys(entry_id), args=[entry_id, fetcher])
         return bool(existed)
 
@@ -256,7 +318,7 @@ class Store:
         """
         # glob-escaped: a literal '?' ends the fetcher's name, so fetcher `a` never matches entries of `ab`
         pattern = _glob_escape(self.keys.item_prefix + ("" if fetcher is None else f"{fetcher}?")) + "*"
-        with _redis_errors(self.url):
+        with self._errors():
             cursor, keys = await self.client.scan(cursor, match=pattern, count=count)
         start = len(self.keys.item_prefix)
         ids = []
@@ -273,7 +335,7 @@ class Store:
                 pipe.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES - 1)
                 pipe.zscore(self.keys.due, entry_id)
                 pipe.get(self.keys.stale(entry_id))
-            with _redis_errors(self.url):
+            with self._errors():
                 flat = await pipe.execute()
         return [(flat[i] or None, flat[i + 1], Stale.parse(flat[i + 2])) for i in range(0, len(flat), 3)]
 
@@ -284,7 +346,7 @@ class Store:
     async def claim_due(self, lease_ms: int, limit: int) -> list[Claim]:
         """Claim up to `limit` entries whose refresh is due now, each for `lease_ms`."""
         args: list[str | int] = [lease_ms, limit, self.keys.item_prefix, HEADER_MAX_BYTES - 1]
-        with _redis_errors(self.url):
+        with self._errors():
             sent = time.monotonic()
             flat: list[bytes] = await self._claim_due(keys=[self.keys.due, self.keys.read], args=args)
         return self._claims(flat, sent)
@@ -292,7 +354,7 @@ class Store:
     async def claim(self, entry_ids: list[str], lease_ms: int) -> list[Claim]:
         """Claim those of these entries that are due (refreshed already, or claimed elsewhere: not)."""
         args: list[str | int] = [lease_ms, self.keys.item_prefix, HEADER_MAX_BYTES - 1, *entry_ids]
-        with _redis_errors(self.url):
+        with self._errors():
             sent = time.monotonic()
             flat: list[bytes] = await self._claim_many(keys=[self.keys.due, self.keys.read], args=args)
         return self._claims(flat, sent)
@@ -309,7 +371,7 @@ class Store:
     async def release(self, claims: dict[str, int]) -> int:
         """Give back claims still held (shutdown): those entries are due again at once, for any replica."""
         args = [value for pair in claims.items() for value in pair]
-        with _redis_errors(self.url):
+        with self._errors():
             released: int = await self._release(keys=[self.keys.due], args=args)
         return released
 
@@ -317,7 +379,7 @@ class Store:
         """Record reads, in one command: only for entries that exist, and never moving a time back."""
         if entry_ids:
             now = self.clock.now_ms()
-            with _redis_errors(self.url):
+            with self._errors():
                 await self.client.zadd(self.keys.read, dict.fromkeys(entry_ids, now), xx=True, gt=True)
 
     async def repair(self, entry_ids: list[str]) -> list[str]:
@@ -325,13 +387,13 @@ class Store:
         if not entry_ids:
             return []
         keys = [self.keys.due, self.keys.read]
-        with _redis_errors(self.url):
+        with self._errors():
             repaired: list[bytes] = await self._repair(keys=keys, args=[self.keys.item_prefix, *entry_ids])
         return [entry_id.decode() for entry_id in repaired]
 
     async def scan_schedule(self, cursor: int, count: int) -> tuple[int, list[str]]:
         """One page of the schedule's entry ids (ZSCAN semantics: a cursor, 0 when done)."""
-        with _redis_errors(self.url):
+        with self._errors():
             cursor, pairs = await self.client.zscan(self.keys.due, cursor, count=count)
         ids = []
         for member, _ in pairs:
@@ -346,13 +408,13 @@ class Store:
             return 0
         k = self.keys
         args = [k.item_prefix, k.shadow_prefix, k.stale_prefix, *entry_ids]
-        with _redis_errors(self.url):
+        with self._errors():
             dropped: int = await self._prune(keys=[k.due, k.read], args=args)
         return dropped
 
     async def take_sweep(self, interval_ms: int, owner: str) -> bool:
         """The right to sweep the store for this interval; one replica sweeps at a time."""
-        with _redis_errors(self.url):
+        with self._errors():
             return bool(await self.client.set(self.keys.sweep, owner, nx=True, px=interval_ms))
 
     async def set_counts(self, counts: dict[str, int]) -> None:
@@ -361,22 +423,22 @@ class Store:
             pipe.delete(self.keys.counts)
             if counts:
                 pipe.hset(self.keys.counts, mapping=counts)  # type: ignore[arg-type]
-            with _redis_errors(self.url):
+            with self._errors():
                 await pipe.execute()
 
     async def next_due_ms(self) -> int | None:
         """When the earliest scheduled refresh falls due (ms since the epoch), None if nothing is scheduled."""
-        with _redis_errors(self.url):
+        with self._errors():
             first = await self.client.zrange(self.keys.due, 0, 0, withscores=True)
         return int(first[0][1]) if first else None
 
     async def entry_counts(self) -> dict[str, int]:
-        with _redis_errors(self.url):
+        with self._errors():
             counts = await self.client.hgetall(self.keys.counts)
         return {_text(name): int(n) for name, n in counts.items()}
 
     async def entry_count(self, fetcher: str) -> int:
-        with _redis_errors(self.url):
+        with self._errors():
             return int(await self.client.hget(self.keys.counts, fetcher) or 0)
 
     async def eviction_policy(self) -> str | None:
@@ -384,7 +446,7 @@ class Store:
         if self.is_memory:
             return None
         try:
-            with _redis_errors(self.url):
+            with self._errors():
                 found = await self.client.config_get("maxmemory-policy")
         except StoreUnavailable:
             return None
