@@ -48,3 +48,23 @@ async def quick(k: str) -> dict[str, str]:
     """Logs each call under fleet:calls:<k> as '<server time> <pid>'; a short timeout keeps leases short."""
     await _redis().eval(_LOG_BY_SERVER_TIME, 1, f"fleet:calls:{k}", str(os.getpid()))
     return {"k": k}
+
+
+# Fetchers that raise what no fetcher should: each call is logged under `raising:*` with its process's pid,
+# so a test can see which processes ran into the raise.
+
+
+@fetcher(ttl=0.3, jitter=0, timeout=5)
+async def exits_on_refresh(k: str) -> str:
+    """Answers the first (cold) fetch of each entry; every later one, a refresh, raises SystemExit."""
+    if await _redis().incr(f"raising:calls:{k}") == 1:
+        return f"first {k}"
+    await _redis().rpush("raising:refresh-exits", str(os.getpid()))
+    raise SystemExit(3)
+
+
+@fetcher(ttl=1, jitter=0, timeout=5)
+async def always_exits() -> str:
+    """Raises SystemExit on every fetch, the cold one of a reader included."""
+    await _redis().rpush("raising:cold-exits", str(os.getpid()))
+    raise SystemExit(4)

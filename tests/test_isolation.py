@@ -368,7 +368,7 @@ async def test_many_more_refreshes_raising_cancelled_error_than_fetch_slots_do_n
 
 
 def pids_in(client: redis.Redis, key: str) -> list[str]:
-    """The pids tests.raising_fetchers logged under `key`, one per raise."""
+    """The pids the raising fetchers of tests.fleet logged under `key`, one per raise."""
     raw: list[bytes] = client.lrange(key, 0, -1)  # type: ignore[assignment]
     return [pid.decode() for pid in raw]
 
@@ -379,9 +379,9 @@ async def test_a_fetcher_raising_system_exit_ends_no_process_of_a_fleet(
 ) -> None:
     specs = [
         "--fetchers",
-        "tests.raising_fetchers:exits_on_refresh",
+        "tests.fleet:exits_on_refresh",
         "--fetchers",
-        "tests.raising_fetchers:always_exits",
+        "tests.fleet:always_exits",
     ]
     env = {"FLEET_REDIS_URL": redis_url}
     fleet = [ServeProcess("--redis-url", redis_url, *specs, env=env) for _ in range(2)]

@@ -36,42 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="redis://… or memory:// (EAGERCACHE_REDIS_URL, default memory://)")
     serve.add_argument("--namespace", help="prefix of every Redis key (EAGERCACHE_NAMESPACE, default eagercache:)")
     serve.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
-    serve.add_argument(
-        "--redis-max-connections",
-        type=int,
-        metavar="N",
-        help=f"Redis connections per process ({_default('redis_max_connections')})",
-    )
-    serve.add_argument(
-        "--max-concurrent-fetches",
-        type=int,
-        metavar="N",
-        help=f"fetches at once per process ({_default('max_concurrent_fetches')})",
-    )
-    serve.add_argument(
-        "--backstop-interval",
-        type=float,
-        metavar="S",
-        help=f"re-read the refresh schedule at least every S seconds ({_default('backstop_interval')})",
-    )
-    serve.add_argument(
-        "--near-cache-ttl",
-        type=float,
-        metavar="S",
-        help=f"serve entries from process memory for S seconds ({_default('near_cache_ttl')})",
-    )
-    serve.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        metavar="S",
-        help=f"seconds from SIGTERM that readers and fetches get before exiting ({_default('shutdown_timeout')})",
-    )
-    serve.add_argument(
-        "--read-budget",
-        type=float,
-        metavar="S",
-        help=f"seconds a reader waits for Redis before grace or 503 ({_default('read_budget')})",
-    )
+    for setting, (metavar, text) in _TUNING.items():
+        default = _default(setting)
+        serve.add_argument(
+            f"--{setting.replace('_', '-')}", type=type(default), metavar=metavar, help=f"{text} ({default})"
+        )
     serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default)")
@@ -83,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
     listing.add_argument("--config", metavar="FILE", help="TOML settings file (EAGERCACHE_CONFIG): shows its overrides")
     return parser
+
+
+# Numeric settings as flags: metavar and help; the default comes from Settings, the one place it is written.
+_TUNING = {
+    "redis_max_connections": ("N", "Redis connections per process"),
+    "max_concurrent_fetches": ("N", "fetches at once per process"),
+    "backstop_interval": ("S", "re-read the refresh schedule at least every S seconds"),
+    "near_cache_ttl": ("S", "serve entries from process memory for S seconds"),
+    "shutdown_timeout": ("S", "seconds from SIGTERM that readers and fetches get before exiting"),
+    "read_budget": ("S", "seconds a reader waits for Redis before grace or 503"),
+}
 
 
 def _default(setting: str) -> object:
