@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .access import check_access
 from .admin import admin_routes
 from .clock import ServerClock
 from .engine import Engine
@@ -118,6 +119,7 @@ def create_app(
         Keys(settings.namespace),
         max_connections=settings.redis_max_connections,
         read_budget_s=settings.read_budget,
+        auth=settings.redis_auth(),
     )
     engine = Engine(registry, store, metrics, settings)
     refresher = Refresher(engine, store, settings)
@@ -178,6 +180,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
+            await check_access(store)  # pings first: one clear error for a user that may not do its work
             await store.ping()
             await store.warm()
             await refresher.start()

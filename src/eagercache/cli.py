@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import uvicorn
 from starlette.applications import Starlette
 
+from .access import check_access
 from .app import create_app
 from .errors import ConfigurationError, EagerCacheError
 from .fetchers import build_registry
@@ -35,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (EAGERCACHE_PORT, default 8000)")
     serve.add_argument("--redis-url", help="redis://… or memory:// (EAGERCACHE_REDIS_URL, default memory://)")
     serve.add_argument("--namespace", help="prefix of every Redis key (EAGERCACHE_NAMESPACE, default eagercache:)")
+    serve.add_argument("--redis-username", metavar="USER", help="Redis ACL user (EAGERCACHE_REDIS_USERNAME)")
+    for setting, text in _TLS_FILES.items():
+        flag = f"--{setting.replace('_', '-')}"
+        serve.add_argument(flag, metavar="FILE", help=f"{text} (EAGERCACHE_{setting.upper()}); rediss:// only")
     serve.add_argument("--fetchers", action="append", metavar="SPEC", help=fetcher_help)
     for setting, (metavar, text) in _TUNING.items():
         default = _default(setting)
@@ -54,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TLS_FILES = {
+    "redis_ca_file": "PEM file of the CA that signed the server's certificate",
+    "redis_cert_file": "PEM client certificate (mutual TLS)",
+    "redis_key_file": "PEM key of the client certificate",
+}
 # Numeric settings as flags: metavar and help; the default comes from Settings, the one place it is written.
 _TUNING = {
     "redis_max_connections": ("N", "Redis connections per process"),
@@ -131,8 +141,9 @@ async def _preflight(settings: Settings) -> None:
 
     (A server without expiry events is not an error: the refresher then runs on the schedule alone.)
     """
-    store = Store.from_url(settings.redis_url, Keys(settings.namespace))
+    store = Store.from_url(settings.redis_url, Keys(settings.namespace), auth=settings.redis_auth())
     try:
+        await check_access(store)
         await store.ping()
     finally:
         await store.aclose()

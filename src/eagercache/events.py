@@ -49,6 +49,7 @@ class ExpiryEvents:
         """
         client = self.store.client
         try:
+            await self._may_subscribe()
             try:
                 found = await client.config_get("notify-keyspace-events")
             except ResponseError as exc:
@@ -103,6 +104,24 @@ class ExpiryEvents:
                 self._set_subscribed(False)
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _may_subscribe(self) -> None:
+        """ConfigurationError if this user may not subscribe to the channel (ACL: `&<channel>`)."""
+        pubsub = self.store.client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            # The reply (or a NOPERM) only comes with the next read.
+            confirmed = await pubsub.get_message(timeout=EVENT_PROBE_TIMEOUT_S)
+            if confirmed is None or confirmed.get("type") != "subscribe":
+                raise ResponseError(f"no confirmation of SUBSCRIBE {self.channel} within {EVENT_PROBE_TIMEOUT_S} s")
+        except ResponseError as exc:
+            raise ConfigurationError(
+                f"the Redis user may not subscribe to {self.channel} ({exc}); grant it with "
+                f"`&{self.channel}` in its ACL rule for refreshes driven by expiry events"
+            ) from exc
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _set_subscribed(self, up: bool) -> None:
         self.subscribed = up

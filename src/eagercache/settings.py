@@ -20,12 +20,16 @@ import msgspec
 from .errors import ConfigurationError
 from .fetchers import OPTION_NAMES, FetcherOptions
 from .keys import DEFAULT_NAMESPACE
-from .store import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_BUDGET_S, MEMORY_URL
+from .store import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_BUDGET_S, MEMORY_URL, Auth, redact
 
 ENV_PREFIX = "EAGERCACHE_"
 # Settings with no command-line flag: a secret in argv is visible to every user of the machine (ps),
 # and per-fetcher tables only make sense in the file.
-NO_FLAG = frozenset({"admin_token", "fetcher_overrides"})
+NO_FLAG = frozenset({"admin_token", "redis_password", "fetcher_overrides"})
+# Secrets: never logged, shown or put in a problem document; each can also come from a file, named by
+# EAGERCACHE_<NAME>_FILE (container platforms mount secrets as files).
+SECRETS = frozenset({"admin_token", "redis_password"})
+FILE_SUFFIX = "_FILE"
 LogFormat = Literal["text", "json"]
 
 
@@ -35,6 +39,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     host: str = "127.0.0.1"
     port: int = 8000
     redis_url: str = MEMORY_URL
+    redis_username: str | None = None
+    """The ACL user (instead of one in the URL)."""
+    redis_password: str | None = None
+    """The ACL user's password: EAGERCACHE_REDIS_PASSWORD or EAGERCACHE_REDIS_PASSWORD_FILE, never a flag."""
+    redis_ca_file: str | None = None
+    """PEM file of the CA that signed the server's certificate (rediss://); the system's CAs otherwise."""
+    redis_cert_file: str | None = None
+    """PEM client certificate, for servers that require one (mutual TLS)."""
+    redis_key_file: str | None = None
+    """PEM private key of the client certificate."""
     namespace: str = DEFAULT_NAMESPACE
     fetchers: tuple[str, ...] = ()
     """Extra fetchers as `package.module:function`, besides the `eagercache.fetchers` entry points."""
@@ -58,6 +72,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     fetcher_overrides: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     """From the config file's `[fetcher.NAME]` tables."""
 
+    def redis_auth(self) -> Auth:
+        return Auth(
+            self.redis_username, self.redis_password, self.redis_ca_file, self.redis_cert_file, self.redis_key_file
+        )
+
+    def __repr__(self) -> str:
+        shown = {
+            field: ("***" if field in SECRETS and value is not None else value)
+            for field in self.__struct_fields__
+            if (value := getattr(self, field)) is not None
+        }
+        shown["redis_url"] = redact(self.redis_url)
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, got {self.port}")
@@ -79,8 +107,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if not self.redis_url.startswith((MEMORY_URL, "redis://", "rediss://", "unix://")):
             raise ValueError(
-                f"redis_url must start with memory://, redis://, rediss:// or unix://, got {self.redis_url!r}"
+                f"redis_url must start with memory://, redis://, rediss:// or unix://, got {redact(self.redis_url)!r}"
             )
+        tls_files = [f for f in ("redis_ca_file", "redis_cert_file", "redis_key_file") if getattr(self, f)]
+        if tls_files and not self.redis_url.startswith("rediss://"):
+            raise ValueError(f"{tls_files[0]} needs a rediss:// (TLS) redis_url, got {redact(self.redis_url)!r}")
+        if (self.redis_cert_file is None) != (self.redis_key_file is None):
+            raise ValueError("redis_cert_file and redis_key_file go together (a client certificate and its key)")
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +124,12 @@ def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[s
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX) and (field := name[len(ENV_PREFIX) :].lower()) in fields:
             from_environ[field] = from_env(field, value)
+    for field in SECRETS:
+        variable = f"{ENV_PREFIX}{field.upper()}{FILE_SUFFIX}"
+        if (path := environ.get(variable)) is not None:
+            if field in from_environ:
+                raise ConfigurationError(f"set {ENV_PREFIX}{field.upper()} or {variable}, not both")
+            from_environ[field] = _read_secret(variable, path)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     path = flags.get("config", from_environ.get("config"))
     raw = {**read_config(path), **from_environ, **flags}
@@ -98,6 +137,15 @@ def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[s
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigurationError(f"invalid setting: {_with_env_name(str(exc), path)}") from exc
+
+
+def _read_secret(variable: str, path: str) -> str:
+    """A secret from the file `variable` names, without the line end editors and `echo` add."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{variable}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def read_config(path: str | None) -> dict[str, Any]:

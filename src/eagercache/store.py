@@ -56,13 +56,47 @@ def redact(url: str) -> str:
 
 
 @contextmanager
-def _redis_errors(url: str) -> Iterator[None]:
+def store_errors(url: str) -> Iterator[None]:
+    """Redis and socket errors as StoreUnavailable, in words an operator can act on."""
     try:
         yield
     except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError, OSError) as exc:
-        raise StoreUnavailable(f"cannot reach the store at {redact(url)}: {exc}") from exc
+        hint = ""
+        if url.startswith("rediss://") and not isinstance(exc, redis_exceptions.AuthenticationError):
+            hint = (
+                " (TLS: the server's certificate is checked against --redis-ca-file, or the system's CAs; "
+                "a server that requires client certificates needs --redis-cert-file and --redis-key-file)"
+            )
+        raise StoreUnavailable(f"cannot reach the store at {redact(url)}: {exc}{hint}") from exc
     except RedisError as exc:
         raise StoreUnavailable(f"store error at {redact(url)}: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Who eagercache is to Redis, beyond the URL: an ACL user and password, and TLS files (rediss://)."""
+
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Auth(username={self.username!r}, password={'***' if self.password else None})"
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self.username is not None:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password
+        if self.ca_file is not None:
+            kwargs["ssl_ca_certs"] = self.ca_file
+        if self.cert_file is not None:
+            kwargs["ssl_certfile"] = self.cert_file
+            kwargs["ssl_keyfile"] = self.key_file
+        return kwargs
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +168,7 @@ class Store:
         *,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         read_budget_s: float = DEFAULT_READ_BUDGET_S,
+        auth: Auth | None = None,
     ) -> Store:
         if url.startswith(MEMORY_URL):
             client: redis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
@@ -147,6 +182,7 @@ class Store:
                     timeout=COMMAND_TIMEOUT_S,
                     socket_connect_timeout=CONNECT_TIMEOUT_S,
                     socket_timeout=COMMAND_TIMEOUT_S,
+                    **(auth or Auth()).connection_kwargs(),
                 )
             except ValueError as exc:
                 raise ConfigurationError(f"redis_url {redact(url)!r} is not a valid Redis URL: {exc}") from exc
@@ -193,7 +229,7 @@ class Store:
     @contextmanager
     def _errors(self) -> Iterator[None]:
         """Redis errors as StoreUnavailable; a call that gets its answer shows the store is answering."""
-        with _redis_errors(self.url):
+        with store_errors(self.url):
             yield
         self._answered_at = time.monotonic()
 

@@ -1,0 +1,131 @@
+"""What eagercache needs of its Redis user, and a start-up check that it has it.
+
+Managed Redis services and shared servers give an application an ACL user limited to its own key
+prefix and the commands it needs. `acl_rule()` is that rule (the README's "Least privilege" section
+prints it). At start-up every command the service runs is tried once, on probe keys under the
+namespace, so a missing permission is one clear error naming it instead of a 503 on the first read.
+CONFIG and the expiry-event channel are optional: without them the service runs on the schedule alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.exceptions import NoPermissionError, ResponseError
+
+from . import scripts
+from .errors import ConfigurationError
+from .store import Store, redact, store_errors
+
+# Every command the service runs on its keys. `script|load` and `evalsha` run the Lua scripts; the
+# scripts themselves only touch keys under the namespace.
+REQUIRED_COMMANDS = (
+    "ping",
+    "time",
+    "get",
+    "mget",
+    "set",
+    "del",
+    "exists",
+    "getrange",
+    "zadd",
+    "zrange",
+    "zrangebyscore",
+    "zscore",
+    "zrem",
+    "zscan",
+    "hget",
+    "hgetall",
+    "hset",
+    "hincrby",
+    "scan",
+    "multi",
+    "exec",
+    "evalsha",
+    "script|load",
+)
+# Used when allowed: expiry events (subscribe) and turning them on (config), and the eviction-policy
+# warning (config|get). (redis-py also sends CLIENT SETINFO on connect and ignores a refusal; Redis
+# before 7.2 does not know it, so the rule leaves it out.)
+OPTIONAL_COMMANDS = ("subscribe", "unsubscribe", "config|get", "config|set")
+
+
+def acl_rule(namespace: str, db: int = 0) -> str:
+    """The ACL rule for eagercache's user: its keys, its channel, its commands, nothing else."""
+    commands = " ".join(f"+{c}" for c in (*REQUIRED_COMMANDS, *OPTIONAL_COMMANDS))
+    return f"on resetkeys ~{namespace}* resetchannels &__keyevent@{db}__:expired -@all {commands}"
+
+
+async def check_access(store: Store) -> None:
+    """Run each required command once; ConfigurationError naming the first one the user may not run.
+
+    Also loads the Lua scripts into the server's script cache (the first refresh then needs no retry).
+    """
+    if store.is_memory:
+        return
+    client = store.client
+    probe = f"{store.keys.namespace}probe:access:{uuid.uuid4().hex}"
+    zset, table = f"{probe}:z", f"{probe}:h"
+    sha: list[str] = []
+
+    async def load() -> None:
+        for script in (scripts.CLAIM_DUE, scripts.CLAIM_MANY, scripts.WRITE, "return 1"):
+            sha.append(await client.script_load(script))
+
+    async def transaction() -> None:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hincrby(table, "n", 0)
+            try:
+                await pipe.execute()
+            except ResponseError as exc:
+                if "EXEC without MULTI" in str(exc):  # MULTI was refused; the pipeline reports its EXEC
+                    raise NoPermissionError(f"NOPERM MULTI was refused ({exc})") from exc
+                raise
+
+    steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("ping", client.ping),
+        ("time", client.time),
+        ("set", lambda: client.set(probe, b"", px=60_000)),
+        ("get", lambda: client.get(probe)),
+        ("mget", lambda: client.mget(probe, probe)),
+        ("getrange", lambda: client.getrange(probe, 0, 1)),
+        ("exists", lambda: client.exists(probe)),
+        ("zadd", lambda: client.zadd(zset, {"x": 1})),
+        ("zrange", lambda: client.zrange(zset, 0, 0, withscores=True)),
+        ("zrangebyscore", lambda: client.zrangebyscore(zset, "-inf", 1)),
+        ("zscore", lambda: client.zscore(zset, "x")),
+        ("zscan", lambda: client.zscan(zset, 0)),
+        ("zrem", lambda: client.zrem(zset, "x")),
+        ("hset", lambda: client.hset(table, "n", 0)),
+        ("hget", lambda: client.hget(table, "n")),
+        ("hgetall", lambda: client.hgetall(table)),
+        ("hincrby", lambda: client.hincrby(table, "n", 1)),
+        ("scan", lambda: client.scan(0, match=f"{probe}*", count=10)),
+        ("multi/exec", transaction),
+        ("script|load", load),
+        ("evalsha", lambda: client.evalsha(sha[-1], 0)),
+        ("del", lambda: client.delete(probe, zset, table)),
+    ]
+    with store_errors(store.url):
+        for command, step in steps:
+            try:
+                await step()
+            except ResponseError as exc:  # NoPermissionError is one
+                if "NOPERM" not in str(exc) and not isinstance(exc, NoPermissionError):
+                    raise
+                raise _denied(store, command, exc) from exc
+
+
+def _denied(store: Store, command: str, exc: Exception) -> ConfigurationError:
+    user = store.client.connection_pool.connection_kwargs.get("username") or "default"
+    what = (
+        f"access keys under {store.keys.namespace!r}"
+        if "key" in str(exc).lower()
+        else f"run {command.upper().replace('|', ' ')}"
+    )
+    return ConfigurationError(
+        f"the Redis user {user!r} at {redact(store.url)} may not {what} ({exc}). eagercache needs "
+        f"this rule: ACL SETUSER {user} {acl_rule(store.keys.namespace, store.db)} (and a password)"
+    )
