@@ -160,3 +160,23 @@ async def test_access_check_leaves_no_probe_keys(redis_url: str, redis_sync: red
     async with running(create_app([item], settings=settings_for(redis_url, user))):
         await asyncio.sleep(0)
     assert not list(redis_sync.scan_iter("eagercache:probe:*"))
+
+
+@pytest.mark.parametrize(("server_flags", "mode"), [("", "schedule"), ("Ex", "events+schedule")])
+async def test_without_config_the_service_uses_what_the_server_publishes(
+    redis_url: str, redis_sync: redis.Redis, users: Users, server_flags: str, mode: str
+) -> None:
+    """A user without CONFIG cannot turn expiry events on: it finds out by a probe whether they arrive."""
+    rule = acl_rule("eagercache:").replace(" +config|get +config|set", "")
+    user = users.make(rule)
+    redis_sync.config_set("notify-keyspace-events", server_flags)
+    try:
+        app = create_app([item], settings=settings_for(redis_url, user))
+        async with running(app) as client:
+            assert app.state.refresher.mode == mode
+            assert (await client.get("/data/item")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+            flags = redis_sync.config_get("notify-keyspace-events")["notify-keyspace-events"]
+            assert set(str(flags)) == set(server_flags)  # the service could change nothing, and did not try
+    finally:
+        redis_sync.config_set("notify-keyspace-events", "")
