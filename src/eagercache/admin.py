@@ -73,7 +73,10 @@ def admin_routes(engine: Engine, token: str) -> list[Route]:
         for entry_id, (header, due, stale) in zip(ids, described, strict=True):
             if header is None:
                 continue  # removed since the scan
-            entry = Entry.parse(header.split(b"\n", 1)[0] + b"\n")
+            try:
+                entry = Entry.parse(header.split(b"\n", 1)[0] + b"\n")
+            except ValueError:
+                continue  # not a value eagercache wrote: nothing to list
             items.append({
                 "entry": entry_id,
                 "query": split_entry_id(entry_id)[1],

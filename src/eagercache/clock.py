@@ -19,10 +19,11 @@ MAX_TRUSTED_ROUND_TRIP_MS = 50.0
 class ServerClock:
     """Milliseconds since the epoch by the store's clock; the local clock until the first reading."""
 
-    __slots__ = ("_offset_ms", "synced")
+    __slots__ = ("_best_round_trip_ms", "_offset_ms", "synced")
 
     def __init__(self) -> None:
         self._offset_ms = time.time() * 1000 - time.monotonic() * 1000
+        self._best_round_trip_ms = float("inf")
         self.synced = False
 
     def now_ms(self) -> int:
@@ -31,7 +32,10 @@ class ServerClock:
     def observe(self, server_ms: float, sent: float, received: float) -> None:
         """A server time read between `sent` and `received` (time.monotonic()): assume the midpoint."""
         round_trip_ms = (received - sent) * 1000
-        if self.synced and round_trip_ms > MAX_TRUSTED_ROUND_TRIP_MS:
+        # On a slow link every reading is slow: trust readings about as good as the best one seen.
+        trusted_ms = max(MAX_TRUSTED_ROUND_TRIP_MS, 2 * self._best_round_trip_ms)
+        self._best_round_trip_ms = min(self._best_round_trip_ms, round_trip_ms)
+        if self.synced and round_trip_ms > trusted_ms:
             return
         self._offset_ms = server_ms - (sent + received) / 2 * 1000
         self.synced = True

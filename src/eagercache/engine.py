@@ -27,7 +27,7 @@ from .errors import (
     StoreUnavailable,
     UnknownFetcher,
 )
-from .fetchers import Fetcher, Registry
+from .fetchers import Fetcher, FetcherOptions, Registry
 from .item import Entry, build_entry, encode_data
 from .keys import split_entry_id
 from .logs import Throttle
@@ -66,6 +66,8 @@ MAX_ABANDONED_PER_FETCHER = 16
 NEAR_CACHE_ENTRIES = 10_000
 NEAR_CACHE_BYTES = 64 * 1024 * 1024
 CALL_CACHE_ENTRIES = 10_000
+
+DEFAULT_OPTIONS = FetcherOptions()
 
 Cause = Literal["cold", "schedule", "event", "admin"]
 CacheState = Literal["HIT", "MISS", "STALE"]
@@ -226,12 +228,29 @@ class Engine:
 
     # -- refreshes -----------------------------------------------------------------------------------
 
-    def spawn_refresh(self, claim: Claim, cause: Cause) -> asyncio.Task[bytes | None] | None:
-        """Start refreshing a claimed entry; None if a fetch of it is already running here (its write
-        reschedules the entry). The task never raises for a failing fetcher or store: it logs and counts."""
-        if claim.entry_id in self._inflight:
-            return None
+    def spawn_refresh(self, claim: Claim, cause: Cause) -> asyncio.Task[bytes | None]:
+        """Start refreshing a claimed entry. The task never raises for a failing fetcher or store: it
+        logs and counts. If a fetch of the entry is running here already (a reader's, an admin's), the
+        task follows that one instead: its write reschedules the entry, and its failure is postponed
+        like a refresh's, so the claim is never left to run out its lease."""
+        running = self._inflight.get(claim.entry_id)
+        if running is not None:
+            return asyncio.create_task(self._follow(running, claim), name=f"follow {claim.entry_id}")
         return self._start(self._refresh(claim, cause), claim)
+
+    async def _follow(self, running: asyncio.Task[bytes | None], claim: Claim) -> bytes | None:
+        await asyncio.wait({running})
+        if not running.cancelled() and running.exception() is None and running.result() is not None:
+            return running.result()
+        name, query = split_entry_id(claim.entry_id)
+        error = running.exception() if not running.cancelled() else None
+        failed = error if isinstance(error, FetchFailed) else FetchFailed(f"the fetch of {name!r} did not finish")
+        try:
+            fetcher, _ = self._resolve(name, query)
+            await self._postpone_failed(fetcher, claim.entry_id, failed)
+        except EagerCacheError as exc:  # unknown fetcher, bad parameters, the store: the lease runs out
+            self._refresh_errors.warning("refresh could not be postponed", "follow", {"error": exc.detail})
+        return None
 
     async def _refresh(self, claim: Claim, cause: Cause) -> bytes | None:
         entry_id = claim.entry_id
@@ -241,9 +260,15 @@ class Engine:
             try:
                 fetcher, call = self._resolve(name, query)
             except UnknownFetcher:
-                log.warning("refresh skipped: unknown fetcher", extra=extra)
                 self.metrics.background_errors.labels("unknown-fetcher").inc()
-                await self.store.postpone(entry_id, name, UNKNOWN_FETCHER_RETRY_MS, None)
+                last_read = claim.last_read_ms
+                if last_read is not None and self.clock.now_ms() - last_read > DEFAULT_OPTIONS.max_idle * 1000:
+                    # A fetcher removed for good: its entries go once nobody has read them for a default max_idle.
+                    self._refresh_errors.warning("entry of an unknown fetcher removed: idle", name, extra)
+                    await self.forget(entry_id, name)
+                else:  # a rolling deploy: left for a replica that knows the fetcher
+                    self._refresh_errors.warning("refresh skipped: unknown fetcher", name, extra)
+                    await self.store.postpone(entry_id, name, UNKNOWN_FETCHER_RETRY_MS, None)
                 return None
             except InvalidParameters as exc:
                 # The fetcher's signature changed: this entry can never be fetched or read again.
@@ -277,11 +302,12 @@ class Engine:
         fetcher, call = self.registry.call(fetcher_name, query)
         if await self.store.header(call.entry_id) is None:
             return None
-        task = self._inflight.get(call.entry_id) or self._start(self._fetch_and_store(fetcher, call, "admin"), call)
-        body = await self._wait(task)
-        if body is None:
-            return None
-        return Read(fetcher, call.entry_id, Entry.parse(body), "MISS", self.clock.now_ms())
+        for _ in range(2):  # a refresh in flight that ends without a body (it failed, was postponed): fetch
+            task = self._inflight.get(call.entry_id) or self._start(self._fetch_and_store(fetcher, call, "admin"), call)
+            body = await self._wait(task)
+            if body is not None:
+                return Read(fetcher, call.entry_id, Entry.parse(body), "MISS", self.clock.now_ms())
+        return None
 
     def _idle(self, fetcher: Fetcher, entry_id: str, last_read_ms: int | None) -> bool:
         if last_read_ms is None or entry_id in self.reads:
@@ -355,8 +381,8 @@ class Engine:
         while time.monotonic() < deadline:
             await asyncio.sleep(FILL_POLL_S)  # another process is fetching; Redis has nothing to await
             body, locked = await self.store.filling(entry_id)
-            if body is not None:
-                return body
+            if _parse(body) is not None:
+                return body  # not a foreign value at the item's key: the holder's write
             if not locked:
                 break  # its fetch failed or was not stored: fetch here
         return None
@@ -387,6 +413,9 @@ class Engine:
                 raise
             # The reader paid for this fetch: it gets the data, unstored (the next read fetches again).
             self.metrics.background_errors.labels("cold-write").inc()
+            if not self.store.is_memory:
+                with contextlib.suppress(EagerCacheError):
+                    await self.store.end_fill(call.entry_id)  # other replicas fetch now, not at the lock's end
             self._refresh_errors.warning("fetched entry could not be stored", "cold", {"error": exc.detail})
             return value
         if claim is not None and claim.due_ms is not None:
@@ -493,7 +522,9 @@ class Engine:
         """Wait for fetches to finish until the shutdown timeout, then cancel what is left."""
         self.begin_shutdown()
         assert self._shutdown_at is not None
-        tasks = [*self._inflight.values(), *self._abandoned]
+        for abandoned in self._abandoned:
+            abandoned.cancel()  # again; they ignored it once, and are not waited for
+        tasks = list(self._inflight.values())
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, self._shutdown_at - time.monotonic()))

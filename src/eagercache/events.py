@@ -40,6 +40,7 @@ class ExpiryEvents:
         # One database's channel: a key of the same name expiring in another database is not ours.
         self.channel = f"__keyevent@{store.db}__:expired"
         self.subscribed = False
+        self._said_off = False
 
     async def enable(self) -> None:
         """Make Redis publish `expired` keyevents (notify-keyspace-events must include E and x).
@@ -82,17 +83,20 @@ class ExpiryEvents:
                 await pubsub.subscribe(self.channel)
                 if not first:
                     self.metrics.reconnects.inc()
+                    await self._enable_again()  # a restarted or promoted server may not publish them
                 first = False
                 self._set_subscribed(True)
                 outage.over()
                 while True:
                     message = await pubsub.get_message(timeout=self.idle_s)
                     due: list[str] = []
-                    while message is not None and len(due) < self.batch:
+                    while message is not None:
                         # Everything already received goes into one batch: a burst costs one claim.
                         data = message.get("data")
                         if isinstance(data, bytes) and (entry_id := keys.entry_of_shadow(data)) is not None:
                             due.append(entry_id)
+                        if len(due) >= self.batch:
+                            break  # the rest waits in the connection for the next batch
                         message = await pubsub.get_message(timeout=0)
                     yield due
             except (RedisError, OSError) as exc:
@@ -104,6 +108,21 @@ class ExpiryEvents:
                 self._set_subscribed(False)
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _enable_again(self) -> None:
+        """After a reconnect: the events may be off on the server now; turn them on, or say so once."""
+        try:
+            await self.enable()
+        except ConfigurationError as exc:
+            if not self._said_off:
+                self._said_off = True
+                log.warning(
+                    "expiry events are off on the server; the schedule refreshes alone", extra={"why": exc.detail}
+                )
+        except StoreUnavailable:
+            pass  # the loop finds out for itself
+        else:
+            self._said_off = False
 
     async def _may_subscribe(self) -> None:
         """ConfigurationError if this user may not subscribe to the channel (ACL: `&<channel>`)."""

@@ -36,6 +36,8 @@ class _Body(msgspec.Struct):
     last_modified: str
 
 
+# Times in a stored header are ms since the epoch; anything past the year 9999 was not written by eagercache.
+MAX_TIME_MS = 253_402_300_800_000
 _encoder = msgspec.json.Encoder()
 # The data is encoded canonically (object keys and sets sorted), so equal data is equal bytes: a change is
 # a different ETag, found by hashing, with no decoding and no structural diff on the event loop.
@@ -55,9 +57,13 @@ class Entry:
 
     @classmethod
     def parse(cls, raw: bytes) -> Entry:
+        """The entry in a stored value; ValueError for anything eagercache did not write."""
         head, _, body = raw.partition(b"\n")
         etag, retrieved, modified, due = head.split(b" ")
-        return cls(etag.decode(), int(retrieved), int(modified), int(due), body)
+        times = int(retrieved), int(modified), int(due)
+        if not all(0 <= t < MAX_TIME_MS for t in times):
+            raise ValueError(f"times out of range in a stored header: {times}")
+        return cls(etag.decode("ascii"), *times, body)
 
     def encode(self) -> bytes:
         head = f"{self.etag} {self.last_retrieved_ms} {self.last_modified_ms} {self.due_ms}\n"

@@ -163,8 +163,6 @@ class Refresher:
     def _refresh(self, claims: list[Claim], cause: Cause) -> None:
         for claim in claims:
             task = self.engine.spawn_refresh(claim, cause)
-            if task is None:
-                continue  # a reader is fetching it here right now; that write reschedules it
             self._claims[claim.entry_id] = claim.lease_end_ms
             task.add_done_callback(functools.partial(self._refreshed, claim.entry_id))
 
@@ -270,14 +268,14 @@ class Refresher:
                     await self.store.prune(ids)
                     if cursor == 0:
                         break
-                counts: Counter[str] = Counter()
+                seen: set[str] = set()  # SCAN may return a key twice (the keyspace was resized meanwhile)
                 repaired, cursor = 0, 0
                 while not self._stopping:
                     cursor, ids = await self.store.scan_entries(None, cursor, SWEEP_BATCH)
-                    counts.update(split_entry_id(entry_id)[0] for entry_id in ids)
+                    seen.update(ids)
                     repaired += len(await self.store.repair(ids))
                     if cursor == 0:
-                        await self.store.set_counts(dict(counts))
+                        await self.store.set_counts(dict(Counter(split_entry_id(i)[0] for i in seen)))
                         break
             except StoreUnavailable as exc:
                 self.metrics.background_errors.labels("sweep-store").inc()

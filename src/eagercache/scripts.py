@@ -11,6 +11,13 @@ from __future__ import annotations
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- The header of an entry's item; '' if there is none, or if the key is not a string (not eagercache's):
+-- one odd key must not stop a claim half-way through its batch.
+local function header_of(key, last_byte)
+  local header = redis.pcall('GETRANGE', key, 0, last_byte)
+  if type(header) ~= 'string' then return '' end
+  return header
+end
 """
 
 # Claim up to ARGV[2] entries due now by moving their score to now + ARGV[1], the lease end: whoever moved
@@ -33,7 +40,7 @@ for i = 1, #due, 2 do
   out[#out + 1] = id
   out[#out + 1] = read or '-1'
   out[#out + 1] = due[i + 1]
-  out[#out + 1] = redis.call('GETRANGE', ARGV[3] .. id, 0, ARGV[4])
+  out[#out + 1] = header_of(ARGV[3] .. id, ARGV[4])
 end
 return out
 """
@@ -50,7 +57,7 @@ local out = {now, lease_end}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local due = redis.call('ZSCORE', KEYS[1], id)
-  local header = redis.call('GETRANGE', ARGV[2] .. id, 0, ARGV[3])
+  local header = header_of(ARGV[2] .. id, ARGV[3])
   if (due and tonumber(due) <= now) or (not due and header ~= '') then
     redis.call('ZADD', KEYS[1], lease_end, id)
     local read = redis.call('ZSCORE', KEYS[2], id)
@@ -85,7 +92,9 @@ return released
 # Store an entry and schedule its next refresh (and let go of the cold-fill lock, if any).
 # KEYS: item, shadow, due, read, stale, counts, fill.
 # ARGV: id, body, due at, fetcher, max entries, mode.
-# mode 'cold': a reader's fetch; a new entry counts against max entries and is marked read now.
+# mode 'cold': a reader's fetch; a new entry counts against max entries and is marked read now. An entry
+# is counted while its item or its schedule member exists: one whose item was lost but whose member is
+# still there is counted already, and is not counted again.
 # mode 'refresh': only an entry that still exists is written. One whose item was deleted meanwhile
 # (by hand, by eviction) is dropped whole; it is counted out unless FORGET did that already (then it
 # is no longer scheduled).
@@ -101,11 +110,13 @@ if is_new then
     redis.call('DEL', KEYS[2], KEYS[5])
     return -1
   end
-  if tonumber(redis.call('HGET', KEYS[6], ARGV[4]) or '0') >= tonumber(ARGV[5]) then
-    redis.call('DEL', KEYS[7])
-    return 0
+  if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+    if tonumber(redis.call('HGET', KEYS[6], ARGV[4]) or '0') >= tonumber(ARGV[5]) then
+      redis.call('DEL', KEYS[7])
+      return 0
+    end
+    redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
   end
-  redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], '', 'PX', math.max(1, tonumber(ARGV[3]) - now))
@@ -139,17 +150,17 @@ return 1
 # Returns 1 if the entry had a stored item.
 FORGET = """
 local existed = redis.call('DEL', KEYS[1])
-if existed == 1 then redis.call('HINCRBY', KEYS[6], ARGV[2], -1) end
+local scheduled = redis.call('ZREM', KEYS[3], ARGV[1])
+if existed == 1 or scheduled == 1 then redis.call('HINCRBY', KEYS[6], ARGV[2], -1) end
 redis.call('DEL', KEYS[2], KEYS[5])
-redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return existed
 """
 
 # Drop schedule members whose item is gone (deleted by hand, evicted), with their shadow, stale marker and
-# read time, leaving the counts to the sweep that recounts them from the items (a later WRITE or POSTPONE
-# then finds nothing to count out). KEYS: due, read. ARGV: item key prefix, shadow key prefix, stale key
-# prefix, ids... Returns how many were dropped.
+# read time, and count them out, as a refresh that found the item gone would (a later WRITE or POSTPONE
+# then finds nothing to count out). KEYS: due, read, counts. ARGV: item key prefix, shadow key prefix,
+# stale key prefix, ids... Returns how many were dropped.
 PRUNE = """
 local dropped = 0
 for i = 4, #ARGV do
@@ -157,6 +168,7 @@ for i = 4, #ARGV do
   if redis.call('EXISTS', ARGV[1] .. id) == 0 and redis.call('ZREM', KEYS[1], id) == 1 then
     redis.call('ZREM', KEYS[2], id)
     redis.call('DEL', ARGV[2] .. id, ARGV[3] .. id)
+    redis.call('HINCRBY', KEYS[3], string.match(id, '^[^?]*'), -1)
     dropped = dropped + 1
   end
 end

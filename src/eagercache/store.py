@@ -146,6 +146,7 @@ class Store:
         self.is_memory = url.startswith(MEMORY_URL)
         self.read_budget_s = read_budget_s
         self._answered_at = time.monotonic()  # when a call last got its answer: the store is answering
+        self._wrote_at = self._answered_at  # when a write last got its answer
         # A miss's own calls (fill lock, write) come after Redis has answered its read, and its reader
         # waits for a fetch anyway: they get more room, so a burst of misses on a busy process is not
         # taken for a stall.
@@ -227,14 +228,17 @@ class Store:
             self.clock.observe(seconds * 1000 + micros / 1000, sent, time.monotonic())
 
     @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Redis errors as StoreUnavailable; a call that gets its answer shows the store is answering."""
+    def _errors(self, *, write: bool = False) -> Iterator[None]:
+        """Redis errors as StoreUnavailable; a call that gets its answer shows the store is answering
+        (a write, that it is taking writes: a server can take reads and hold writes, as a failover does)."""
         with store_errors(self.url):
             yield
         self._answered_at = time.monotonic()
+        if write:
+            self._wrote_at = self._answered_at
 
     @asynccontextmanager
-    async def _within(self, budget_s: float) -> AsyncIterator[None]:
+    async def _within(self, budget_s: float, *, write: bool = False) -> AsyncIterator[None]:
         """Redis errors as StoreUnavailable, and no wait past `budget_s` while the store answers nobody.
 
         A budget measures the store, not this process: when it runs out but the store has answered other
@@ -252,7 +256,7 @@ class Store:
                 def check(planned: float, rounds_left: int = CONFIRM_ROUNDS) -> None:
                     nonlocal handle
                     now = loop.time()
-                    silent_s = time.monotonic() - self._answered_at
+                    silent_s = time.monotonic() - (self._wrote_at if write else self._answered_at)
                     if now - started >= COMMAND_TIMEOUT_S:
                         deadline.reschedule(now)
                     elif now - planned > LOOP_LATE_S:
@@ -270,7 +274,7 @@ class Store:
 
                 handle = loop.call_at(started + budget_s, check, started + budget_s)
                 try:
-                    with self._errors():
+                    with self._errors(write=write):
                         yield
                 finally:
                     handle.cancel()
@@ -280,8 +284,8 @@ class Store:
     def _read(self) -> AbstractAsyncContextManager[None]:
         return self._within(self.read_budget_s)
 
-    def _fill(self) -> AbstractAsyncContextManager[None]:
-        return self._within(self.fill_budget_s)
+    def _fill(self, *, write: bool = True) -> AbstractAsyncContextManager[None]:
+        return self._within(self.fill_budget_s, write=write)
 
     async def get(self, entry_id: str) -> tuple[bytes | None, Stale | None]:
         """The entry's body and, if its refreshes are failing, its stale marker: one round trip, within the budget."""
@@ -306,7 +310,7 @@ class Store:
         """
         keys = [*self._entry_keys(entry_id), self.keys.fill(entry_id)]
         args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, max_entries, mode]
-        async with self._within(self.fill_budget_s if mode == "cold" else COMMAND_TIMEOUT_S):
+        async with self._within(self.fill_budget_s if mode == "cold" else COMMAND_TIMEOUT_S, write=True):
             result: int = await self._write(keys=keys, args=args)
         return result
 
@@ -322,7 +326,7 @@ class Store:
 
     async def filling(self, entry_id: str) -> tuple[bytes | None, bool]:
         """The entry's body if stored by now, and whether a replica still holds its fill lock."""
-        async with self._fill():
+        async with self._fill(write=False):
             body, lock = await self.client.mget(self.keys.item(entry_id), self.keys.fill(entry_id))
         assert body is None or isinstance(body, bytes)
         return body, lock is not None
@@ -337,13 +341,13 @@ class Store:
         keys = [k.item(entry_id), k.shadow(entry_id), k.due, k.stale(entry_id), k.read, k.counts]
         marker = stale.encode() if stale is not None else ""
         args: list[str | int] = [entry_id, max(1, retry_in_ms), marker, fetcher]
-        with self._errors():
+        with self._errors(write=True):
             kept: int = await self._postpone(keys=keys, args=args)
         return bool(kept)
 
     async def forget(self, entry_id: str, fetcher: str) -> bool:
         """Remove an entry and everything about it; False if it had no stored item."""
-        with self._errors():
+        with self._errors(write=True):
             existed = await self._forget(keys=self._entry_keys(entry_id), args=[entry_id, fetcher])
         return bool(existed)
 
@@ -382,7 +386,7 @@ class Store:
     async def claim_due(self, lease_ms: int, limit: int) -> list[Claim]:
         """Claim up to `limit` entries whose refresh is due now, each for `lease_ms`."""
         args: list[str | int] = [lease_ms, limit, self.keys.item_prefix, HEADER_MAX_BYTES - 1]
-        with self._errors():
+        with self._errors(write=True):
             sent = time.monotonic()
             flat: list[bytes] = await self._claim_due(keys=[self.keys.due, self.keys.read], args=args)
         return self._claims(flat, sent)
@@ -390,7 +394,7 @@ class Store:
     async def claim(self, entry_ids: list[str], lease_ms: int) -> list[Claim]:
         """Claim those of these entries that are due (refreshed already, or claimed elsewhere: not)."""
         args: list[str | int] = [lease_ms, self.keys.item_prefix, HEADER_MAX_BYTES - 1, *entry_ids]
-        with self._errors():
+        with self._errors(write=True):
             sent = time.monotonic()
             flat: list[bytes] = await self._claim_many(keys=[self.keys.due, self.keys.read], args=args)
         return self._claims(flat, sent)
@@ -407,7 +411,7 @@ class Store:
     async def release(self, claims: dict[str, int]) -> int:
         """Give back claims still held (shutdown): those entries are due again at once, for any replica."""
         args = [value for pair in claims.items() for value in pair]
-        with self._errors():
+        with self._errors(write=True):
             released: int = await self._release(keys=[self.keys.due], args=args)
         return released
 
@@ -415,7 +419,7 @@ class Store:
         """Record reads, in one command: only for entries that exist, and never moving a time back."""
         if entry_ids:
             now = self.clock.now_ms()
-            with self._errors():
+            with self._errors(write=True):
                 await self.client.zadd(self.keys.read, dict.fromkeys(entry_ids, now), xx=True, gt=True)
 
     async def repair(self, entry_ids: list[str]) -> list[str]:
@@ -423,7 +427,7 @@ class Store:
         if not entry_ids:
             return []
         keys = [self.keys.due, self.keys.read]
-        with self._errors():
+        with self._errors(write=True):
             repaired: list[bytes] = await self._repair(keys=keys, args=[self.keys.item_prefix, *entry_ids])
         return [entry_id.decode() for entry_id in repaired]
 
@@ -444,13 +448,13 @@ class Store:
             return 0
         k = self.keys
         args = [k.item_prefix, k.shadow_prefix, k.stale_prefix, *entry_ids]
-        with self._errors():
-            dropped: int = await self._prune(keys=[k.due, k.read], args=args)
+        with self._errors(write=True):
+            dropped: int = await self._prune(keys=[k.due, k.read, k.counts], args=args)
         return dropped
 
     async def take_sweep(self, interval_ms: int, owner: str) -> bool:
         """The right to sweep the store for this interval; one replica sweeps at a time."""
-        with self._errors():
+        with self._errors(write=True):
             return bool(await self.client.set(self.keys.sweep, owner, nx=True, px=interval_ms))
 
     async def set_counts(self, counts: dict[str, int]) -> None:
@@ -459,7 +463,7 @@ class Store:
             pipe.delete(self.keys.counts)
             if counts:
                 pipe.hset(self.keys.counts, mapping=counts)  # type: ignore[arg-type]
-            with self._errors():
+            with self._errors(write=True):
                 await pipe.execute()
 
     async def next_due_ms(self) -> int | None:

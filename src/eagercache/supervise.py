@@ -121,7 +121,7 @@ class Outage:
 
     def failed(self, error: str) -> float:
         if self.delay_s == 0.0:
-            log.warning("lost the store; retrying", extra={"loop": self.what, "error": error})
+            log.warning("the store failed; retrying", extra={"loop": self.what, "error": error})
         self.delay_s = min(max(self.delay_s * 2, RECONNECT_MIN_S), RECONNECT_MAX_S)
         return self.delay_s
 
