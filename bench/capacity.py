@@ -26,7 +26,6 @@ import redis.asyncio as aredis
 
 from eagercache import create_app, fetcher
 from eagercache.item import build_entry, encode_data
-from eagercache.store import now_ms
 
 from .hitpath import summarize_profile
 from .procs import BIN, Cores, Proc, bench_env
@@ -226,6 +225,7 @@ async def seed(redis_url: str, n: int, ttl: float, start_ms: int) -> dict[str, A
 
     app = create_app({"noop": fetcher(ttl=ttl, jitter=0, timeout=5)(noop)}, redis_url=redis_url, namespace=NAMESPACE)
     store = app.state.store
+    now_ms = store.clock.now_ms  # the store's clock, as the service keeps time
     due: dict[int, float] = {}
     late = 0
 
@@ -236,7 +236,7 @@ async def seed(redis_url: str, n: int, ttl: float, start_ms: int) -> dict[str, A
         if due_in < 1:
             late, due_in = late + 1, 1
         value, _ = build_entry(encode_data({"i": i}, "noop"), now, now + due_in)
-        await store.write(f"noop?i={i}", "noop", value, now, now + due_in, mode="cold", max_entries=n)
+        await store.write(f"noop?i={i}", "noop", value, now + due_in, mode="cold", max_entries=n)
         due[i] = now + due_in
 
     started = time.monotonic()

@@ -53,8 +53,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sent = wall_ms()
         result = await original_write(entry_id, *rest, **kwargs)
         i = int(entry_id.rpartition("=")[2])
-        # Store.write(entry_id, fetcher, value, now, due_at, ...): the next due time the write schedules
-        next_due = float(rest[3]) if len(rest) > 3 else math.nan
+        # Store.write(entry_id, fetcher, value, due_at, ...): the next due time the write schedules
+        next_due = float(rest[2]) if len(rest) > 2 else math.nan
         writes.append((i, fetch_started.pop(i, math.nan), sent, wall_ms(), next_due))
         if args.stop_after and len(writes) >= args.stop_after:
             stop.set()
