@@ -69,3 +69,15 @@ class ServeProcess:
     def stderr(self) -> str:
         self._log.seek(0)
         return self._log.read().decode(errors="replace")
+
+
+def run_eagercache(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`eagercache ARGS` to completion, with only `env` (and PATH) in its environment."""
+    return subprocess.run(
+        [EAGERCACHE, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env={"PATH": str(Path(sys.executable).parent), **(env or {})},
+    )

@@ -17,7 +17,7 @@ from eagercache.access import acl_rule
 from eagercache.errors import ConfigurationError
 from eagercache.settings import load_settings
 
-from .servers import EAGERCACHE, ROOT, ServeProcess
+from .servers import EAGERCACHE, ROOT, ServeProcess, run_eagercache
 
 
 @pytest.fixture
@@ -61,9 +61,7 @@ def test_a_secret_given_twice_or_unreadable_is_a_clear_error(tmp_path: Path) -> 
 
 
 def test_the_password_has_no_flag() -> None:
-    answer = subprocess.run(
-        [EAGERCACHE, "serve", "--redis-password", "x"], capture_output=True, text=True, timeout=30, cwd=ROOT
-    )
+    answer = run_eagercache("serve", "--redis-password", "x")
     assert answer.returncode == 2
     assert "unrecognized arguments" in answer.stderr
 
@@ -123,17 +121,11 @@ def test_a_wrong_password_is_a_start_up_error_without_the_password(
 ) -> None:
     user, _ = acl_user
     wrong = f"wrong-{uuid.uuid4().hex}"
-    answer = subprocess.run(
-        [EAGERCACHE, "serve", "--redis-url", redis_url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env={
-            "PATH": str(Path(sys.executable).parent),
-            "EAGERCACHE_REDIS_USERNAME": user,
-            "EAGERCACHE_REDIS_PASSWORD_FILE": secret_file(tmp_path, "pw", wrong),
-        },
+    answer = run_eagercache(
+        "serve",
+        "--redis-url",
+        redis_url,
+        env={"EAGERCACHE_REDIS_USERNAME": user, "EAGERCACHE_REDIS_PASSWORD_FILE": secret_file(tmp_path, "pw", wrong)},
     )
     assert answer.returncode == 2
     last = answer.stderr.strip().splitlines()[-1]

@@ -4,8 +4,6 @@ certificates (mutual TLS), and a wrong CA or a missing certificate is a clear st
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from eagercache import create_app, fetcher
 from eagercache.settings import Settings
 
 from .helpers import Counter
-from .servers import EAGERCACHE, ROOT, ServeProcess
+from .servers import ServeProcess, run_eagercache
 from .test_redis import running
 from .test_reliability import fleet_calls, most_within
 from .tls import Pki, TlsRedisServer, make_pki, tls_binary
@@ -114,14 +112,7 @@ async def test_cold_warm_refresh_stale_and_expiry_hints_over_tls(tls_server: Tls
 async def test_mutual_tls_needs_the_client_certificate(mtls_server: TlsRedisServer) -> None:
     async with running(create_app([item], settings=tls_settings(mtls_server, client_cert=True))) as client:
         assert (await client.get("/data/item")).status_code == 200
-    answer = subprocess.run(
-        [EAGERCACHE, "serve", "--redis-url", mtls_server.url, "--redis-ca-file", str(mtls_server.pki.ca)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env={"PATH": str(Path(sys.executable).parent)},
-    )
+    answer = run_eagercache("serve", "--redis-url", mtls_server.url, "--redis-ca-file", str(mtls_server.pki.ca))
     assert answer.returncode == 2
     last = answer.stderr.strip().splitlines()[-1]
     assert last.startswith("eagercache: cannot reach the store at rediss://"), answer.stderr
@@ -130,14 +121,7 @@ async def test_mutual_tls_needs_the_client_certificate(mtls_server: TlsRedisServ
 
 def test_a_wrong_ca_is_a_clear_start_up_error_not_a_hang(tls_server: TlsRedisServer) -> None:
     started = time.monotonic()
-    answer = subprocess.run(
-        [EAGERCACHE, "serve", "--redis-url", tls_server.url, "--redis-ca-file", str(tls_server.pki.other_ca)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env={"PATH": str(Path(sys.executable).parent)},
-    )
+    answer = run_eagercache("serve", "--redis-url", tls_server.url, "--redis-ca-file", str(tls_server.pki.other_ca))
     took = time.monotonic() - started
     assert answer.returncode == 2
     last = answer.stderr.strip().splitlines()[-1]
@@ -147,13 +131,8 @@ def test_a_wrong_ca_is_a_clear_start_up_error_not_a_hang(tls_server: TlsRedisSer
 
 
 def test_tls_files_need_a_rediss_url(tmp_path: Path) -> None:
-    answer = subprocess.run(
-        [EAGERCACHE, "serve", "--redis-url", "redis://127.0.0.1:1/0", "--redis-ca-file", str(tmp_path / "ca.pem")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env={"PATH": str(Path(sys.executable).parent)},
+    answer = run_eagercache(
+        "serve", "--redis-url", "redis://127.0.0.1:1/0", "--redis-ca-file", str(tmp_path / "ca.pem")
     )
     assert answer.returncode == 2
     assert "redis_ca_file needs a rediss:// (TLS) redis_url" in answer.stderr
