@@ -162,5 +162,6 @@ async def test_two_replicas_over_tls_fetch_each_entry_once_per_cycle(tls_server:
             server.close()
     total = sum(1 for i in calls for t, _ in calls[i] if started <= t < ended)
     assert 0.9 <= total / 20 / (ended - started) <= 1.1
-    assert max(most_within([t for t, _ in calls[i]], 0.9) for i in calls) == 1
+    # Two claims of one due entry would fetch it twice within milliseconds; 0.5 s leaves room for lag.
+    assert max(most_within([t for t, _ in calls[i]], 0.5) for i in calls) == 1
     assert len({pid for i in calls for _, pid in calls[i]}) == 2  # both replicas refreshed
