@@ -90,8 +90,9 @@ async def test_a_user_missing_one_permission_gets_a_start_up_error_naming_it(
     with pytest.raises(ConfigurationError) as raised:
         async with running(app):
             pass
-    named = "MULTI/EXEC" if command in ("multi", "exec") else command.upper().replace("|", " ")
-    assert f"may not run {named}" in raised.value.detail
+    named = command.upper().replace("|", " ")
+    # A refused MULTI shows up as the transaction's failure: the step is named, not the command.
+    assert f"may not run {'MULTI/EXEC' if command == 'multi' else named}" in raised.value.detail
     assert f"ACL SETUSER {user} " in raised.value.detail  # and says what to grant
     assert PASSWORD not in raised.value.detail
 
@@ -180,3 +181,20 @@ async def test_without_config_the_service_uses_what_the_server_publishes(
             assert set(str(flags)) == set(server_flags)  # the service could change nothing, and did not try
     finally:
         redis_sync.config_set("notify-keyspace-events", "")
+
+
+async def test_another_database_needs_select_and_its_own_channel(redis_url: str, users: Users) -> None:
+    """The client sends SELECT on every new connection to a database other than 0: the rule for that
+    database grants it, and one without it is refused at start-up naming SELECT, not some other command."""
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    with_select = users.make(acl_rule("eagercache:", db=3))
+    app = create_app([item], settings=settings_for(url, with_select))
+    async with running(app) as client:
+        assert (await client.get("/data/item")).status_code == 200
+        assert app.state.refresher.mode == "events+schedule"  # its channel is __keyevent@3__
+    without = users.make(acl_rule("eagercache:", db=0))
+    with pytest.raises(ConfigurationError) as raised:
+        async with running(create_app([item], settings=settings_for(url, without))):
+            pass
+    assert "may not run SELECT" in raised.value.detail
+    assert "+select" in raised.value.detail and "&__keyevent@3__:expired" in raised.value.detail

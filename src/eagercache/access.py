@@ -9,6 +9,7 @@ CONFIG and the expiry-event channel are optional: without them the service runs 
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -53,8 +54,9 @@ OPTIONAL_COMMANDS = ("subscribe", "unsubscribe", "config|get", "config|set")
 
 
 def acl_rule(namespace: str, db: int = 0) -> str:
-    """The ACL rule for eagercache's user: its keys, its channel, its commands, nothing else."""
-    commands = " ".join(f"+{c}" for c in (*REQUIRED_COMMANDS, *OPTIONAL_COMMANDS))
+    """The ACL rule for eagercache's user: its keys, its channel, its commands, nothing else (and SELECT
+    for a database other than 0, which the client sends on every new connection)."""
+    commands = " ".join(f"+{c}" for c in (*REQUIRED_COMMANDS, *(("select",) if db else ()), *OPTIONAL_COMMANDS))
     return f"on resetkeys ~{namespace}* resetchannels &__keyevent@{db}__:expired -@all {commands}"
 
 
@@ -120,6 +122,8 @@ async def check_access(store: Store) -> None:
 
 def _denied(store: Store, command: str, exc: Exception) -> ConfigurationError:
     user = store.client.connection_pool.connection_kwargs.get("username") or "default"
+    if named := re.search(r"run the '([^']+)' command", str(exc)):
+        command = named.group(1)  # the server names the command it refused (SELECT on connect, say)
     what = (
         f"access keys under {store.keys.namespace!r}"
         if "key" in str(exc).lower()
