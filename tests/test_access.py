@@ -44,7 +44,10 @@ class Users:
 
 @pytest.fixture
 def users(redis_sync: redis.Redis) -> Iterator[Users]:
+    """ACL users on the session server, which publishes expiry events: the rule has no CONFIG, so the
+    operator turns them on, as the README says."""
     made = Users(redis_sync)
+    redis_sync.config_set("notify-keyspace-events", "Ex")
     try:
         yield made
     finally:
@@ -91,8 +94,7 @@ async def test_a_user_missing_one_permission_gets_a_start_up_error_naming_it(
         async with running(app):
             pass
     named = command.upper().replace("|", " ")
-    # A refused MULTI shows up as the transaction's failure: the step is named, not the command.
-    assert f"may not run {'MULTI/EXEC' if command == 'multi' else named}" in raised.value.detail
+    assert f"may not run {named}" in raised.value.detail
     assert f"ACL SETUSER {user} " in raised.value.detail  # and says what to grant
     assert PASSWORD not in raised.value.detail
 
@@ -154,6 +156,8 @@ def test_the_rule_names_only_the_namespace_and_its_channel() -> None:
     rule = acl_rule("svc:", db=3)
     assert "~svc:*" in rule and "&__keyevent@3__:expired" in rule
     assert "-@all" in rule and "+@all" not in rule and "allkeys" not in rule and "~*" not in rule
+    assert "config" not in rule and "multi" not in rule  # nothing the service does not run
+    assert "+config|get +config|set" in acl_rule("svc:", config=True)  # opt-in
 
 
 async def test_access_check_leaves_no_probe_keys(redis_url: str, redis_sync: redis.Redis, users: Users) -> None:
@@ -168,8 +172,7 @@ async def test_without_config_the_service_uses_what_the_server_publishes(
     redis_url: str, redis_sync: redis.Redis, users: Users, server_flags: str, mode: str
 ) -> None:
     """A user without CONFIG cannot turn expiry events on: it finds out by a probe whether they arrive."""
-    rule = acl_rule("eagercache:").replace(" +config|get +config|set", "")
-    user = users.make(rule)
+    user = users.make(acl_rule("eagercache:"))
     redis_sync.config_set("notify-keyspace-events", server_flags)
     try:
         app = create_app([item], settings=settings_for(redis_url, user))
@@ -198,3 +201,13 @@ async def test_another_database_needs_select_and_its_own_channel(redis_url: str,
             pass
     assert "may not run SELECT" in raised.value.detail
     assert "+select" in raised.value.detail and "&__keyevent@3__:expired" in raised.value.detail
+
+
+async def test_a_check_that_stops_half_way_leaves_no_probe_keys(
+    redis_url: str, redis_sync: redis.Redis, users: Users
+) -> None:
+    user = users.make(f"{acl_rule('eagercache:')} -scan")  # refused after the probe hash was written
+    with pytest.raises(ConfigurationError, match="may not run SCAN"):
+        async with running(create_app([item], settings=settings_for(redis_url, user))):
+            pass
+    assert not list(redis_sync.scan_iter("eagercache:probe:*"))

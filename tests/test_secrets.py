@@ -14,8 +14,10 @@ import pytest
 import redis
 
 from eagercache.access import acl_rule
-from eagercache.errors import ConfigurationError
-from eagercache.settings import load_settings
+from eagercache.errors import ConfigurationError, StoreUnavailable
+from eagercache.keys import Keys
+from eagercache.settings import load_settings, to_environ
+from eagercache.store import Store, redact, store_errors
 
 from .servers import EAGERCACHE, ROOT, ServeProcess, run_eagercache
 
@@ -132,3 +134,35 @@ def test_a_wrong_password_is_a_start_up_error_without_the_password(
     assert last.startswith("eagercache: ") and "invalid username-password pair" in last
     assert "Traceback" not in answer.stderr
     assert wrong not in answer.stderr
+
+
+def test_workers_get_a_secret_read_from_a_file_by_its_file_not_its_value(tmp_path: Path) -> None:
+    """`--workers N` hands settings to the workers through the environment: a secret read from a file
+    travels as its _FILE variable, so it is never copied into the environment, and the worker starts."""
+    environ = {"EAGERCACHE_REDIS_PASSWORD_FILE": secret_file(tmp_path, "pw", "from-a-file")}
+    handed = to_environ(load_settings(environ=environ), environ)
+    assert "EAGERCACHE_REDIS_PASSWORD" not in handed
+    worker = load_settings(environ={**environ, **handed})  # what each worker process reads
+    assert worker.redis_password == "from-a-file"
+
+
+@pytest.mark.parametrize(
+    ("url", "hidden"),
+    [
+        ("redis://:TopSecret@127.0.0.1:6379/0", "TopSecret"),
+        ("redis://user:TopSecret@127.0.0.1:6379/0", "TopSecret"),
+        ("redis://127.0.0.1:6379/0?password=TopSecret&db=1", "TopSecret"),
+        ("unix:///run/redis.sock?password=TopSecret", "TopSecret"),
+        ("redis://:Zm9v/YmFy+cXV4@127.0.0.1:6379/0", "Zm9v/YmFy+cXV4"),  # unencoded: '/' in the password
+        ("redis://:TopSecret@127.0.0.1:99999/0", "TopSecret"),  # a port out of range: no traceback either
+    ],
+)
+def test_a_password_in_the_url_is_hidden_wherever_the_url_is_shown(url: str, hidden: str) -> None:
+    assert hidden not in redact(url)
+    with pytest.raises(StoreUnavailable) as unreachable, store_errors(url):
+        raise redis.ConnectionError("Connection refused")
+    assert hidden not in unreachable.value.detail  # what /readyz and a 503 would say
+    try:
+        Store.from_url(url, Keys())  # builds no connection yet; a URL it cannot use is a clear error
+    except ConfigurationError as exc:
+        assert hidden not in exc.detail

@@ -9,12 +9,13 @@ CONFIG and the expiry-event channel are optional: without them the service runs 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from . import scripts
 from .errors import ConfigurationError
@@ -42,21 +43,28 @@ REQUIRED_COMMANDS = (
     "hset",
     "hincrby",
     "scan",
-    "multi",
-    "exec",
     "evalsha",
     "script|load",
 )
-# Used when allowed: expiry events (subscribe) and turning them on (config), and the eviction-policy
-# warning (config|get). (redis-py also sends CLIENT SETINFO on connect and ignores a refusal; Redis
-# before 7.2 does not know it, so the rule leaves it out.)
-OPTIONAL_COMMANDS = ("subscribe", "unsubscribe", "config|get", "config|set")
+# Used when allowed: expiry events (subscribe). (redis-py also sends CLIENT SETINFO on connect and
+# ignores a refusal; Redis before 7.2 does not know it, so the rule leaves it out.)
+OPTIONAL_COMMANDS = ("subscribe", "unsubscribe")
+# Opt-in: lets eagercache turn expiry events on itself and warn about an eviction policy. CONFIG cannot
+# be limited to one parameter, so it gives the user the whole server's configuration (masterauth,
+# requirepass, maxmemory-policy): left out unless asked for.
+CONFIG_COMMANDS = ("config|get", "config|set")
 
 
-def acl_rule(namespace: str, db: int = 0) -> str:
+def acl_rule(namespace: str, db: int = 0, *, config: bool = False) -> str:
     """The ACL rule for eagercache's user: its keys, its channel, its commands, nothing else (and SELECT
-    for a database other than 0, which the client sends on every new connection)."""
-    commands = " ".join(f"+{c}" for c in (*REQUIRED_COMMANDS, *(("select",) if db else ()), *OPTIONAL_COMMANDS))
+    for a database other than 0, which the client sends on every new connection; CONFIG if asked for)."""
+    granted = (
+        *REQUIRED_COMMANDS,
+        *(("select",) if db else ()),
+        *OPTIONAL_COMMANDS,
+        *(CONFIG_COMMANDS if config else ()),
+    )
+    commands = " ".join(f"+{c}" for c in granted)
     return f"on resetkeys ~{namespace}* resetchannels &__keyevent@{db}__:expired -@all {commands}"
 
 
@@ -75,16 +83,6 @@ async def check_access(store: Store) -> None:
     async def load() -> None:
         for script in (scripts.CLAIM_DUE, scripts.CLAIM_MANY, scripts.WRITE, "return 1"):
             sha.append(await client.script_load(script))
-
-    async def transaction() -> None:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.hincrby(table, "n", 0)
-            try:
-                await pipe.execute()
-            except ResponseError as exc:
-                if "EXEC without MULTI" in str(exc):  # MULTI was refused; the pipeline reports its EXEC
-                    raise NoPermissionError(f"NOPERM MULTI was refused ({exc})") from exc
-                raise
 
     steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
         ("ping", client.ping),
@@ -105,19 +103,22 @@ async def check_access(store: Store) -> None:
         ("hgetall", lambda: client.hgetall(table)),
         ("hincrby", lambda: client.hincrby(table, "n", 1)),
         ("scan", lambda: client.scan(0, match=f"{probe}*", count=10)),
-        ("multi/exec", transaction),
         ("script|load", load),
         ("evalsha", lambda: client.evalsha(sha[-1], 0)),
         ("del", lambda: client.delete(probe, zset, table)),
     ]
     with store_errors(store.url):
-        for command, step in steps:
-            try:
-                await step()
-            except ResponseError as exc:  # NoPermissionError is one
-                if "NOPERM" not in str(exc) and not isinstance(exc, NoPermissionError):
-                    raise
-                raise _denied(store, command, exc) from exc
+        try:
+            for command, step in steps:
+                try:
+                    await step()
+                except ResponseError as exc:  # NoPermissionError is one
+                    if "NOPERM" not in str(exc) and not isinstance(exc, NoPermissionError):
+                        raise
+                    raise _denied(store, command, exc) from exc
+        finally:
+            with contextlib.suppress(RedisError, OSError):  # a check that stopped half-way leaves no probe
+                await client.delete(probe, zset, table)
 
 
 def _denied(store: Store, command: str, exc: Exception) -> ConfigurationError:

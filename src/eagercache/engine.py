@@ -27,7 +27,7 @@ from .errors import (
     StoreUnavailable,
     UnknownFetcher,
 )
-from .fetchers import Fetcher, FetcherOptions, Registry
+from .fetchers import Fetcher, Registry
 from .item import Entry, build_entry, encode_data
 from .keys import split_entry_id
 from .logs import Throttle
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # An entry whose fetcher this process does not know (a rolling deploy) is left for a replica that does.
 UNKNOWN_FETCHER_RETRY_MS = 60_000
+# ... unless nobody read it for this long: then its fetcher is taken to be gone for good and it is removed.
+# (A replica cannot know the max_idle of a fetcher it does not have; this is longer than any sensible one.)
+UNKNOWN_FETCHER_MAX_IDLE_MS = 7 * 24 * 3600 * 1000
 # A failing refresh is retried after 0.5 s, 1 s, 2 s, ... but never later than the fetcher's ttl.
 RETRY_BASE_MS = 500
 # A replica waiting for another's fetch of a missing entry looks for its write this often.
@@ -66,8 +69,6 @@ MAX_ABANDONED_PER_FETCHER = 16
 NEAR_CACHE_ENTRIES = 10_000
 NEAR_CACHE_BYTES = 64 * 1024 * 1024
 CALL_CACHE_ENTRIES = 10_000
-
-DEFAULT_OPTIONS = FetcherOptions()
 
 Cause = Literal["cold", "schedule", "event", "admin"]
 CacheState = Literal["HIT", "MISS", "STALE"]
@@ -240,6 +241,8 @@ class Engine:
 
     async def _follow(self, running: asyncio.Task[bytes | None], claim: Claim) -> bytes | None:
         await asyncio.wait({running})
+        if running.cancelled():  # shutdown: the claim is given back, not marked as a failure
+            raise asyncio.CancelledError
         if not running.cancelled() and running.exception() is None and running.result() is not None:
             return running.result()
         name, query = split_entry_id(claim.entry_id)
@@ -262,8 +265,8 @@ class Engine:
             except UnknownFetcher:
                 self.metrics.background_errors.labels("unknown-fetcher").inc()
                 last_read = claim.last_read_ms
-                if last_read is not None and self.clock.now_ms() - last_read > DEFAULT_OPTIONS.max_idle * 1000:
-                    # A fetcher removed for good: its entries go once nobody has read them for a default max_idle.
+                if last_read is not None and self.clock.now_ms() - last_read > UNKNOWN_FETCHER_MAX_IDLE_MS:
+                    # A fetcher removed for good: its entries go once nobody has read them for a week.
                     self._refresh_errors.warning("entry of an unknown fetcher removed: idle", name, extra)
                     await self.forget(entry_id, name)
                 else:  # a rolling deploy: left for a replica that knows the fetcher

@@ -268,6 +268,7 @@ class Refresher:
                     await self.store.prune(ids)
                     if cursor == 0:
                         break
+                before = await self.store.entry_counts()
                 seen: set[str] = set()  # SCAN may return a key twice (the keyspace was resized meanwhile)
                 repaired, cursor = 0, 0
                 while not self._stopping:
@@ -275,7 +276,7 @@ class Refresher:
                     seen.update(ids)
                     repaired += len(await self.store.repair(ids))
                     if cursor == 0:
-                        await self.store.set_counts(dict(Counter(split_entry_id(i)[0] for i in seen)))
+                        await self.store.recount(before, dict(Counter(split_entry_id(i)[0] for i in seen)))
                         break
             except StoreUnavailable as exc:
                 self.metrics.background_errors.labels("sweep-store").inc()

@@ -175,6 +175,20 @@ end
 return dropped
 """
 
+# Set entry counts found by a sweep, each only if the count is still what it was when the sweep began:
+# a write or a removal during the sweep (which the scan may or may not have seen) leaves it to the next
+# sweep. KEYS: counts. ARGV: fetcher, count before, count found, ... Returns how many were set.
+RECOUNT = """
+local set = 0
+for i = 1, #ARGV, 3 do
+  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') == tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    set = set + 1
+  end
+end
+return set
+"""
+
 # Put stored entries that lost their place in the schedule (evicted, deleted by hand) back on it, due
 # now; an entry on the schedule (or claimed: its score is a lease end) is left alone.
 # KEYS: due, read. ARGV: item key prefix, ids... Returns the ids put back.

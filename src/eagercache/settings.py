@@ -195,15 +195,19 @@ def _plain(message: str) -> str:
     return f"{tail.rstrip('`')}: {head}" if tail else message
 
 
-def to_environ(settings: Settings) -> dict[str, str]:
+def to_environ(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """EAGERCACHE_* variables that load_settings() turns back into these settings (for worker processes).
 
-    The config file's per-fetcher tables travel as EAGERCACHE_CONFIG, the file's path.
+    The config file's per-fetcher tables travel as EAGERCACHE_CONFIG, the file's path; a secret read
+    from a file stays there (its _FILE variable travels), so it is never copied into the environment.
     """
+    environ = os.environ if environ is None else environ
     out: dict[str, str] = {}
     for field in Settings.__struct_fields__:
         value = getattr(settings, field)
         if field == "fetcher_overrides" or value is None:
+            continue
+        if field in SECRETS and f"{ENV_PREFIX}{field.upper()}{FILE_SUFFIX}" in environ:
             continue
         if isinstance(value, tuple):
             value = ",".join(value)

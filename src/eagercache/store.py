@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import redis.asyncio as redis
@@ -47,12 +46,24 @@ UNSAFE_EVICTION = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its password, for logs and errors: in the user part (even unencoded, with '/' or
+    '#' in it), and in a `password=` query parameter. Works on text, so a URL that does not parse is
+    redacted too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    main, qsep, query = rest.partition("?")
+    if "@" in main:
+        userinfo, _, host = main.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        main = f"{userinfo}@{host}"
+    if qsep:
+        query = "&".join(
+            f"{name}=***" if "password" in name.lower() else f"{name}{eq}{value}"
+            for name, eq, value in (part.partition("=") for part in query.split("&"))
+        )
+    return f"{scheme}{sep}{main}{qsep}{query}"
 
 
 @contextmanager
@@ -62,7 +73,7 @@ def store_errors(url: str) -> Iterator[None]:
         yield
     except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError, OSError) as exc:
         hint = ""
-        if url.startswith("rediss://") and not isinstance(exc, redis_exceptions.AuthenticationError):
+        if url.startswith("rediss://") and ("SSL" in str(exc) or "reset by peer" in str(exc)):
             hint = (
                 " (TLS: the server's certificate is checked against --redis-ca-file, or the system's CAs; "
                 "a server that requires client certificates needs --redis-cert-file and --redis-key-file)"
@@ -85,8 +96,10 @@ class Auth:
     def __repr__(self) -> str:
         return f"Auth(username={self.username!r}, password={'***' if self.password else None})"
 
-    def connection_kwargs(self) -> dict[str, Any]:
+    def connection_kwargs(self, url: str) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
+        if url.startswith("rediss://"):
+            kwargs["ssl_check_hostname"] = True  # the certificate must name the URL's host, whatever the default
         if self.username is not None:
             kwargs["username"] = self.username
         if self.password is not None:
@@ -160,6 +173,7 @@ class Store:
         self._forget = client.register_script(scripts.FORGET)
         self._repair = client.register_script(scripts.REPAIR)
         self._prune = client.register_script(scripts.PRUNE)
+        self._recount = client.register_script(scripts.RECOUNT)
 
     @classmethod
     def from_url(
@@ -183,7 +197,7 @@ class Store:
                     timeout=COMMAND_TIMEOUT_S,
                     socket_connect_timeout=CONNECT_TIMEOUT_S,
                     socket_timeout=COMMAND_TIMEOUT_S,
-                    **(auth or Auth()).connection_kwargs(),
+                    **(auth or Auth()).connection_kwargs(url),
                 )
             except ValueError as exc:
                 raise ConfigurationError(f"redis_url {redact(url)!r} is not a valid Redis URL: {exc}") from exc
@@ -457,14 +471,17 @@ class Store:
         with self._errors(write=True):
             return bool(await self.client.set(self.keys.sweep, owner, nx=True, px=interval_ms))
 
-    async def set_counts(self, counts: dict[str, int]) -> None:
-        """Replace the entry counts with ones counted from the stored items."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.counts)
-            if counts:
-                pipe.hset(self.keys.counts, mapping=counts)  # type: ignore[arg-type]
-            with self._errors(write=True):
-                await pipe.execute()
+    async def recount(self, before: dict[str, int], found: dict[str, int]) -> int:
+        """Set each fetcher's count to what a sweep `found`, where it is still what it was `before` the
+        sweep (a write or removal meanwhile: left for the next sweep); how many were set."""
+        args: list[str | int] = []
+        for fetcher in sorted(set(before) | set(found)):
+            args += [fetcher, before.get(fetcher, 0), found.get(fetcher, 0)]
+        if not args:
+            return 0
+        with self._errors(write=True):
+            recounted: int = await self._recount(keys=[self.keys.counts], args=args)
+        return recounted
 
     async def next_due_ms(self) -> int | None:
         """When the earliest scheduled refresh falls due (ms since the epoch), None if nothing is scheduled."""
