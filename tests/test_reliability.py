@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -477,6 +478,10 @@ async def test_workers_share_the_store_and_refresh_each_entry_once(redis_url: st
     server = ServeProcess("--redis-url", redis_url, "--fetchers", "tests.fleet:counted", "--workers", "2", env=env)
     try:
         server.wait_ready()
+        # Two worker processes under the parent. Which of them refreshes an entry is whoever claims it
+        # first (entries that fall due together are claimed together), so both need not refresh here.
+        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+        assert len(children) >= 2, children
         async with httpx.AsyncClient(timeout=10) as client:
             answers = await asyncio.gather(*(client.get(f"{server.url}/data/counted?k={i}") for i in range(20)))
             assert {a.status_code for a in answers} == {200}
@@ -493,7 +498,7 @@ async def test_workers_share_the_store_and_refresh_each_entry_once(redis_url: st
         assert sum(1 for t in stamps if started <= t <= ended) >= 3
         busiest = max(busiest, most_within(stamps, 0.9))
     assert busiest == 1  # two workers, and still one fetch per entry per cycle
-    assert len(pids) == 2  # both workers refreshed
+    assert pids <= set(children)  # fetched by the workers, never by the parent
 
 
 async def test_an_item_deleted_by_hand_whose_refresh_fails_is_dropped_whole(make_app: AppFactory) -> None:
