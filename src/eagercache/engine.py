@@ -93,6 +93,10 @@ class Read:
 class _FetcherRaised(Exception):
     """A fetcher raised a BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)."""
 
+    def __init__(self, raised: BaseException) -> None:
+        self.kind = type(raised).__name__
+        super().__init__(f"{self.kind}: {raised}" if str(raised) else self.kind)
+
 
 class Engine:
     """Owns the fetch-and-store path, shared by readers and the refresher."""
@@ -177,12 +181,20 @@ class Engine:
 
     async def _fill(self, fetcher: Fetcher, call: Call) -> Read:
         """A missing entry: join the fetch in flight for it, or start one (single flight)."""
-        for _ in range(2):  # a refresh in flight may end without a body (the entry was removed): then fetch
-            task = self._inflight.get(call.entry_id) or self._start(self._fetch_and_store(fetcher, call, "cold"), call)
+        read = await self._join_or_fetch(fetcher, call, "cold")
+        if read is None:
+            raise FetchFailed(f"the entry of fetcher {fetcher.name!r} was removed while it was being fetched")
+        return read
+
+    async def _join_or_fetch(self, fetcher: Fetcher, call: Call, cause: Cause) -> Read | None:
+        """The body of the fetch in flight for this entry, or of one started now (single flight). A refresh
+        in flight may end without a body (it failed, or the entry was removed): then fetch once more here."""
+        for _ in range(2):
+            task = self._inflight.get(call.entry_id) or self._start(self._fetch_and_store(fetcher, call, cause), call)
             body = await self._wait(task)
             if body is not None:
                 return Read(fetcher, call.entry_id, Entry.parse(body), "MISS", self.clock.now_ms())
-        raise FetchFailed(f"the entry of fetcher {fetcher.name!r} was removed while it was being fetched")
+        return None
 
     async def _wait(self, task: asyncio.Task[bytes | None]) -> bytes | None:
         """The fetch's result, unless the shutdown timeout passes first. The fetch is never cancelled by a
@@ -208,9 +220,7 @@ class Engine:
         return resolved
 
     def _remember(self, entry_id: str, entry: Entry, stale: Stale | None) -> None:
-        old = self._near.pop(entry_id, None)
-        if old is not None:
-            self._near_bytes -= len(old.entry.body)
+        self._forget_near(entry_id)  # re-inserted: the newest copy goes to the end of the eviction order
         self._near[entry_id] = _Near(time.monotonic() + self.near_cache_ttl_s, entry, stale)
         self._near_bytes += len(entry.body)
         while len(self._near) > NEAR_CACHE_ENTRIES or self._near_bytes > NEAR_CACHE_BYTES:
@@ -243,10 +253,10 @@ class Engine:
         await asyncio.wait({running})
         if running.cancelled():  # shutdown: the claim is given back, not marked as a failure
             raise asyncio.CancelledError
-        if not running.cancelled() and running.exception() is None and running.result() is not None:
-            return running.result()
+        error = running.exception()
+        if error is None and (body := running.result()) is not None:
+            return body
         name, query = split_entry_id(claim.entry_id)
-        error = running.exception() if not running.cancelled() else None
         failed = error if isinstance(error, FetchFailed) else FetchFailed(f"the fetch of {name!r} did not finish")
         try:
             fetcher, _ = self._resolve(name, query)
@@ -305,12 +315,7 @@ class Engine:
         fetcher, call = self.registry.call(fetcher_name, query)
         if await self.store.header(call.entry_id) is None:
             return None
-        for _ in range(2):  # a refresh in flight that ends without a body (it failed, was postponed): fetch
-            task = self._inflight.get(call.entry_id) or self._start(self._fetch_and_store(fetcher, call, "admin"), call)
-            body = await self._wait(task)
-            if body is not None:
-                return Read(fetcher, call.entry_id, Entry.parse(body), "MISS", self.clock.now_ms())
-        return None
+        return await self._join_or_fetch(fetcher, call, "admin")
 
     def _idle(self, fetcher: Fetcher, entry_id: str, last_read_ms: int | None) -> bool:
         if last_read_ms is None or entry_id in self.reads:
@@ -558,13 +563,13 @@ async def _guarded(func: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
         task = asyncio.current_task()
         if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0:
             raise
-        raise _FetcherRaised(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+        raise _FetcherRaised(exc) from exc
 
 
 def _kind(exc: BaseException) -> str:
     """What a reader is told about a fetcher's exception: its type, never its message."""
     if isinstance(exc, _FetcherRaised):
-        return f"raised {str(exc).split(':', 1)[0]}"
+        return f"raised {exc.kind}"
     return "was cancelled" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
 
 

@@ -25,6 +25,7 @@ class Keys:
         "namespace",
         "read",
         "shadow_prefix",
+        "shadow_prefix_bytes",
         "stale_prefix",
         "sweep",
     )
@@ -33,6 +34,7 @@ class Keys:
         self.namespace = namespace
         self.item_prefix = f"{namespace}item:"
         self.shadow_prefix = f"{namespace}shadow:"
+        self.shadow_prefix_bytes = self.shadow_prefix.encode()  # expiry events carry key names as bytes
         self.stale_prefix = f"{namespace}stale:"
         self.fill_prefix = f"{namespace}fill:"
         self.due = f"{namespace}due"
@@ -59,13 +61,17 @@ class Keys:
         key may be any bytes at all. Entry ids are canonical percent-encoded ASCII, so a key under our
         prefix that is not ASCII was never written by eagercache.
         """
-        prefix = self.shadow_prefix.encode()
-        if not key.startswith(prefix):
-            return None
-        try:
-            return key[len(prefix) :].decode("ascii")
-        except UnicodeDecodeError:
-            return None
+        prefix = self.shadow_prefix_bytes
+        return entry_id_of(key[len(prefix) :]) if key.startswith(prefix) else None
+
+
+def entry_id_of(raw: bytes) -> str | None:
+    """An entry id read from Redis (part of a key name, a schedule member), or None if it cannot be one:
+    entry ids are canonical percent-encoded ASCII, so anything else was not written by eagercache."""
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
 
 
 def split_entry_id(entry_id: str) -> tuple[str, str]:

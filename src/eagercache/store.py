@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from . import scripts
 from .clock import ServerClock
 from .errors import ConfigurationError, StoreTimeout, StoreUnavailable
-from .keys import Keys
+from .keys import Keys, entry_id_of
 
 MEMORY_URL = "memory://"
 CONNECT_TIMEOUT_S = 2.0
@@ -375,12 +375,7 @@ class Store:
         with self._errors():
             cursor, keys = await self.client.scan(cursor, match=pattern, count=count)
         start = len(self.keys.item_prefix)
-        ids = []
-        for key in keys:
-            assert isinstance(key, bytes)  # the client is built without decode_responses
-            with suppress(UnicodeDecodeError):
-                ids.append(key[start:].decode("ascii"))
-        return int(cursor), ids
+        return int(cursor), _entry_ids(key[start:] for key in keys)
 
     async def describe(self, entry_ids: list[str]) -> list[tuple[bytes | None, float | None, Stale | None]]:
         """For each entry: its stored header line (not the body), its due score, its stale marker."""
@@ -449,12 +444,7 @@ class Store:
         """One page of the schedule's entry ids (ZSCAN semantics: a cursor, 0 when done)."""
         with self._errors():
             cursor, pairs = await self.client.zscan(self.keys.due, cursor, count=count)
-        ids = []
-        for member, _ in pairs:
-            assert isinstance(member, bytes)  # the client is built without decode_responses
-            with suppress(UnicodeDecodeError):
-                ids.append(member.decode("ascii"))
-        return int(cursor), ids
+        return int(cursor), _entry_ids(member for member, _ in pairs)
 
     async def prune(self, entry_ids: list[str]) -> int:
         """Drop schedule members whose item is gone; how many were dropped (the counts are not touched)."""
@@ -508,6 +498,16 @@ class Store:
         except StoreUnavailable:
             return None
         return _text(found.get("maxmemory-policy")) or None
+
+
+def _entry_ids(raw: Iterable[object]) -> list[str]:
+    """The entry ids among these (key name tails, schedule members); anything not eagercache's is skipped."""
+    ids = []
+    for value in raw:
+        assert isinstance(value, bytes)  # the client is built without decode_responses
+        if (entry_id := entry_id_of(value)) is not None:
+            ids.append(entry_id)
+    return ids
 
 
 def _glob_escape(text: str) -> str:
