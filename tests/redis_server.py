@@ -46,25 +46,29 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def binary(self) -> str:
+        return server_binary()
+
+    def listen_args(self) -> list[str]:
+        """Where the server listens (a subclass may listen on TLS only)."""
+        return ["--port", str(self.port)]
+
     def start(self, timeout: float = 10.0) -> None:
-        args = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir]
+        args = [self.binary(), *self.listen_args(), "--bind", "127.0.0.1", "--dir", self.dir]
         args += ["--save", "", "--appendonly", "no", *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
+        with self.client() as client:
             while True:
                 try:
                     client.ping()
                     return
                 except redis.ConnectionError:
                     if self.process.poll() is not None:
-                        raise RuntimeError(f"redis-server exited with {self.process.returncode}: {args}") from None
+                        raise RuntimeError(f"server exited with {self.process.returncode}: {args}") from None
                     if time.monotonic() > deadline:
                         raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
+                    time.sleep(0.02)  # another process starting: there is nothing to await
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -77,4 +81,4 @@ class RedisServer:
         self.process = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+        return redis.Redis(port=self.port, socket_connect_timeout=1)

@@ -159,21 +159,29 @@ async def test_a_foreign_value_at_an_item_key_is_not_taken_for_another_replicas_
 # -- claims behind a fetch in flight ---------------------------------------------------------------------
 
 
-async def test_a_claim_behind_a_failing_admin_fetch_marks_the_entry_stale_and_retries_it_soon(
-    redis_url: str, redis_sync: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The entry falls due while an admin refresh of it is fetching here: the claim follows that fetch.
-    It fails, so the entry gets a stale marker and is retried after about 0.5 s (was: nothing until the
-    lease ran out, timeout + 5 s later, and no stale marker meanwhile)."""
+def gated_flaky(ttl: float) -> tuple[Any, dict[str, bool], asyncio.Event, Counter]:
+    """A fetcher `flaky` that answers "good" until failing["on"]; then each run is counted in `attempts`,
+    waits for `gate`, and raises."""
     failing, gate, attempts = {"on": False}, asyncio.Event(), Counter()
 
-    @fetcher(ttl=1, jitter=0, timeout=3)
+    @fetcher(ttl=ttl, jitter=0, timeout=3)
     async def flaky() -> str:
         if not failing["on"]:
             return "good"
         attempts.hit()
         await gate.wait()
         raise RuntimeError("upstream down")
+
+    return flaky, failing, gate, attempts
+
+
+async def test_a_claim_behind_a_failing_admin_fetch_marks_the_entry_stale_and_retries_it_soon(
+    redis_url: str, redis_sync: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry falls due while an admin refresh of it is fetching here: the claim follows that fetch.
+    It fails, so the entry gets a stale marker and is retried after about 0.5 s (was: nothing until the
+    lease ran out, timeout + 5 s later, and no stale marker meanwhile)."""
+    flaky, failing, gate, attempts = gated_flaky(ttl=1)
 
     app = create_app([flaky], settings=Settings(redis_url=redis_url, admin_token=TOKEN))
     engine, metrics = app.state.engine, app.state.metrics
@@ -216,15 +224,7 @@ async def test_an_admin_refresh_that_joins_a_failing_refresh_answers_502_not_404
 ) -> None:
     """The admin refresh finds a scheduled refresh of the entry in flight and joins it; that one fails
     (and is postponed). The admin then fetches itself, which fails too: 502, and the entry stays stored."""
-    failing, gate, attempts = {"on": False}, asyncio.Event(), Counter()
-
-    @fetcher(ttl=0.5, jitter=0, timeout=3)
-    async def flaky() -> str:
-        if not failing["on"]:
-            return "good"
-        attempts.hit()
-        await gate.wait()
-        raise RuntimeError("upstream down")
+    flaky, failing, gate, attempts = gated_flaky(ttl=0.5)
 
     app = create_app([flaky], settings=Settings(redis_url=redis_url, admin_token=TOKEN))
     engine, store, metrics = app.state.engine, app.state.store, app.state.metrics

@@ -10,7 +10,6 @@ import datetime
 import ipaddress
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,9 +129,8 @@ class TlsRedisServer(RedisServer):
 
     def __init__(self, pki: Pki, binary: str, *, require_client_cert: bool = False) -> None:
         self.pki = pki
+        self.tls_binary = binary
         super().__init__(
-            "--port",
-            "0",
             "--tls-cert-file",
             str(pki.server_cert),
             "--tls-key-file",
@@ -144,29 +142,16 @@ class TlsRedisServer(RedisServer):
             "--notify-keyspace-events",
             "Ex",
         )
-        self.binary = binary
+
+    def binary(self) -> str:
+        return self.tls_binary
+
+    def listen_args(self) -> list[str]:
+        return ["--port", "0", "--tls-port", str(self.port)]  # no plain port at all
 
     @property
     def url(self) -> str:
         return f"rediss://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        # --port is given twice: the second (0, in extra_args) wins, so only the TLS port listens.
-        args = [self.binary, "--tls-port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir]
-        args += ["--save", "", "--appendonly", "no", *self.extra_args]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with self.client() as client:
-                    client.ping()
-                return
-            except redis.ConnectionError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"TLS redis-server exited with {self.process.returncode}: {args}") from None
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
     def client(self) -> redis.Redis:
         return redis.Redis(
