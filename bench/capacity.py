@@ -355,7 +355,7 @@ def analyze_burst(doc: dict[str, Any], n: int) -> dict[str, Any]:
 async def expiry_events(redis_url: str, n: int, ttl: float, window_s: float) -> dict[str, Any]:
     """N keys expiring evenly over ttl, each re-armed (SET PXAT now + ttl) when its `expired` event arrives."""
     client = aredis.Redis.from_url(redis_url)
-    prefix = "probe:shadow:noop?i="
+    prefix = "probe:{b0}:shadow:noop?i="
     ttl_ms = int(ttl * 1000)
     scheduled: dict[bytes, int] = {}
     late: list[float] = []

@@ -63,7 +63,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async def claim_due(*a: Any, **kw: Any) -> Any:
         sent = wall_ms()
         claimed = await original_claim_due(*a, **kw)
-        schedule_claims.append((sent, wall_ms(), len(claimed)))
+        schedule_claims.append((sent, wall_ms(), len(claimed.claims)))
         return claimed
 
     async def claim(*a: Any, **kw: Any) -> Any:

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from eagercache import create_app
 from eagercache.keys import DEFAULT_NAMESPACE
 
+from .redis_cluster import LocalCluster
 from .redis_server import RedisServer
 
 AppFactory = Callable[..., Awaitable[tuple[Starlette, httpx.AsyncClient]]]
@@ -53,14 +54,30 @@ def own_server() -> Iterator[RedisServer]:
         server.stop()
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """One Redis Cluster of 3 primaries per test session (a cross-slot mistake fails on it)."""
+    with LocalCluster(primaries=3) as started:
+        yield started
+
+
+@pytest.fixture
+def cluster_url(cluster: LocalCluster) -> str:
+    cluster.flushall()
+    return cluster.url
+
+
+@pytest.fixture(params=["redis", "memory", "cluster"])
 def store_url(request: pytest.FixtureRequest) -> str:
-    """Behaviour tests run on a real Redis and on the memory store."""
+    """Behaviour tests run on a real Redis, on the memory store and on a Redis Cluster."""
     if request.param == "memory":
         return "memory://"
+    if request.param == "cluster":
+        url: str = request.getfixturevalue("cluster_url")
+        return url
     request.getfixturevalue("redis_sync")  # flushed before the test
-    url: str = request.getfixturevalue("redis_url")
-    return url
+    redis_url: str = request.getfixturevalue("redis_url")
+    return redis_url
 
 
 @pytest.fixture

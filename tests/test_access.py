@@ -144,7 +144,7 @@ async def test_two_services_cannot_touch_each_others_entries(
         assert (await a.delete("/admin/fetchers/item/entry?k=only-b", headers=auth)).status_code == 404
         assert (await a.delete("/admin/fetchers/item/entries", headers=auth)).json() == {"removed": 1}
         assert (await a.post("/admin/fetchers/item/refresh?k=only-b", headers=auth)).status_code == 404
-        assert redis_sync.exists("svc-b:item:item?k=shared", "svc-b:item:item?k=only-b") == 2
+        assert redis_sync.exists("svc-b:{b0}:item:item?k=shared", "svc-b:{b0}:item:item?k=only-b") == 2
         assert (await b.get("/data/item?k=only-b")).headers["x-cache"] in ("HIT", "STALE")
     # And A's user pointed at B's namespace cannot even start.
     with pytest.raises(ConfigurationError):

@@ -123,8 +123,8 @@ def test_serve_on_redis(tmp_path: Path, redis_url: str, redis_sync: redis.Redis)
         answer = server.get("/data/greeting?name=Ada")
         assert (answer.status_code, answer.headers.get("x-cache")) == (200, "MISS"), answer.text
         assert answer.json()["data"]["text"] == "Hello, Ada!"
-        assert redis_sync.keys("eagercache:item:*") == [b"eagercache:item:greeting?name=Ada"]
-        stored = redis_sync.get("eagercache:item:greeting?name=Ada")
+        assert redis_sync.keys("eagercache:{b0}:item:*") == [b"eagercache:{b0}:item:greeting?name=Ada"]
+        stored = redis_sync.get("eagercache:{b0}:item:greeting?name=Ada")
         assert isinstance(stored, bytes) and Entry.parse(stored).body == answer.content
         assert server.get("/data/greeting?name=Ada").headers.get("x-cache") == "HIT"
         assert server.terminate() in STOPPED_BY_SIGTERM

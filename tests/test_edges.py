@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -31,7 +32,7 @@ from eagercache.keys import Keys
 from eagercache.metrics import Metrics
 from eagercache.refresher import CLAIM_BATCH
 from eagercache.settings import Settings
-from eagercache.store import Claim, Stale, Store
+from eagercache.store import Claim, ClaimRound, Stale, Store
 
 from .helpers import Counter
 from .redis_server import RedisServer
@@ -44,16 +45,16 @@ FETCH_FAILED = "urn:eagercache:problem:fetch-failed"
 
 def counted(client: redis.Redis, fetcher_name: str) -> int:
     """The entry count eagercache keeps for a fetcher ({ns}counts)."""
-    raw = client.hget("eagercache:counts", fetcher_name)
+    raw = client.hget("eagercache:{b0}:counts", fetcher_name)
     assert raw is None or isinstance(raw, bytes)
     return int(raw or 0)
 
 
 def entries_of(client: redis.Redis, fetcher_name: str) -> set[bytes]:
     """The entries that exist for a fetcher: those with a stored item or a place in the schedule."""
-    prefix = b"eagercache:item:"
-    items = {key[len(prefix) :] for key in client.scan_iter(match=f"eagercache:item:{fetcher_name}\\?*")}
-    scheduled: list[bytes] = client.zrange("eagercache:due", 0, -1)  # type: ignore[assignment]
+    prefix = b"eagercache:{b0}:item:"
+    items = {key[len(prefix) :] for key in client.scan_iter(match=f"eagercache:{{b0}}:item:{fetcher_name}\\?*")}
+    scheduled: list[bytes] = client.zrange("eagercache:{b0}:due", 0, -1)  # type: ignore[assignment]
     return items | {m for m in scheduled if m.startswith(f"{fetcher_name}?".encode())}
 
 
@@ -125,7 +126,7 @@ async def test_a_foreign_value_at_an_item_key_is_not_taken_for_another_replicas_
         await release.wait()
         return f"fetched {k}"
 
-    redis_sync.set("eagercache:item:slow?", b"not an eagercache value")
+    redis_sync.set("eagercache:{b0}:item:slow?", b"not an eagercache value")
     holder = create_app([slow], redis_url=redis_url)
     waiter = create_app([slow], redis_url=redis_url)
     polls = Counter()
@@ -140,7 +141,7 @@ async def test_a_foreign_value_at_an_item_key_is_not_taken_for_another_replicas_
     async with running(holder) as client_a, running(waiter) as client_b:
         first = asyncio.create_task(client_a.get("/data/slow"))
         await started.reach(1)  # A took the fill lock, and its fetch is running
-        assert redis_sync.exists("eagercache:fill:slow?")
+        assert redis_sync.exists("eagercache:{b0}:fill:slow?")
         waiting = [asyncio.create_task(client_b.get("/data/slow")) for _ in range(3)]
         with contextlib.suppress(TimeoutError):  # judged below, by B's answers
             await polls.reach(3, timeout=2)  # B saw the foreign value and the lock, and looked again
@@ -152,7 +153,7 @@ async def test_a_foreign_value_at_an_item_key_is_not_taken_for_another_replicas_
     assert {a.json()["data"] for a in responses} == {"fetched a"}
     assert started.count == 1  # B served A's write: one fetch for both replicas
     assert polls.count >= 3
-    stored = redis_sync.get("eagercache:item:slow?")
+    stored = redis_sync.get("eagercache:{b0}:item:slow?")
     assert isinstance(stored, bytes) and Entry.parse(stored).body == responses[0].content
 
 
@@ -212,7 +213,7 @@ async def test_a_claim_behind_a_failing_admin_fetch_marks_the_entry_stale_and_re
             pytest.fail(f"no retry {time.monotonic() - failed_at:.1f} s after the failed fetch the claim followed")
         retried_after = time.monotonic() - failed_at
         assert retried_after < 1.5, retried_after
-        marker = Stale.parse(redis_sync.get("eagercache:stale:flaky?"))  # set before the retry was claimed
+        marker = Stale.parse(redis_sync.get("eagercache:{b0}:stale:flaky?"))  # set before the retry was claimed
         assert marker is not None and "upstream down" in marker.error, marker
         stale = await client.get("/data/flaky")
         assert (stale.status_code, stale.headers["x-cache"], stale.json()["data"]) == (200, "STALE", "good")
@@ -249,7 +250,7 @@ async def test_an_admin_refresh_that_joins_a_failing_refresh_answers_502_not_404
         answer = await admin
         assert answer.status_code == 502, answer.text
         assert answer.json()["type"] == FETCH_FAILED
-        assert redis_sync.exists("eagercache:item:flaky?")
+        assert redis_sync.exists("eagercache:{b0}:item:flaky?")
         kept = await client.get("/data/flaky")
         assert (kept.status_code, kept.json()["data"]) == (200, "good")
     assert metrics.sample("eagercache_fetches_total", fetcher="flaky", cause="admin", outcome="error") == 1
@@ -274,8 +275,8 @@ async def test_an_entry_refilled_while_still_scheduled_is_counted_once(redis_url
         assert (first.status_code, first.headers["x-cache"]) == (200, "MISS")
         assert counted(redis_sync, "word") == 1
         for _ in range(2):
-            assert redis_sync.delete("eagercache:item:word?k=a") == 1
-            assert redis_sync.zscore("eagercache:due", "word?k=a") is not None  # still scheduled
+            assert redis_sync.delete("eagercache:{b0}:item:word?k=a") == 1
+            assert redis_sync.zscore("eagercache:{b0}:due", "word?k=a") is not None  # still scheduled
             again = await client.get("/data/word?k=a")
             assert (again.status_code, again.headers["x-cache"]) == (200, "MISS")
             count, entries = counted(redis_sync, "word"), entries_of(redis_sync, "word")
@@ -303,27 +304,27 @@ async def test_the_sweep_counts_an_entry_once_when_scan_returns_it_twice(
     refresher.sweep_interval_s = 0.2
     repeated, recounted = Counter(), Counter()
     recounts: list[dict[str, int]] = []
-    scan_entries, recount = store.scan_entries, store.recount
+    stored_entries, recount = store.stored_entries, store.recount
 
-    async def scan_with_repeats(fetcher_name: str | None, cursor: int, count: int) -> tuple[int, list[str]]:
-        next_cursor, ids = await scan_entries(fetcher_name, cursor, count)
-        if fetcher_name is None and ids:
-            repeated.hit()
-            ids = ids + ids  # as SCAN is allowed to: every key returned twice
-        return next_cursor, ids
+    async def scan_with_repeats(fetcher_name: str | None, count: int) -> AsyncIterator[list[str]]:
+        async for ids in stored_entries(fetcher_name, count):
+            if fetcher_name is None and ids:
+                repeated.hit()
+                ids = ids + ids  # as SCAN is allowed to: every key returned twice
+            yield ids
 
-    async def recorded_recount(before: dict[str, int], found: dict[str, int]) -> int:
+    async def recorded_recount(before: dict[int, dict[str, int]], found: dict[int, dict[str, int]]) -> int:
         done: int = await recount(before, found)
-        recounts.append(found)
+        recounts.append(found.get(0, {}))
         recounted.hit()
         return done
 
-    monkeypatch.setattr(store, "scan_entries", scan_with_repeats)
+    monkeypatch.setattr(store, "stored_entries", scan_with_repeats)
     monkeypatch.setattr(store, "recount", recorded_recount)
     async with running(app) as client:
         for k in "abc":
             assert (await client.get(f"/data/word?k={k}")).status_code == 200
-        redis_sync.hset("eagercache:counts", "word", 0)  # drifted: only the sweep puts it right
+        redis_sync.hset("eagercache:{b0}:counts", "word", 0)  # drifted: only the sweep puts it right
         await recounted.reach(1, timeout=5)
         assert repeated.count >= 1  # the sweep did see every key twice
         assert recounts[0] == {"word": 3}
@@ -338,7 +339,7 @@ async def test_the_sweep_counts_an_entry_once_when_scan_returns_it_twice(
 async def test_a_non_string_key_under_the_item_prefix_does_not_strand_its_claim_batch(
     redis_url: str, redis_sync: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A list at eagercache:item:x?y=1 (another tool writing into the namespace), scheduled last in a claim
+    """A list at eagercache:{b0}:item:x?y=1 (another tool writing into the namespace), scheduled last in a claim
     batch: the entries claimed before it are refreshed on time (was: the claim script failed at it, and
     left them leased, unrefreshed, until the lease ran out: timeout + 5 s)."""
 
@@ -354,10 +355,10 @@ async def test_a_non_string_key_under_the_item_prefix_does_not_strand_its_claim_
     batches: list[list[str]] = []
     claim_due = store.claim_due
 
-    async def recorded_claim_due(lease_ms: int, limit: int) -> list[Claim]:
-        claimed: list[Claim] = await claim_due(lease_ms, limit)
-        if claimed:
-            batches.append([c.entry_id for c in claimed])
+    async def recorded_claim_due(buckets: Sequence[int], lease_ms: int, limit: int) -> ClaimRound:
+        claimed: ClaimRound = await claim_due(buckets, lease_ms, limit)
+        if claimed.claims:
+            batches.append([c.entry_id for c in claimed.claims])
         return claimed
 
     monkeypatch.setattr(store, "claim_due", recorded_claim_due)
@@ -366,10 +367,10 @@ async def test_a_non_string_key_under_the_item_prefix_does_not_strand_its_claim_
         for entry_id in ids:
             assert (await client.get(f"/data/{entry_id}")).status_code == 200
         written = writes.count
-        redis_sync.rpush("eagercache:item:x?y=1", "not", "a", "string")
+        redis_sync.rpush("eagercache:{b0}:item:x?y=1", "not", "a", "string")
         due_at = int(time.time() * 1000) + 300  # this host's clock is the server's
         # all due together; with equal scores members sort by name, so x?y=1 comes last in the batch
-        redis_sync.zadd("eagercache:due", {**dict.fromkeys(ids, due_at), "x?y=1": due_at})
+        redis_sync.zadd("eagercache:{b0}:due", {**dict.fromkeys(ids, due_at), "x?y=1": due_at})
         try:
             await writes.reach(written + len(ids), timeout=3)
         except TimeoutError:
@@ -379,7 +380,7 @@ async def test_a_non_string_key_under_the_item_prefix_does_not_strand_its_claim_
         assert late_s < 1.5, late_s
         assert [*ids, "x?y=1"] in batches  # one batch, with the odd key last
         for entry_id in ids:
-            head = redis_sync.getrange(f"eagercache:item:{entry_id}", 0, 127)
+            head = redis_sync.getrange(f"eagercache:{{b0}}:item:{entry_id}", 0, 127)
             assert isinstance(head, bytes) and Entry.parse(head).due_ms > due_at  # refreshed, due again later
     assert metrics.sample("eagercache_background_errors_total", component="schedule-store") == 0
 
@@ -396,6 +397,7 @@ async def test_a_burst_of_expiry_events_larger_than_a_batch_is_delivered_whole(
     exactly once (was: the event read after a full batch was dropped)."""
     keys = Keys("edges-burst:")  # a namespace of its own: only these events are ours
     store = Store.from_url(redis_url, keys)
+    await store.prepare()
     events = ExpiryEvents(store, Metrics(), batch=CLAIM_BATCH, idle_s=0.2)
     channel = f"__keyevent@{store.db}__:expired"
     batches = events.batches()
@@ -407,7 +409,7 @@ async def test_a_burst_of_expiry_events_larger_than_a_batch_is_delivered_whole(
                 await asyncio.sleep(0.01)  # the server's state: nothing to await
         with redis_sync.pipeline(transaction=False) as pipe:
             for i in range(BURST):
-                pipe.publish(channel, f"{keys.shadow_prefix}f?k={i}")
+                pipe.publish(channel, f"{keys.buckets[0].shadow_prefix}f?k={i}")
             pipe.execute()
         async with asyncio.timeout(10):
             while not delivered or delivered[-1]:  # until a quiet batch: all that arrived was handed on

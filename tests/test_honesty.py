@@ -43,7 +43,7 @@ def now_ms() -> float:
 
 async def due_ms(client: aredis.Redis, entry_id: str) -> int:
     """The due time in the stored entry's header, straight from Redis."""
-    head = await client.getrange(f"eagercache:item:{entry_id}", 0, 127)
+    head = await client.getrange(f"eagercache:{{b0}}:item:{entry_id}", 0, 127)
     assert isinstance(head, bytes) and head, f"{entry_id} is not stored"
     return Entry.parse(head).due_ms
 
@@ -319,7 +319,7 @@ async def test_entries_whose_refresh_cannot_be_stored_turn_stale_then_too_stale_
                         assert not metrics.sample(
                             "eagercache_fetches_total", fetcher=name, cause=cause, outcome=outcome
                         ), (name, cause, outcome)
-            assert not await spy.exists("eagercache:stale:plain?", "eagercache:stale:strict?")
+            assert not await spy.exists("eagercache:{b0}:stale:plain?", "eagercache:{b0}:stale:strict?")
             assert metrics.sample("eagercache_background_errors_total", component="refresh") >= 1
 
             await spy.delete(*fillers)  # memory back; the namespace untouched
@@ -367,13 +367,13 @@ async def test_data_too_deep_to_encode_is_a_failed_fetch(redis_url: str, redis_s
         assert failed.json()["type"] == "urn:eagercache:problem:fetch-failed"
         assert metrics.sample("eagercache_fetches_total", fetcher="tower", cause="cold", outcome="error") == 1
         assert metrics.sample("eagercache_fetches_total", fetcher="tower", cause="cold", outcome="ok") == 0
-        assert not redis_sync.exists("eagercache:item:tower?k=cold")
+        assert not redis_sync.exists("eagercache:{b0}:item:tower?k=cold")
 
         good = await client.get("/data/tower?k=warm")
         assert (good.status_code, good.json()["data"]) == (200, ["warm"])
         deep["on"] = True
         async with asyncio.timeout(5):
-            while not redis_sync.exists("eagercache:stale:tower?k=warm"):
+            while not redis_sync.exists("eagercache:{b0}:stale:tower?k=warm"):
                 await calls.reach(calls.count + 1)  # a refresh, which fails
         stale = await client.get("/data/tower?k=warm")
         assert (stale.status_code, stale.headers["x-cache"], stale.json()["data"]) == (200, "STALE", ["warm"])
@@ -382,7 +382,7 @@ async def test_data_too_deep_to_encode_is_a_failed_fetch(redis_url: str, redis_s
         for cause in ("schedule", "event")
     )
     assert refresh_errors >= 1
-    marker = redis_sync.get("eagercache:stale:tower?k=warm")
+    marker = redis_sync.get("eagercache:{b0}:stale:tower?k=warm")
     assert isinstance(marker, bytes) and b"cannot be encoded as JSON" in marker
 
 
@@ -396,8 +396,8 @@ def lose_schedule(client: redis.Redis, entry_id: str) -> None:
     is on its way to heal the schedule (CLAIM_MANY claims an entry missing from the schedule).
     """
     with client.pipeline(transaction=True) as pipe:
-        pipe.zrem("eagercache:due", entry_id)
-        pipe.delete(f"eagercache:shadow:{entry_id}")
+        pipe.zrem("eagercache:{b0}:due", entry_id)
+        pipe.delete(f"eagercache:{{b0}}:shadow:{entry_id}")
         removed, _ = pipe.execute()
     assert removed == 1
 
@@ -424,7 +424,7 @@ async def test_a_read_of_an_entry_off_the_schedule_serves_it_stale_and_puts_it_b
             lose_schedule(redis_sync, "item?k=lost")
             written = writes.count
             due = await due_ms(spy, "item?k=lost")
-            stranded = redis_sync.get("eagercache:item:item?k=lost")
+            stranded = redis_sync.get("eagercache:{b0}:item:item?k=lost")
             answers: list[Answer] = []
             async with asyncio.timeout(10):
                 while now_ms() - due < LATENESS_MS + 200:
@@ -435,8 +435,8 @@ async def test_a_read_of_an_entry_off_the_schedule_serves_it_stale_and_puts_it_b
             assert_honest(answers)
             assert answers[0].cache == "HIT" and answers[-1].cache == "STALE", answers
             await writes.reach(written + 1)  # put back on the schedule by that read, and refreshed
-            assert redis_sync.get("eagercache:item:item?k=lost") != stranded
-            assert redis_sync.zscore("eagercache:due", "item?k=lost") is not None
+            assert redis_sync.get("eagercache:{b0}:item:item?k=lost") != stranded
+            assert redis_sync.zscore("eagercache:{b0}:due", "item?k=lost") is not None
             back = await client.get("/data/item?k=lost")
             assert (back.status_code, back.headers["x-cache"]) == (200, "HIT")
             assert app.state.metrics.sample("eagercache_schedule_repairs_total", found_by="read") >= 1
@@ -453,11 +453,11 @@ async def test_the_sweep_puts_back_an_entry_nobody_reads(redis_url: str, redis_s
     async with running(app) as client:
         assert (await client.get("/data/item?k=stranded")).status_code == 200
         lose_schedule(redis_sync, "item?k=stranded")
-        stranded = redis_sync.get("eagercache:item:item?k=stranded")
+        stranded = redis_sync.get("eagercache:{b0}:item:item?k=stranded")
         await writes.reach(writes.count + 1, timeout=5)  # no read at all: only the sweep can find it
-        assert redis_sync.get("eagercache:item:item?k=stranded") != stranded
-        assert redis_sync.zscore("eagercache:due", "item?k=stranded") is not None
-        assert redis_sync.exists("eagercache:shadow:item?k=stranded")
+        assert redis_sync.get("eagercache:{b0}:item:item?k=stranded") != stranded
+        assert redis_sync.zscore("eagercache:{b0}:due", "item?k=stranded") is not None
+        assert redis_sync.exists("eagercache:{b0}:shadow:item?k=stranded")
         metrics = app.state.metrics
         assert metrics.sample("eagercache_schedule_repairs_total", found_by="sweep") >= 1
         assert metrics.sample("eagercache_schedule_repairs_total", found_by="read") == 0
@@ -470,24 +470,29 @@ async def test_the_sweep_recounts_entries(redis_url: str, redis_sync: redis.Redi
     async with running(app) as client:
         for i in range(5):
             assert (await client.get(f"/data/item?k={i}")).status_code == 200
-        assert redis_sync.hget("eagercache:counts", "item") == b"5"
+        assert redis_sync.hget("eagercache:{b0}:counts", "item") == b"5"
 
         async def settles_at(expected: int) -> None:
             async with asyncio.timeout(5):
                 while True:
-                    stored = len(list(redis_sync.scan_iter("eagercache:item:item?*")))
-                    if stored == expected and redis_sync.hget("eagercache:counts", "item") == str(expected).encode():
+                    stored = len(list(redis_sync.scan_iter("eagercache:{b0}:item:item?*")))
+                    if (
+                        stored == expected
+                        and redis_sync.hget("eagercache:{b0}:counts", "item") == str(expected).encode()
+                    ):
                         return
                     await asyncio.sleep(0.05)  # the sweep runs in the background
 
-        redis_sync.hset("eagercache:counts", "item", -95)
-        redis_sync.delete("eagercache:item:item?k=0", "eagercache:item:item?k=1")
+        redis_sync.hset("eagercache:{b0}:counts", "item", -95)
+        redis_sync.delete("eagercache:{b0}:item:item?k=0", "eagercache:{b0}:item:item?k=1")
         async with asyncio.timeout(5):
             # their next refresh finds the item gone and drops the entry (and counts it out: -97 now)
-            while redis_sync.zscore("eagercache:due", "item?k=0") or redis_sync.zscore("eagercache:due", "item?k=1"):
+            while redis_sync.zscore("eagercache:{b0}:due", "item?k=0") or redis_sync.zscore(
+                "eagercache:{b0}:due", "item?k=1"
+            ):
                 await asyncio.sleep(0.05)  # refreshes run in the background
         await settles_at(3)
-        redis_sync.hset("eagercache:counts", "item", 500)
+        redis_sync.hset("eagercache:{b0}:counts", "item", 500)
         await settles_at(3)
 
 
@@ -532,17 +537,17 @@ async def test_the_sweep_drops_orphans_so_their_refresh_cannot_count_them_out_ag
     async with running(app) as client:
         for k in "ab":
             assert (await client.get(f"/data/slow_ttl?k={k}")).status_code == 200
-        redis_sync.delete("eagercache:item:slow_ttl?k=a")
+        redis_sync.delete("eagercache:{b0}:item:slow_ttl?k=a")
         async with asyncio.timeout(5):
-            while redis_sync.zscore("eagercache:due", "slow_ttl?k=a") is not None:
+            while redis_sync.zscore("eagercache:{b0}:due", "slow_ttl?k=a") is not None:
                 await asyncio.sleep(0.05)  # the sweep runs in the background
-        assert redis_sync.zscore("eagercache:read", "slow_ttl?k=a") is None
-        assert not redis_sync.exists("eagercache:shadow:slow_ttl?k=a")
+        assert redis_sync.zscore("eagercache:{b0}:read", "slow_ttl?k=a") is None
+        assert not redis_sync.exists("eagercache:{b0}:shadow:slow_ttl?k=a")
         async with asyncio.timeout(5):
-            while redis_sync.hget("eagercache:counts", "slow_ttl") != b"1":
+            while redis_sync.hget("eagercache:{b0}:counts", "slow_ttl") != b"1":
                 await asyncio.sleep(0.05)
         # What the orphan's refresh would have done, had it still been scheduled: nothing to count out now.
         app.state.refresher._wake.set()
         assert (await client.get("/data/slow_ttl?k=b")).headers["x-cache"] == "HIT"
-        assert redis_sync.hget("eagercache:counts", "slow_ttl") == b"1"
-        assert redis_sync.zscore("eagercache:due", "slow_ttl?k=b") is not None  # the live entry is untouched
+        assert redis_sync.hget("eagercache:{b0}:counts", "slow_ttl") == b"1"
+        assert redis_sync.zscore("eagercache:{b0}:due", "slow_ttl?k=b") is not None  # the live entry is untouched

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -26,7 +26,7 @@ import redis
 from eagercache import create_app, fetcher
 from eagercache.metrics import Metrics
 from eagercache.settings import Settings
-from eagercache.store import Claim
+from eagercache.store import ClaimRound
 
 from .helpers import Counter
 from .servers import ServeProcess
@@ -63,7 +63,7 @@ def errors_in(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 FOREIGN_KEYS = {
     "non-utf8-name-same-db": (0, b"\xff\xfe-foreign"),
     "non-utf8-name-other-db": (1, b"\xff\xfe-foreign"),
-    "non-ascii-under-the-shadow-prefix": (0, b"eagercache:shadow:\xff"),
+    "non-ascii-under-the-shadow-prefix": (0, b"eagercache:{b0}:shadow:\xff"),
 }
 
 
@@ -125,13 +125,13 @@ async def test_a_failing_schedule_loop_is_logged_once_counted_reported_and_resta
     writes = Counter()
     app.state.engine.on_write(writes.hit)
     failing, failures, claims = {"on": False}, Counter(), Counter()
-    claim_due: Callable[[int, int], Awaitable[list[Claim]]] = store.claim_due
+    claim_due: Callable[[Sequence[int], int, int], Awaitable[ClaimRound]] = store.claim_due
 
-    async def flaky_claim_due(lease_ms: int, limit: int) -> list[Claim]:
+    async def flaky_claim_due(buckets: Sequence[int], lease_ms: int, limit: int) -> ClaimRound:
         if failing["on"]:
             failures.hit()
             raise RuntimeError("injected claim failure")
-        claimed = await claim_due(lease_ms, limit)
+        claimed = await claim_due(buckets, lease_ms, limit)
         claims.hit()
         return claimed
 
@@ -191,10 +191,10 @@ async def test_a_failing_reads_loop_is_restarted_and_records_reads_again(
             assert "reads: restarting after RuntimeError: injected touch failure" in down.json()["detail"]
             failing["on"] = False
             await touches.reach(touches.count + 1)  # restarted
-            await store.client.zadd(store.keys.read, {"tick?k=a": 0})  # as if never read
+            await store.client.zadd(store.keys.buckets[0].read, {"tick?k=a": 0})  # as if never read
             assert (await client.get("/data/tick?k=a")).status_code == 200
             await touches.reach(touches.count + 2)  # the second flush surely took that read
-            assert (await store.client.zscore(store.keys.read, "tick?k=a") or 0) > 0  # recorded
+            assert (await store.client.zscore(store.keys.buckets[0].read, "tick?k=a") or 0) > 0  # recorded
             assert (await client.get("/readyz")).status_code == 200
     assert metrics.sample("eagercache_background_errors_total", component="reads") >= 2
     logged = errors_in(caplog)

@@ -47,7 +47,7 @@ async def test_expired_events_drive_refresh_of_entries_written_elsewhere(
         await writes_b.reach(1, timeout=5)
         metrics = replica_b.state.metrics
         assert metrics.sample("eagercache_fetches_total", fetcher="stamp", cause="event", outcome="ok") >= 1
-        stored = redis_sync.get("eagercache:item:stamp?k=z")
+        stored = redis_sync.get("eagercache:{b0}:item:stamp?k=z")
         assert stored is not None and first["last_retrieved"].encode() not in stored
 
 
@@ -131,9 +131,9 @@ async def test_an_entry_is_stored_whole(redis_url: str, redis_sync: redis.Redis)
     async with running(create_app([stamp], redis_url=redis_url)) as client:
         body = (await client.get("/data/stamp?k=q")).content
         with redis_sync.pipeline(transaction=True) as pipe:
-            pipe.get("eagercache:item:stamp?k=q")
-            pipe.pttl("eagercache:shadow:stamp?k=q")
-            pipe.zscore("eagercache:due", "stamp?k=q")
+            pipe.get("eagercache:{b0}:item:stamp?k=q")
+            pipe.pttl("eagercache:{b0}:shadow:stamp?k=q")
+            pipe.zscore("eagercache:{b0}:due", "stamp?k=q")
             item, shadow_ttl, due = pipe.execute()
     assert Entry.parse(item).body == body
     assert 0 < shadow_ttl <= 500

@@ -289,7 +289,7 @@ async def test_failing_refresh_backs_off(make_app: AppFactory) -> None:
     app, client = await make_app([down])
     assert (await client.get("/data/down")).status_code == 200
     # Make the entry due now rather than in 5 s.
-    await app.state.store.client.zadd(app.state.store.keys.due, {"down?": 0})
+    await app.state.store.client.zadd(app.state.store.keys.bucket_of("down?").due, {"down?": 0})
     app.state.refresher._wake.set()
     await log.calls.reach(4, timeout=10)
     times = log.times["x"]
@@ -321,7 +321,7 @@ async def test_idle_entries_stop_refreshing_and_disappear(make_app: AppFactory) 
     await log.calls.reach(log.calls.count + 3)  # three more refreshes go by ...
     assert len(log.times["idle"]) == idle_fetches  # ... none of them for the idle entry
     assert len(log.times["read"]) >= read_fetches + 3
-    assert await store.client.zscore(store.keys.due, "item?k=idle") is None
+    assert await store.client.zscore(store.keys.bucket_of("item?k=idle").due, "item?k=idle") is None
     assert await store.entry_count("item") == 1
     assert app.state.metrics.sample("eagercache_idle_removed_total", fetcher="item") == 1
     again = await client.get("/data/item?k=idle")
@@ -369,7 +369,7 @@ async def test_fetches_per_fetcher_are_bounded(make_app: AppFactory) -> None:
 
 
 def _due_scores(client: redis.Redis, namespace: str = "eagercache:") -> dict[bytes, float]:
-    pairs: list[tuple[bytes, float]] = client.zrange(f"{namespace}due", 0, -1, withscores=True)  # type: ignore[assignment]
+    pairs: list[tuple[bytes, float]] = client.zrange(f"{namespace}{{b0}}:due", 0, -1, withscores=True)  # type: ignore[assignment]
     return dict(pairs)
 
 
@@ -406,7 +406,7 @@ async def test_sigterm_leaves_a_consistent_store_and_no_claims(
     # A claim is a lease of timeout (30 s) + 5 s; a scheduled refresh is at most the ttl (1 s) away.
     assert max(scores.values()) <= now_ms + 1000, scores
     for i in range(5):
-        value = redis_sync.get(f"eagercache:item:counted?k={i}")
+        value = redis_sync.get(f"eagercache:{{b0}}:item:counted?k={i}")
         assert isinstance(value, bytes)
         assert decode_item(value).data["k"] == str(i)
     finished = int(redis_sync.get("fleet:finished") or 0)
@@ -431,7 +431,7 @@ async def test_cold_reads_from_three_processes_fetch_once(redis_url: str, redis_
     assert {a.status_code for a in answers} == {200}
     assert len({a.content for a in answers}) == 1
     assert redis_sync.llen("fleet:calls:cold") == 1
-    assert not redis_sync.exists("eagercache:fill:counted?k=cold")
+    assert not redis_sync.exists("eagercache:{b0}:fill:counted?k=cold")
 
 
 async def test_an_item_deleted_by_hand_drops_its_entry(make_app: AppFactory) -> None:
@@ -448,7 +448,7 @@ async def test_an_item_deleted_by_hand_drops_its_entry(make_app: AppFactory) -> 
         assert (await client.get(f"/data/item?k={k}")).status_code == 200
     await store.client.delete(store.keys.item("item?k=a"))
     async with asyncio.timeout(5):
-        while await store.client.zscore(store.keys.due, "item?k=a") is not None:
+        while await store.client.zscore(store.keys.bucket_of("item?k=a").due, "item?k=a") is not None:
             await log.calls.reach(log.calls.count + 1)
     assert await store.entry_count("item") == 1
     assert not await store.client.exists(store.keys.shadow("item?k=a"))
@@ -466,7 +466,7 @@ async def test_an_entry_with_no_read_record_still_goes_idle(make_app: AppFactory
     store = app.state.store
     assert (await client.get("/data/item?k=a")).status_code == 200
     app.state.engine.reads.clear()
-    await store.client.zrem(store.keys.read, "item?k=a")  # as if written by an older version
+    await store.client.zrem(store.keys.bucket_of("item?k=a").read, "item?k=a")  # as if written by an older version
     async with asyncio.timeout(5):
         while await store.client.exists(store.keys.item("item?k=a")):
             await asyncio.sleep(0.05)  # the removal happens in the background
@@ -517,8 +517,8 @@ async def test_an_item_deleted_by_hand_whose_refresh_fails_is_dropped_whole(make
     await store.client.delete(store.keys.item("item?k=a"))
     await calls.reach(2)  # the failing refresh
     async with asyncio.timeout(5):
-        while await store.client.zscore(store.keys.due, "item?k=a") is not None:
+        while await store.client.zscore(store.keys.bucket_of("item?k=a").due, "item?k=a") is not None:
             await asyncio.sleep(0.02)  # its postpone runs in the background
     assert await store.entry_count("item") == 0
-    assert await store.client.zscore(store.keys.read, "item?k=a") is None
+    assert await store.client.zscore(store.keys.bucket_of("item?k=a").read, "item?k=a") is None
     assert not await store.client.exists(store.keys.stale("item?k=a"), store.keys.shadow("item?k=a"))

@@ -14,17 +14,24 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from . import scripts
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StoreUnavailable
 from .store import Store, redact, store_errors
+
+
+def parse_url_username(url: str) -> str | None:
+    return unquote(urlsplit(url).username or "") or None
+
 
 # Every command the service runs on its keys. `script|load` and `evalsha` run the Lua scripts; the
 # scripts themselves only touch keys under the namespace.
 REQUIRED_COMMANDS = (
     "ping",
+    "info",
     "time",
     "get",
     "mget",
@@ -46,6 +53,9 @@ REQUIRED_COMMANDS = (
     "evalsha",
     "script|load",
 )
+# What redis-py's cluster client runs to learn the slot map and command keys, and to follow an ASK
+# redirection during a reshard; only on a cluster.
+CLUSTER_COMMANDS = ("cluster|slots", "cluster|shards", "cluster|nodes", "command", "asking", "readonly")
 # Used when allowed: expiry events (subscribe). (redis-py also sends CLIENT SETINFO on connect and
 # ignores a refusal; Redis before 7.2 does not know it, so the rule leaves it out.)
 OPTIONAL_COMMANDS = ("subscribe", "unsubscribe")
@@ -55,12 +65,14 @@ OPTIONAL_COMMANDS = ("subscribe", "unsubscribe")
 CONFIG_COMMANDS = ("config|get", "config|set")
 
 
-def acl_rule(namespace: str, db: int = 0, *, config: bool = False) -> str:
+def acl_rule(namespace: str, db: int = 0, *, config: bool = False, cluster: bool = False) -> str:
     """The ACL rule for eagercache's user: its keys, its channel, its commands, nothing else (and SELECT
-    for a database other than 0, which the client sends on every new connection; CONFIG if asked for)."""
+    for a database other than 0, which the client sends on every new connection; the cluster client's
+    commands on a cluster; CONFIG if asked for)."""
     granted = (
         *REQUIRED_COMMANDS,
         *(("select",) if db else ()),
+        *(CLUSTER_COMMANDS if cluster else ()),
         *OPTIONAL_COMMANDS,
         *(CONFIG_COMMANDS if config else ()),
     )
@@ -71,12 +83,20 @@ def acl_rule(namespace: str, db: int = 0, *, config: bool = False) -> str:
 async def check_access(store: Store) -> None:
     """Run each required command once; ConfigurationError naming the first one the user may not run.
 
-    Also loads the Lua scripts into the server's script cache (the first refresh then needs no retry).
+    Connects first (`Store.open`), which already needs INFO (and the cluster client's commands).
     """
     if store.is_memory:
         return
+    try:
+        await store.open()
+    except StoreUnavailable as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ResponseError) and ("NOPERM" in str(cause) or isinstance(cause, NoPermissionError)):
+            raise _denied(store, "info", cause) from exc
+        raise
     client = store.client
-    probe = f"{store.keys.namespace}probe:access:{uuid.uuid4().hex}"
+    # One hash tag: on a cluster the probe keys share a slot, as the multi-key commands need.
+    probe = f"{store.keys.probe_prefix}{{access-{uuid.uuid4().hex}}}"
     zset, table = f"{probe}:z", f"{probe}:h"
     sha: list[str] = []
 
@@ -122,7 +142,7 @@ async def check_access(store: Store) -> None:
 
 
 def _denied(store: Store, command: str, exc: Exception) -> ConfigurationError:
-    user = store.client.connection_pool.connection_kwargs.get("username") or "default"
+    user = (store.auth.username if store.auth else None) or parse_url_username(store.url) or "default"
     if named := re.search(r"run the '([^']+)' command", str(exc)):
         command = named.group(1)  # the server names the command it refused (SELECT on connect, say)
     what = (
@@ -132,5 +152,6 @@ def _denied(store: Store, command: str, exc: Exception) -> ConfigurationError:
     )
     return ConfigurationError(
         f"the Redis user {user!r} at {redact(store.url)} may not {what} ({exc}). eagercache needs "
-        f"this rule: ACL SETUSER {user} {acl_rule(store.keys.namespace, store.db)} (and a password)"
+        f"this rule: ACL SETUSER {user} {acl_rule(store.keys.namespace, store.db, cluster=store.kind == 'cluster')} "
+        "(and a password)"
     )

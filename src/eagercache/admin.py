@@ -64,9 +64,12 @@ def admin_routes(engine: Engine, token: str) -> list[Route]:
 
     async def entries(request: Request) -> Response:
         name = _known(engine, request)
-        cursor = _int_param(request, "cursor", 0, 0, 2**63)
+        cursor = request.query_params.get("cursor", "")
         limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        next_cursor, ids = await engine.store.scan_entries(name, cursor, limit)
+        try:
+            next_cursor, ids = await engine.store.list_entries(name, cursor, limit)
+        except ValueError as exc:
+            raise Problem(400, "bad-cursor", "Bad cursor", str(exc)) from None
         now = engine.clock.now_ms()
         described = await engine.store.describe(ids)
         items: list[dict[str, Any]] = []
@@ -107,13 +110,10 @@ def admin_routes(engine: Engine, token: str) -> list[Route]:
 
     async def invalidate_all(request: Request) -> Response:
         name = _known(engine, request)
-        removed, cursor = 0, 0
-        while True:
-            cursor, ids = await engine.store.scan_entries(name, cursor, INVALIDATE_BATCH)
+        removed = 0
+        async for ids in engine.store.stored_entries(name, INVALIDATE_BATCH):
             for entry_id in ids:
                 removed += await engine.forget(entry_id, name)
-            if cursor == 0:
-                break
         return _json({"removed": removed})
 
     return [

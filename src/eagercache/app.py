@@ -34,7 +34,6 @@ from .errors import (
     problem_response,
 )
 from .fetchers import build_registry
-from .keys import Keys
 from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
 from .openapi import openapi_document
 from .refresher import Refresher
@@ -114,9 +113,10 @@ def create_app(
         fetchers, specs=settings.fetchers, use_entry_points=use_entry_points, overrides=settings.fetcher_overrides
     )
     metrics = Metrics()
-    store = Store.from_url(
+    store = Store(
         settings.redis_url,
-        Keys(settings.namespace),
+        namespace=settings.namespace,
+        buckets=settings.buckets,
         max_connections=settings.redis_max_connections,
         read_budget_s=settings.read_budget,
         auth=settings.redis_auth(),
@@ -172,7 +172,9 @@ def create_app(
         reasons += refresher.problems()
         if reasons:
             raise StoreUnavailable("; ".join(reasons))
-        return Response(b'{"status":"ready"}', media_type="application/json")
+        return Response(
+            msgspec.json.encode({"status": "ready", **refresher.store_status()}), media_type="application/json"
+        )
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -181,7 +183,9 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             await check_access(store)  # pings first: one clear error for a user that may not do its work
+            await store.prepare()
             await store.ping()
+            log.info("store ready", extra=refresher.store_status())
             await store.warm()
             await refresher.start()
             if handle_signals:

@@ -15,7 +15,6 @@ from .access import check_access
 from .app import create_app
 from .errors import ConfigurationError, EagerCacheError
 from .fetchers import build_registry
-from .keys import Keys
 from .logs import configure
 from .settings import ENV_PREFIX, Settings, from_env, load_settings, read_config, to_environ
 from .store import MEMORY_URL, Store
@@ -46,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(
             f"--{setting.replace('_', '-')}", type=type(default), metavar=metavar, help=f"{text} ({default})"
         )
+    serve.add_argument(
+        "--buckets",
+        type=int,
+        metavar="N",
+        help="buckets entries spread over (unset: the store's; else 1, 256 on a cluster)",
+    )
     serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default)")
@@ -141,9 +146,13 @@ async def _preflight(settings: Settings) -> None:
 
     (A server without expiry events is not an error: the refresher then runs on the schedule alone.)
     """
-    store = Store.from_url(settings.redis_url, Keys(settings.namespace), auth=settings.redis_auth())
+    store = Store(
+        settings.redis_url, namespace=settings.namespace, buckets=settings.buckets, auth=settings.redis_auth()
+    )
     try:
+        await store.open()
         await check_access(store)
+        await store.prepare()  # a bucket count that differs from the store's is refused here
         await store.ping()
     finally:
         await store.aclose()

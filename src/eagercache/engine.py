@@ -111,7 +111,7 @@ class Engine:
         self.near_cache_ttl_s = settings.near_cache_ttl
         self._inflight: dict[str, asyncio.Task[bytes | None]] = {}
         self._abandoned: dict[asyncio.Task[Any], str] = {}  # fetcher runs that outlived their timeout -> fetcher
-        self._on_write: list[Callable[[int], None]] = []
+        self._on_write: list[Callable[[str, int], None]] = []
         self._on_done: list[Callable[[], None]] = []
         self._fetch_slots = asyncio.Semaphore(self.max_concurrent)
         self._fetcher_slots = {
@@ -130,8 +130,8 @@ class Engine:
         self._shutdown_at: float | None = None  # time.monotonic() when the shutdown timeout ends
         self._closed: asyncio.Future[None] | None = None  # done once readers stop waiting for fetches
 
-    def on_write(self, callback: Callable[[int], None]) -> None:
-        """Call `callback(next_due_ms)` after every stored entry (the refresher may need to wake sooner)."""
+    def on_write(self, callback: Callable[[str, int], None]) -> None:
+        """Call `callback(entry_id, next_due_ms)` after every stored entry (the refresher may need to wake sooner)."""
         self._on_write.append(callback)
 
     def on_fetch_done(self, callback: Callable[[], None]) -> None:
@@ -407,7 +407,8 @@ class Engine:
         self.metrics.fetch_seconds.labels(fetcher.name).observe(time.perf_counter() - started)
         previous = None
         if cause != "cold":  # the stored header says whether these are the same data (and since when)
-            previous = claim.header if claim is not None else await self.store.header(call.entry_id)
+            # A claim brings the header, unless its script could not read it (a key mid-reshard): read it here.
+            previous = claim.header if claim is not None and claim.header else await self.store.header(call.entry_id)
         now = self.clock.now_ms()
         due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms)
         value, changed = build_entry(data_json, now, due_at, previous_header=previous)
@@ -439,7 +440,7 @@ class Engine:
         elif changed and cause != "cold":
             self.metrics.changes.labels(fetcher.name).inc()
         for callback in self._on_write:
-            callback(due_at)
+            callback(call.entry_id, due_at)
         return value
 
     async def _run_fetcher(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:

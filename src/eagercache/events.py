@@ -1,7 +1,8 @@
 """Redis `expired` keyevents for shadow keys: a hint that entries are due, as batches of entry ids.
 
-This module owns the subscription: turning the events on, probing for them where CONFIG is refused,
-reconnecting with backoff, and reading key names as bytes. The channel carries every key that expires
+This module owns the subscriptions (one per primary): turning the events on, probing for them where
+CONFIG is refused, reconnecting with backoff, following the primaries through failovers and reshards,
+and reading key names as bytes. The channel carries every key that expires
 in the database, other applications' included, so a name is decoded only once it is known to be one of
 our shadow keys (keys.py); any other name, whatever its bytes, is skipped.
 """
@@ -14,8 +15,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from .errors import ConfigurationError, StoreUnavailable
 from .metrics import Metrics
@@ -30,103 +32,179 @@ _NEEDED_EVENT_FLAGS = "Ex"
 
 
 class ExpiryEvents:
-    """The `expired` keyevents of the store's database, as batches of our entry ids."""
+    """The `expired` keyevents of the store's database, as batches of our entry ids.
+
+    Redis publishes a key's events on the node that holds the key only, so on a cluster there is one
+    subscription per primary, each a task of its own feeding one queue; the list of primaries is read
+    again after any subscription fails and every few seconds (failovers, reshards), and a new primary
+    is subscribed (and its events turned on) as soon as it is seen.
+    """
 
     def __init__(self, store: Store, metrics: Metrics, *, batch: int, idle_s: float) -> None:
         self.store = store
         self.metrics = metrics
         self.batch = batch
-        self.idle_s = idle_s  # the longest get_message waits, so a consumer looks at its stop flag this often
-        # One database's channel: a key of the same name expiring in another database is not ours.
-        self.channel = f"__keyevent@{store.db}__:expired"
-        self.subscribed = False
+        self.idle_s = idle_s  # the longest a batch waits, so a consumer looks at its stop flag this often
+        self.subscribed_nodes: set[str] = set()
+        self._nodes: tuple[str, ...] = ()
         self._said_off = False
 
+    @property
+    def channel(self) -> str:
+        # One database's channel: a key of the same name expiring in another database is not ours.
+        return f"__keyevent@{self.store.db}__:expired"
+
+    @property
+    def subscribed(self) -> bool:
+        return bool(self._nodes) and all(node in self.subscribed_nodes for node in self._nodes)
+
+    def _clients(self) -> dict[str, Any]:
+        """Each node to subscribe to, with a client of its own: the primaries of a cluster, else the one server."""
+        topology = self.store.topology
+        assert topology is not None
+        if topology.is_cluster:
+            return {node: topology.node_client(node) for node in topology.primaries()}
+        return {(topology.primaries() or ("store",))[0]: self.store.client}
+
     async def enable(self) -> None:
-        """Make Redis publish `expired` keyevents (notify-keyspace-events must include E and x).
+        """Make Redis publish `expired` keyevents (notify-keyspace-events must include E and x), on every
+        node: replicas too on a cluster, since a promoted replica publishes only what it was set to.
 
         Only that one setting is ever changed, and only by adding flags to what is already set. Raises
         ConfigurationError when the server neither publishes them nor lets us turn them on.
         """
-        client = self.store.client
+        topology = self.store.topology
+        assert topology is not None
         try:
             await self._may_subscribe()
-            try:
-                found = await client.config_get("notify-keyspace-events")
-            except ResponseError as exc:
-                # CONFIG is disabled or not allowed for this user (managed Redis, ACLs): see for ourselves.
-                if await self._arrive():
-                    return
-                raise self._off(_NEEDED_EVENT_FLAGS, exc) from exc
-            current = _text(found.get("notify-keyspace-events"))
-            if _has_expired_events(current):
-                return
-            wanted = _merge_flags(current)
-            try:
-                await client.config_set("notify-keyspace-events", wanted)
-            except ResponseError as exc:
-                raise self._off(wanted, exc) from exc
-        except (RedisError, OSError) as exc:
+            if topology.is_cluster:
+                for node in topology.all_nodes():
+                    await self._enable_on(topology.node_client(node))
+            else:
+                await self._enable_on(self.store.client)
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(f"cannot set up expiry events at {redact(self.store.url)}: {exc}") from exc
+
+    async def _enable_on(self, client: Any) -> None:
+        try:
+            found = await client.config_get("notify-keyspace-events")
+        except ResponseError as exc:
+            # CONFIG is disabled or not allowed for this user (managed Redis, ACLs): see for ourselves.
+            if await self._arrive():
+                return
+            raise self._off(_NEEDED_EVENT_FLAGS, exc) from exc
+        current = _text(found.get("notify-keyspace-events"))
+        if _has_expired_events(current):
+            return
+        wanted = _merge_flags(current)
+        try:
+            await client.config_set("notify-keyspace-events", wanted)
+        except ResponseError as exc:
+            raise self._off(wanted, exc) from exc
 
     async def batches(self) -> AsyncGenerator[list[str], None]:
         """Entry ids whose shadow keys expired, one batch per burst; an empty batch after `idle_s` of quiet.
 
-        Reconnects by itself, with backoff, logging once per outage; `subscribed` says whether it is live.
+        Each node's subscription reconnects by itself, with backoff, logging once per outage;
+        `subscribed` says whether every primary is subscribed.
         """
-        outage = Outage("expiry events")
-        first = True
         keys = self.store.keys
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        listeners: dict[str, asyncio.Task[None]] = {}
+        rediscover = asyncio.Event()
+        topology = self.store.topology
+        assert topology is not None
+        try:
+            while True:
+                if rediscover.is_set() or topology.discovery_due():
+                    rediscover.clear()
+                    await self._discover()
+                clients = self._clients()
+                self._nodes = tuple(clients)
+                for node in set(listeners) - set(clients):  # no longer a primary
+                    listeners.pop(node).cancel()
+                    self._set_subscribed(node, False)
+                for node, client in clients.items():
+                    if node not in listeners or listeners[node].done():
+                        listeners[node] = asyncio.create_task(
+                            self._listen(node, client, queue, rediscover), name=f"expiry events {node}"
+                        )
+                due: list[str] = []
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.idle_s):
+                        raw = await queue.get()
+                        while True:
+                            # Everything already received goes into one batch: a burst costs one claim.
+                            if (entry_id := keys.entry_of_shadow(raw)) is not None:
+                                due.append(entry_id)
+                            if len(due) >= self.batch or queue.empty():
+                                break  # the rest waits in the queue for the next batch
+                            raw = queue.get_nowait()
+                yield due
+        finally:
+            for task in listeners.values():
+                task.cancel()
+            await asyncio.gather(*listeners.values(), return_exceptions=True)
+            for node in list(self.subscribed_nodes):
+                self._set_subscribed(node, False)
+
+    async def _discover(self) -> None:
+        topology = self.store.topology
+        assert topology is not None
+        try:
+            if await topology.discover():
+                self.metrics.failovers.inc()
+                log.warning("the store's primaries changed", extra={"primaries": ",".join(topology.primaries())})
+            self.metrics.primaries.set(len(topology.primaries()))
+        except (RedisError, RedisClusterException, OSError) as exc:
+            log.debug("could not read the store's nodes", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    async def _listen(self, node: str, client: Any, queue: asyncio.Queue[bytes], rediscover: asyncio.Event) -> None:
+        """One node's subscription: expired key names into `queue`, until cancelled; reconnects."""
+        outage = Outage(f"expiry events {node}")
+        first = True
         while True:
-            pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 if not first:
                     self.metrics.reconnects.inc()
-                    await self._enable_again()  # a restarted or promoted server may not publish them
+                    await self._enable_again(client)  # a restarted or promoted server may not publish them
                 first = False
-                self._set_subscribed(True)
+                self._set_subscribed(node, True)
                 outage.over()
                 while True:
                     message = await pubsub.get_message(timeout=self.idle_s)
-                    due: list[str] = []
-                    while message is not None:
-                        # Everything already received goes into one batch: a burst costs one claim.
-                        data = message.get("data")
-                        if isinstance(data, bytes) and (entry_id := keys.entry_of_shadow(data)) is not None:
-                            due.append(entry_id)
-                        if len(due) >= self.batch:
-                            break  # the rest waits in the connection for the next batch
-                        message = await pubsub.get_message(timeout=0)
-                    yield due
+                    if message is not None and isinstance(data := message.get("data"), bytes):
+                        queue.put_nowait(data)
             except (RedisError, OSError) as exc:
-                self._set_subscribed(False)
+                self._set_subscribed(node, False)
                 self.metrics.background_errors.labels("subscription").inc()
-                delay = outage.failed(f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(delay)
+                rediscover.set()  # a node that fails may have failed over: read the primaries again
+                await asyncio.sleep(outage.failed(f"{type(exc).__name__}: {exc}"))
             finally:
-                self._set_subscribed(False)
+                self._set_subscribed(node, False)
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
-    async def _enable_again(self) -> None:
+    async def _enable_again(self, client: Any) -> None:
         """After a reconnect: the events may be off on the server now; turn them on, or say so once."""
         try:
-            await self.enable()
+            await self._enable_on(client)
         except ConfigurationError as exc:
             if not self._said_off:
                 self._said_off = True
                 log.warning(
                     "expiry events are off on the server; the schedule refreshes alone", extra={"why": exc.detail}
                 )
-        except StoreUnavailable:
+        except (RedisError, OSError):
             pass  # the loop finds out for itself
         else:
             self._said_off = False
 
     async def _may_subscribe(self) -> None:
         """ConfigurationError if this user may not subscribe to the channel (ACL: `&<channel>`)."""
-        pubsub = self.store.client.pubsub()
+        pubsub = next(iter(self._clients().values())).pubsub()
         try:
             await pubsub.subscribe(self.channel)
             # The reply (or a NOPERM) only comes with the next read.
@@ -140,24 +218,32 @@ class ExpiryEvents:
             ) from exc
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
-    def _set_subscribed(self, up: bool) -> None:
-        self.subscribed = up
-        self.metrics.subscribed.set(1 if up else 0)
+    def _set_subscribed(self, node: str, up: bool) -> None:
+        if up:
+            self.subscribed_nodes.add(node)
+        else:
+            self.subscribed_nodes.discard(node)
+        self.metrics.subscribed_nodes.set(len(self.subscribed_nodes))
+        self.metrics.subscribed.set(1 if self.subscribed else 0)
 
     def _off(self, wanted: str, exc: Exception) -> ConfigurationError:
         return ConfigurationError(
             f"the Redis server at {redact(self.store.url)} does not publish key expiry events and eagercache "
             f"cannot enable them ({exc}). Set `notify-keyspace-events {wanted}` on the server (redis.conf, or "
-            "the parameter group of a managed Redis) for refreshes driven by expiry events."
+            "the parameter group of a managed Redis; every node of a cluster) for refreshes driven by expiry events."
         )
 
     async def _arrive(self) -> bool:
-        """Expire a probe key under the namespace and wait briefly for its `expired` event."""
+        """Expire a probe key under the namespace and wait briefly for its `expired` event (on the node
+        that holds the key)."""
         client = self.store.client
-        probe = f"{self.store.keys.namespace}probe:{uuid.uuid4().hex}".encode()
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        probe = f"{self.store.keys.probe_prefix}{uuid.uuid4().hex}".encode()
+        topology = self.store.topology
+        assert topology is not None
+        node_client = topology.node_client(client.get_node_from_key(probe).name) if topology.is_cluster else client
+        pubsub = node_client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
             await client.set(probe, b"", px=1)
@@ -171,7 +257,7 @@ class ExpiryEvents:
             return False
         finally:
             await client.delete(probe)
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
 
 def _text(value: object) -> str:

@@ -108,7 +108,26 @@ class Metrics:
         )
         self.subscribed = Gauge(
             "eagercache_expiry_subscription_up",
-            "1 while the expired-event subscription is live.",
+            "1 while the expired-event subscription is live on every primary.",
+            registry=self.registry,
+        )
+        self.subscribed_nodes = Gauge(
+            "eagercache_expiry_subscribed_nodes",
+            "Primaries whose expired events this process is subscribed to.",
+            registry=self.registry,
+        )
+        self.topology = Gauge(
+            "eagercache_store_topology",
+            "1 for the store's topology (memory, standalone, sentinel, cluster) and its bucket count.",
+            ["topology", "buckets"],
+            registry=self.registry,
+        )
+        self.primaries = Gauge(
+            "eagercache_store_primaries", "Primaries the store has, as last discovered.", registry=self.registry
+        )
+        self.failovers = Counter(
+            "eagercache_store_failovers",
+            "Changes of the store's primaries seen (failover, primary added or removed).",
             registry=self.registry,
         )
 

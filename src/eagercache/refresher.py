@@ -1,7 +1,9 @@
 """The refresher: finds entries that are due, claims them, and has the engine refresh them.
 
-Two signals lead here. The schedule (the `due` sorted set) is the truth: a loop sleeps until the
-earliest due time, or at most the backstop interval, and claims what is due. Redis `expired` events
+Two signals lead here. The schedule (each bucket's `due` sorted set) is the truth: a loop claims what is
+due in the buckets whose next due time has come (each claim says when its bucket is next due), sleeps
+until the earliest of those, and at least every backstop interval claims in every bucket (another
+replica may have scheduled something sooner). Redis `expired` events
 for shadow keys (events.py) are a hint that arrives without polling, late by up to a second or so,
 and not at all while disconnected, for evicted keys, or on `memory://`. Whichever comes first, an
 entry is refreshed only by whoever claims it in the schedule, so the two never fetch it twice, and
@@ -25,6 +27,7 @@ from .engine import Cause, Engine
 from .errors import ConfigurationError, StoreUnavailable
 from .events import ExpiryEvents
 from .keys import split_entry_id
+from .logs import Throttle
 from .settings import Settings
 from .store import UNSAFE_EVICTION, Claim, Store
 from .supervise import Outage, Supervisor
@@ -40,6 +43,9 @@ READ_FLUSH_MAX_S = 5.0
 READ_FLUSH_MIN_S = 0.05
 # The schedule loop wakes this long after the next due time, to claim what falls due meanwhile in one go.
 SCHEDULE_COALESCE_MS = 10
+# A bucket whose claim failed (its node failing over, its slot moving) is tried again this much later.
+BUCKET_RETRY_MS = 250
+NOTHING_SCHEDULED = 2**62
 ENTRY_COUNT_INTERVAL_S = 10.0
 CLOCK_SYNC_INTERVAL_S = 10.0
 CLOCK_SKEW_WARNING_MS = 1_000
@@ -80,6 +86,8 @@ class Refresher:
         self._stopping = False
         self._claims: dict[str, int] = {}  # entry id -> lease end (ms), while this process holds the claim
         self._sleep_until_ms = 0  # when the schedule loop looks next; a write due sooner wakes it
+        self._due_at: list[int] = []  # per bucket: when to claim there next (store clock, ms); 0 = now
+        self._claim_errors = Throttle(log, 60.0)
         self._waiting_for_slots = False
         self._owner = uuid.uuid4().hex
         engine.on_write(self._written)
@@ -93,15 +101,32 @@ class Refresher:
     def mode(self) -> str:
         return "events+schedule" if self.uses_events else "schedule"
 
+    def store_status(self) -> dict[str, object]:
+        """The store's topology as this process sees it, for /readyz and the start-up log."""
+        status: dict[str, object] = {
+            "topology": self.store.topology_name(),
+            "buckets": len(self.store.keys.buckets),
+            "primaries": list(self.store.nodes()),
+            "failovers": self.store.topology.failovers if self.store.topology is not None else 0,
+            "refresh_mode": self.mode,
+        }
+        if self.events is not None:
+            status["subscribed_nodes"] = sorted(self.events.subscribed_nodes)
+        return status
+
     def problems(self) -> list[str]:
         """What keeps this process from refreshing as it should, for /readyz; empty when all is well."""
         found = [f"background loop {reason}" for reason in self.supervisor.down()]
         if self.uses_events and not self.subscribed:
-            found.append("not subscribed to Redis expiry events")
+            assert self.events is not None
+            missing = sorted(set(self.store.nodes()) - self.events.subscribed_nodes)
+            found.append(f"not subscribed to Redis expiry events on {', '.join(missing) or 'the store'}")
         return found
 
     async def start(self) -> None:
+        self._due_at = [0] * len(self.store.keys.buckets)
         await self._sync_clock()
+        await self.store.bucket_counts()  # what max_entries knows of the other buckets
         if abs(skew := self.store.clock.skew_ms()) > CLOCK_SKEW_WARNING_MS:
             log.warning(
                 "this host's clock is off the store's; eagercache keeps time by the store's clock",
@@ -121,6 +146,8 @@ class Refresher:
                 self.uses_events = False
                 log.warning("no expiry events: refreshing on the schedule alone", extra={"why": exc.detail})
         self.metrics.mode.labels(self.mode).set(1)
+        self.metrics.topology.labels(self.store.kind, str(len(self.store.keys.buckets))).set(1)
+        self.metrics.primaries.set(len(self.store.nodes()))
         self.supervisor.start("schedule", self._follow_schedule)
         self.supervisor.start("reads", self._record_reads)
         self.supervisor.start("sweep", self._sweep)
@@ -152,7 +179,11 @@ class Refresher:
                 log.info("gave back refresh claims", extra={"claims": released})
             self._claims.clear()
 
-    def _written(self, next_due_ms: int) -> None:
+    def _written(self, entry_id: str, next_due_ms: int) -> None:
+        if not self._due_at:
+            return  # not started
+        bucket = self.store.keys.bucket_of(entry_id).index
+        self._due_at[bucket] = min(self._due_at[bucket], next_due_ms)
         if next_due_ms < self._sleep_until_ms:
             self._wake.set()  # the schedule loop sleeps past this entry's next refresh
 
@@ -172,6 +203,8 @@ class Refresher:
 
     async def _follow_schedule(self) -> None:
         outage = Outage("schedule")
+        backstop_at = 0.0  # time.monotonic() of the next claim in every bucket
+        turn = 0  # the bucket to start with when slots are short, so that every bucket gets its turn
         while not self._stopping:
             self._wake.clear()
             limit = min(self.engine.free_slots, CLAIM_BATCH)
@@ -180,25 +213,49 @@ class Refresher:
                 await self._wake.wait()
                 self._waiting_for_slots = False
                 continue
-            try:
-                claimed = await self.store.claim_due(self.lease_ms, limit)
-                next_due = None if len(claimed) == limit else await self.store.next_due_ms()
-            except StoreUnavailable as exc:
-                self.metrics.background_errors.labels("schedule-store").inc()
-                await asyncio.sleep(outage.failed(exc.detail))
-                continue
-            outage.over()
-            self._refresh(claimed, "schedule")
-            if len(claimed) == limit:
-                continue  # more may be due
+            due_at = self._due_at
+            if time.monotonic() >= backstop_at:
+                backstop_at = time.monotonic() + self.schedule_max_wait_s
+                due_at[:] = [0] * len(due_at)
             now = self.store.clock.now_ms()
-            wait_ms = self.schedule_max_wait_s * 1000
-            if next_due is not None:
-                # A little past the next due time, so that entries falling due together share one claim.
-                wait_ms = min(wait_ms, max(0, next_due - now) + SCHEDULE_COALESCE_MS)
-            self._sleep_until_ms = now + int(wait_ms)
+            ready = [b for b in range(len(due_at)) if due_at[b] <= now]
+            if ready:
+                turn %= len(ready)
+                take = (ready[turn:] + ready[:turn])[:limit]
+                turn += len(take)
+                try:
+                    claimed = await self.store.claim_due(take, self.lease_ms, max(1, limit // len(take)))
+                except StoreUnavailable as exc:
+                    self.metrics.background_errors.labels("schedule-store").inc()
+                    await asyncio.sleep(outage.failed(exc.detail))
+                    continue
+                outage.over()
+                self._refresh(claimed.claims, "schedule")
+                for b in take:
+                    if b in claimed.failed:
+                        planned = now + BUCKET_RETRY_MS
+                    elif claimed.full.get(b):
+                        planned = 0  # more may be due
+                    elif (next_due := claimed.next_due.get(b)) is not None:
+                        # A little past the next due time, so that entries falling due together share one claim.
+                        planned = next_due + SCHEDULE_COALESCE_MS
+                    else:
+                        planned = NOTHING_SCHEDULED  # until a write here, or the backstop, says otherwise
+                    # A write during the claim may have asked for this bucket sooner (see _written).
+                    due_at[b] = planned if due_at[b] <= now else min(due_at[b], planned)
+                if claimed.failed:
+                    self.metrics.background_errors.labels("schedule-store").inc(len(claimed.failed))
+                    self._claim_errors.warning(
+                        "claims failed in some buckets; they are tried again shortly",
+                        "claim",
+                        {"buckets": len(claimed.failed), "error": next(iter(claimed.failed.values()))},
+                    )
+                continue  # look again: more buckets may be ready
+            now = self.store.clock.now_ms()
+            wait_ms = min(min(due_at) - now, int((backstop_at - time.monotonic()) * 1000))
+            self._sleep_until_ms = now + max(0, wait_ms)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait_ms / 1000)
+                await asyncio.wait_for(self._wake.wait(), max(0, wait_ms) / 1000)
             self._sleep_until_ms = 0
 
     async def _follow_events(self) -> None:
@@ -255,6 +312,7 @@ class Refresher:
         """Every sweep interval, one replica scans the stored items: entries missing from the schedule
         go back on it (due now), and the entry counts are recounted from what is really stored."""
         outage = Outage("sweep")
+        keys = self.store.keys
         while not self._stopping:
             await asyncio.sleep(self.sweep_interval_s)
             try:
@@ -262,22 +320,25 @@ class Refresher:
                     continue  # another replica sweeps this round
                 # Orphans first (scheduled, no item): dropped now, a later refresh has nothing to count out,
                 # so the recount below stays right.
-                cursor = 0
-                while not self._stopping:
-                    cursor, ids = await self.store.scan_schedule(cursor, SWEEP_BATCH)
-                    await self.store.prune(ids)
-                    if cursor == 0:
-                        break
-                before = await self.store.entry_counts()
+                for bucket in range(len(keys.buckets)):
+                    cursor = 0
+                    while not self._stopping:
+                        cursor, ids = await self.store.scan_schedule(bucket, cursor, SWEEP_BATCH)
+                        await self.store.prune(bucket, ids)
+                        if cursor == 0:
+                            break
+                before = await self.store.bucket_counts()
                 seen: set[str] = set()  # SCAN may return a key twice (the keyspace was resized meanwhile)
-                repaired, cursor = 0, 0
-                while not self._stopping:
-                    cursor, ids = await self.store.scan_entries(None, cursor, SWEEP_BATCH)
+                repaired = 0
+                async for ids in self.store.stored_entries(None, SWEEP_BATCH):
+                    if self._stopping:
+                        return
                     seen.update(ids)
                     repaired += len(await self.store.repair(ids))
-                    if cursor == 0:
-                        await self.store.recount(before, dict(Counter(split_entry_id(i)[0] for i in seen)))
-                        break
+                found: dict[int, Counter[str]] = {}
+                for entry_id in seen:
+                    found.setdefault(keys.bucket_of(entry_id).index, Counter())[split_entry_id(entry_id)[0]] += 1
+                await self.store.recount(before, {b: dict(c) for b, c in found.items()})
             except StoreUnavailable as exc:
                 self.metrics.background_errors.labels("sweep-store").inc()
                 outage.failed(exc.detail)

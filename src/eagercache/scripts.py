@@ -1,5 +1,12 @@
 """The Lua scripts the store runs. Each runs atomically in Redis (and in fakeredis, through lupa).
 
+Each script touches the keys of one bucket only (keys.py), all in one hash slot, and declares them in
+KEYS, so that Redis Cluster routes it to the node that holds them, refuses it (TRYAGAIN, retried) while
+that slot is half-migrated instead of running it on half the keys, and refuses any cross-slot access
+(the store adds a `#!lua` shebang on servers that know one, Redis/Valkey 7+: see FLAGS). The only keys a
+script derives from its arguments are the items of entries it finds in its schedule; those accesses are
+`pcall`ed, so a key that is elsewhere mid-reshard skips that one entry instead of failing the batch.
+
 Every time a script compares or stores is read from the server's own clock (`TIME`), so replicas whose
 clocks disagree still agree on what is due (see clock.py). Scores come back from ZSCORE as strings;
 '-1' stands for "no score" because a nil would cut a Lua array short.
@@ -23,14 +30,15 @@ end
 # Claim up to ARGV[2] entries due now by moving their score to now + ARGV[1], the lease end: whoever moved
 # an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
 # KEYS: due, read. ARGV[3]: the item key prefix; ARGV[4]: the last byte of the header to return.
-# Returns now, lease end, then id, last-read, due, header, ... where header is the start of the stored
-# value (item.Entry's header line), so a refresh that brings unchanged data needs no read of the old value.
+# Returns now, lease end, the bucket's next due time after this claim ('-1' if its schedule is empty), then
+# id, last-read, due, header, ... where header is the start of the stored value (item.Entry's header
+# line), so a refresh that brings unchanged data needs no read of the old value.
 CLAIM_DUE = (
     _NOW
     + """
 local lease_end = now + tonumber(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {now, lease_end}
+local out = {now, lease_end, '-1'}
 for i = 1, #due, 2 do
   local id = due[i]
   redis.call('ZADD', KEYS[1], lease_end, id)
@@ -42,18 +50,21 @@ for i = 1, #due, 2 do
   out[#out + 1] = due[i + 1]
   out[#out + 1] = header_of(ARGV[3] .. id, ARGV[4])
 end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if first[2] then out[3] = first[2] end
 return out
 """
 )
 
 # Claim the entries ARGV[4..] that expired shadow keys say are due, if they are (ARGV: lease ms, item key
 # prefix, last header byte, ids...). An entry that is stored but missing from the schedule is claimed too,
-# so a damaged schedule heals. KEYS: due, read. Returns what CLAIM_DUE does, for the claimed ones.
+# so a damaged schedule heals. KEYS: due, read. Returns what CLAIM_DUE does, for the claimed ones (with
+# no next due time: '-1').
 CLAIM_MANY = (
     _NOW
     + """
 local lease_end = now + tonumber(ARGV[1])
-local out = {now, lease_end}
+local out = {now, lease_end, '-1'}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local due = redis.call('ZSCORE', KEYS[1], id)
@@ -91,8 +102,9 @@ return released
 
 # Store an entry and schedule its next refresh (and let go of the cold-fill lock, if any).
 # KEYS: item, shadow, due, read, stale, counts, fill.
-# ARGV: id, body, due at, fetcher, max entries, mode.
-# mode 'cold': a reader's fetch; a new entry counts against max entries and is marked read now. An entry
+# ARGV: id, body, due at, fetcher, room, mode. `room` is how many of the fetcher's entries this bucket may
+# hold: max_entries less what the other buckets held when this process last counted (see Store.write).
+# mode 'cold': a reader's fetch; a new entry counts against that room and is marked read now. An entry
 # is counted while its item or its schedule member exists: one whose item was lost but whose member is
 # still there is counted already, and is not counted again.
 # mode 'refresh': only an entry that still exists is written. One whose item was deleted meanwhile
@@ -165,9 +177,9 @@ PRUNE = """
 local dropped = 0
 for i = 4, #ARGV do
   local id = ARGV[i]
-  if redis.call('EXISTS', ARGV[1] .. id) == 0 and redis.call('ZREM', KEYS[1], id) == 1 then
+  if redis.pcall('EXISTS', ARGV[1] .. id) == 0 and redis.call('ZREM', KEYS[1], id) == 1 then
     redis.call('ZREM', KEYS[2], id)
-    redis.call('DEL', ARGV[2] .. id, ARGV[3] .. id)
+    redis.pcall('DEL', ARGV[2] .. id, ARGV[3] .. id)
     redis.call('HINCRBY', KEYS[3], string.match(id, '^[^?]*'), -1)
     dropped = dropped + 1
   end
@@ -198,7 +210,7 @@ REPAIR = (
 local repaired = {}
 for i = 2, #ARGV do
   local id = ARGV[i]
-  if not redis.call('ZSCORE', KEYS[1], id) and redis.call('EXISTS', ARGV[1] .. id) == 1 then
+  if not redis.call('ZSCORE', KEYS[1], id) and redis.pcall('EXISTS', ARGV[1] .. id) == 1 then
     redis.call('ZADD', KEYS[1], now, id)
     redis.call('ZADD', KEYS[2], 'NX', now, id)
     repaired[#repaired + 1] = id
@@ -207,3 +219,24 @@ end
 return repaired
 """
 )
+
+
+# The shebang each script gets on servers that know one (Redis/Valkey 7+). With a shebang Redis refuses
+# any access outside the script's one slot, and refuses a write script outright while the server is out
+# of memory (before it changes anything) unless it may run then: the scripts that only delete or give
+# back may, so that invalidation and cleanup still work when memory is full.
+FLAGS = {
+    CLAIM_DUE: "#!lua",
+    CLAIM_MANY: "#!lua",
+    RELEASE: "#!lua flags=allow-oom",
+    WRITE: "#!lua",
+    POSTPONE: "#!lua",
+    FORGET: "#!lua flags=allow-oom",
+    PRUNE: "#!lua flags=allow-oom",
+    RECOUNT: "#!lua",
+    REPAIR: "#!lua",
+}
+
+
+def with_shebang(script: str) -> str:
+    return f"{FLAGS[script]}\n{script}"

@@ -19,8 +19,9 @@ import msgspec
 
 from .errors import ConfigurationError
 from .fetchers import OPTION_NAMES, FetcherOptions
-from .keys import DEFAULT_NAMESPACE
+from .keys import DEFAULT_NAMESPACE, MAX_BUCKETS, check_namespace
 from .store import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_BUDGET_S, MEMORY_URL, Auth, redact
+from .topology import URL_SCHEMES
 
 ENV_PREFIX = "EAGERCACHE_"
 # Settings with no command-line flag: a secret in argv is visible to every user of the machine (ps),
@@ -50,6 +51,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_key_file: str | None = None
     """PEM private key of the client certificate."""
     namespace: str = DEFAULT_NAMESPACE
+    buckets: int | None = None
+    """Buckets the entries are spread over (Redis Cluster slots); unset: what the store already uses, else 1
+    on one server and 256 on a cluster. Fixed for the life of the namespace's data."""
     fetchers: tuple[str, ...] = ()
     """Extra fetchers as `package.module:function`, besides the `eagercache.fetchers` entry points."""
     redis_max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -89,8 +93,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, got {self.port}")
-        if not self.namespace or any(c.isspace() for c in self.namespace):
-            raise ValueError(f"namespace must be non-empty without whitespace, got {self.namespace!r}")
+        check_namespace(self.namespace)
+        if self.buckets is not None and not 1 <= self.buckets <= MAX_BUCKETS:
+            raise ValueError(f"buckets must be 1-{MAX_BUCKETS}, got {self.buckets}")
         if self.redis_max_connections < 2:
             raise ValueError(f"redis_max_connections must be at least 2, got {self.redis_max_connections}")
         if self.max_concurrent_fetches < 1:
@@ -105,12 +110,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"read_budget must be >= 0.01 and <= 10 seconds, got {self.read_budget}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
-        if not self.redis_url.startswith((MEMORY_URL, "redis://", "rediss://", "unix://")):
+        if not self.redis_url.startswith(URL_SCHEMES):
             raise ValueError(
-                f"redis_url must start with memory://, redis://, rediss:// or unix://, got {redact(self.redis_url)!r}"
+                f"redis_url must start with {', '.join(URL_SCHEMES[:-1])} or {URL_SCHEMES[-1]}, "
+                f"got {redact(self.redis_url)!r}"
             )
         tls_files = [f for f in ("redis_ca_file", "redis_cert_file", "redis_key_file") if getattr(self, f)]
-        if tls_files and not self.redis_url.startswith("rediss://"):
+        if tls_files and not self.redis_url.startswith(("rediss://", "rediss+sentinel://")):
             raise ValueError(f"{tls_files[0]} needs a rediss:// (TLS) redis_url, got {redact(self.redis_url)!r}")
         if (self.redis_cert_file is None) != (self.redis_key_file is None):
             raise ValueError("redis_cert_file and redis_key_file go together (a client certificate and its key)")

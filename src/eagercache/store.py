@@ -1,33 +1,50 @@
-"""Every Redis command and Lua script the service runs, behind one class for `redis://` and `memory://`.
+"""Every Redis command and Lua script the service runs, behind one class for every topology.
 
 `memory://` is fakeredis in this process: the same commands and scripts, no server, nothing shared or
-kept. It publishes no `expired` events, which is why the schedule (the `due` sorted set) and not
-the events is what the refresher trusts. Key names are in keys.py, scripts in scripts.py, the
+kept. It publishes no `expired` events, which is why the schedule (the `due` sorted sets) and not
+the events is what the refresher trusts. Key names and buckets are in keys.py, scripts in scripts.py,
+connecting to a standalone server, a cluster or a sentinel-managed primary in topology.py, the
 expiry-event subscription in events.py.
+
+Commands for several entries are grouped by bucket, and the groups go out in one pipeline (on a
+cluster, redis-py sends one per primary): a claim round over 256 buckets is a round trip per node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import fakeredis
-import redis.asyncio as redis
-from redis import exceptions as redis_exceptions
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.connection import parse_url
+from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from . import scripts
 from .clock import ServerClock
 from .errors import ConfigurationError, StoreTimeout, StoreUnavailable
-from .keys import Keys, entry_id_of
+from .keys import DEFAULT_NAMESPACE, Bucket, Keys, entry_id_of
+from .topology import (
+    CLIENT_ERRORS,
+    COMMAND_TIMEOUT_S,
+    MEMORY_URL,
+    SENTINEL_SCHEMES,
+    Auth,
+    SentinelTarget,
+    Topology,
+    connect,
+    redact,
+    store_errors,
+)
 
-MEMORY_URL = "memory://"
-CONNECT_TIMEOUT_S = 2.0
-COMMAND_TIMEOUT_S = 5.0
+__all__ = ["MEMORY_URL", "Auth", "Store", "redact", "store_errors"]
+
 DEFAULT_MAX_CONNECTIONS = 64
 # The longest a reader waits for Redis (connection and reply); past it the read is answered from memory
 # (grace) or with a 503. Background work has COMMAND_TIMEOUT_S.
@@ -43,73 +60,23 @@ CONFIRM_ROUNDS = 2
 HEADER_MAX_BYTES = 128
 # Eviction policies that may delete keys without a TTL: the schedule, the read times, the counts.
 UNSAFE_EVICTION = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and errors: in the user part (even unencoded, with '/' or
-    '#' in it), and in a `password=` query parameter. Works on text, so a URL that does not parse is
-    redacted too."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    main, qsep, query = rest.partition("?")
-    if "@" in main:
-        userinfo, _, host = main.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        main = f"{userinfo}@{host}"
-    if qsep:
-        query = "&".join(
-            f"{name}=***" if "password" in name.lower() else f"{name}{eq}{value}"
-            for name, eq, value in (part.partition("=") for part in query.split("&"))
-        )
-    return f"{scheme}{sep}{main}{qsep}{query}"
-
-
-@contextmanager
-def store_errors(url: str) -> Iterator[None]:
-    """Redis and socket errors as StoreUnavailable, in words an operator can act on."""
-    try:
-        yield
-    except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError, OSError) as exc:
-        hint = ""
-        if url.startswith("rediss://") and ("SSL" in str(exc) or "reset by peer" in str(exc)):
-            hint = (
-                " (TLS: the server's certificate is checked against --redis-ca-file, or the system's CAs; "
-                "a server that requires client certificates needs --redis-cert-file and --redis-key-file)"
-            )
-        raise StoreUnavailable(f"cannot reach the store at {redact(url)}: {exc}{hint}") from exc
-    except RedisError as exc:
-        raise StoreUnavailable(f"store error at {redact(url)}: {type(exc).__name__}: {exc}") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class Auth:
-    """Who eagercache is to Redis, beyond the URL: an ACL user and password, and TLS files (rediss://)."""
-
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    def __repr__(self) -> str:
-        return f"Auth(username={self.username!r}, password={'***' if self.password else None})"
-
-    def connection_kwargs(self, url: str) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        if url.startswith("rediss://"):
-            kwargs["ssl_check_hostname"] = True  # the certificate must name the URL's host, whatever the default
-        if self.username is not None:
-            kwargs["username"] = self.username
-        if self.password is not None:
-            kwargs["password"] = self.password
-        if self.ca_file is not None:
-            kwargs["ssl_ca_certs"] = self.ca_file
-        if self.cert_file is not None:
-            kwargs["ssl_certfile"] = self.cert_file
-            kwargs["ssl_keyfile"] = self.key_file
-        return kwargs
+# Buckets when neither the operator nor the store says: one on a single server (one claim per round, as
+# cheap as it gets), and on a cluster enough that the buckets' slots spread evenly over the primaries
+# (256 tags put at most 37 % of entries on the busiest of 3 primaries with evenly split slots).
+CLUSTER_BUCKETS = 256
+# Replies to a script in a pipeline that running it again, alone, puts right (MovedError is an AskError).
+_RUN_AGAIN = (NoScriptError, AskError, TryAgainError)
+_SCRIPTS = (
+    scripts.CLAIM_DUE,
+    scripts.CLAIM_MANY,
+    scripts.RELEASE,
+    scripts.WRITE,
+    scripts.POSTPONE,
+    scripts.FORGET,
+    scripts.REPAIR,
+    scripts.PRUNE,
+    scripts.RECOUNT,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,14 +117,34 @@ STORED, OVER_LIMIT, GONE = 1, 0, -1
 
 
 class Store:
-    """The cache's storage: entry bodies, shadow keys, the due schedule, read times and entry counts."""
+    """The cache's storage: entry bodies, shadow keys, the due schedules, read times and entry counts.
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, url: str, read_budget_s: float = DEFAULT_READ_BUDGET_S):
-        self.client = client
-        self.keys = keys
+    Built without connecting (a URL it cannot use is a ConfigurationError at once); `open()` connects,
+    finds the topology and settles the key layout.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        buckets: int | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        read_budget_s: float = DEFAULT_READ_BUDGET_S,
+        auth: Auth | None = None,
+    ) -> None:
+        _check_url(url)
         self.url = url
         self.is_memory = url.startswith(MEMORY_URL)
+        self.requested_buckets = buckets
+        self.keys = Keys(namespace, buckets or 1)
         self.read_budget_s = read_budget_s
+        self.max_connections = max_connections
+        self.auth = auth
+        self.topology: Topology | None = None
+        self.client: Any = None
+        if self.is_memory:  # nothing to wait for: usable before open(), as tests and embedders expect
+            self._use(Topology(url, fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), "memory"))
         self._answered_at = time.monotonic()  # when a call last got its answer: the store is answering
         self._wrote_at = self._answered_at  # when a write last got its answer
         # A miss's own calls (fill lock, write) come after Redis has answered its read, and its reader
@@ -165,58 +152,122 @@ class Store:
         # taken for a stall.
         self.fill_budget_s = max(read_budget_s, FILL_BUDGET_S)
         self.clock = ServerClock()
-        self._claim_due = client.register_script(scripts.CLAIM_DUE)
-        self._claim_many = client.register_script(scripts.CLAIM_MANY)
-        self._release = client.register_script(scripts.RELEASE)
-        self._write = client.register_script(scripts.WRITE)
-        self._postpone = client.register_script(scripts.POSTPONE)
-        self._forget = client.register_script(scripts.FORGET)
-        self._repair = client.register_script(scripts.REPAIR)
-        self._prune = client.register_script(scripts.PRUNE)
-        self._recount = client.register_script(scripts.RECOUNT)
+        # Entries per fetcher per bucket as last counted here (plus this process's own changes since):
+        # what a write's max_entries check knows of the other buckets.
+        self._counts: dict[int, dict[str, int]] = defaultdict(dict)
+        self._map_is_stale = False  # a node's pipeline failed: read the cluster's slot map before the next
 
     @classmethod
     def from_url(
         cls,
         url: str,
-        keys: Keys,
+        keys: Keys | None = None,
         *,
+        buckets: int | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         read_budget_s: float = DEFAULT_READ_BUDGET_S,
         auth: Auth | None = None,
     ) -> Store:
-        if url.startswith(MEMORY_URL):
-            client: redis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        else:
-            try:
-                # Blocking: at max_connections a command waits for a free connection (up to the command
-                # timeout) instead of failing with "Too many connections" under a burst of reads.
-                pool = redis.BlockingConnectionPool.from_url(
-                    url,
-                    max_connections=max_connections,
-                    timeout=COMMAND_TIMEOUT_S,
-                    socket_connect_timeout=CONNECT_TIMEOUT_S,
-                    socket_timeout=COMMAND_TIMEOUT_S,
-                    **(auth or Auth()).connection_kwargs(url),
-                )
-            except ValueError as exc:
-                raise ConfigurationError(f"redis_url {redact(url)!r} is not a valid Redis URL: {exc}") from exc
-            client = redis.Redis.from_pool(pool)
-        return cls(client, keys, url=url, read_budget_s=read_budget_s)
+        return cls(
+            url,
+            namespace=keys.namespace if keys is not None else DEFAULT_NAMESPACE,
+            buckets=buckets,
+            max_connections=max_connections,
+            read_budget_s=read_budget_s,
+            auth=auth,
+        )
+
+    def _use(self, topology: Topology) -> None:
+        self.topology = topology
+        self.client = topology.client
+        register = (
+            (lambda source: topology.client.register_script(scripts.with_shebang(source)))
+            if topology.supports_shebang
+            else topology.client.register_script
+        )
+        self._scripts: dict[str, AsyncScript] = {source: register(source) for source in _SCRIPTS}
+        self._claim_due = self._scripts[scripts.CLAIM_DUE]
+        self._claim_many = self._scripts[scripts.CLAIM_MANY]
+        self._release = self._scripts[scripts.RELEASE]
+        self._write = self._scripts[scripts.WRITE]
+        self._postpone = self._scripts[scripts.POSTPONE]
+        self._forget = self._scripts[scripts.FORGET]
+        self._repair = self._scripts[scripts.REPAIR]
+        self._prune = self._scripts[scripts.PRUNE]
+        self._recount = self._scripts[scripts.RECOUNT]
+
+    async def open(self) -> None:
+        """Connect and learn the topology (what kind, which nodes, which server version)."""
+        if self.topology is None:
+            self._use(await connect(self.url, max_connections=self.max_connections, auth=self.auth))
+
+    async def prepare(self) -> None:
+        """Load the scripts (into every primary) and settle the bucket count (see `_settle_layout`)."""
+        await self.open()
+        with self._errors():
+            for script in self._scripts.values():
+                script.sha = await self.client.script_load(script.script)  # every primary of a cluster
+            await self._settle_layout()
+
+    async def _settle_layout(self) -> None:
+        """The bucket count is the store's: the first process writes it, every other one uses it. One
+        configured differently is refused: it would look for every entry in another bucket (a cold cache
+        by surprise, and entries no one refreshes)."""
+        assert self.topology is not None
+        layout = self.keys.layout
+        stored = await self.client.get(layout)
+        if stored is None:
+            wanted = self.requested_buckets or (CLUSTER_BUCKETS if self.topology.is_cluster else 1)
+            await self.client.set(layout, str(wanted), nx=True)
+            stored = await self.client.get(layout)
+        try:
+            buckets = int(stored)
+            Keys(self.keys.namespace, buckets)
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"{layout} holds {stored!r}, not a bucket count eagercache wrote: delete the key (the cache "
+                "under this namespace is then rebuilt) or choose another --namespace"
+            ) from None
+        if self.requested_buckets is not None and buckets != self.requested_buckets:
+            raise ConfigurationError(
+                f"this store keeps {buckets} buckets under {self.keys.namespace!r} and --buckets asks for "
+                f"{self.requested_buckets}: every entry would be looked for in the wrong bucket. Leave --buckets "
+                f"unset (or set it to {buckets}), or use a new --namespace for the new layout"
+            )
+        self.keys = Keys(self.keys.namespace, buckets)
+
+    @property
+    def kind(self) -> str:
+        return self.topology.kind if self.topology is not None else "unknown"
+
+    def topology_name(self) -> str:
+        """The topology in words: memory, standalone, sentinel, cluster with N primaries."""
+        return self.topology.describe() if self.topology is not None else "not connected"
+
+    def nodes(self) -> tuple[str, ...]:
+        """The primaries (host:port) this process writes to, as last discovered."""
+        return self.topology.primaries() if self.topology is not None else ()
 
     @property
     def db(self) -> int:
         """The database number the client uses (expiry events are published per database)."""
-        return int(self.client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        if self.topology is not None:
+            return self.topology.db
+        if self.url.startswith(SENTINEL_SCHEMES):
+            return SentinelTarget.parse(self.url).db
+        return int(parse_url(self.url).get("db", 0) or 0)  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self.topology is not None:
+            await self.topology.aclose()
 
     async def ping(self, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
         """PING, answered within `timeout_s` by the clock, however busy the store is (a probe's deadline)."""
         try:
             async with asyncio.timeout(timeout_s):
                 with self._errors():
+                    if self.client is None:
+                        raise StoreUnavailable(f"not connected to the store at {redact(self.url)} yet")
                     await self.client.ping()
         except TimeoutError:
             raise StoreTimeout(f"the store at {redact(self.url)} did not answer within {timeout_s:g} s") from None
@@ -225,12 +276,12 @@ class Store:
         """Open some connections now, so that the first burst of reads finds the store answering on them
         while more connections are opened (a cold pool answers nothing until its first connections are up,
         which a read budget cannot tell from a stall)."""
-        if self.is_memory:
-            return
+        if self.is_memory or self.topology is None or self.topology.is_cluster:
+            return  # a cluster client opens its connections per node, on demand
         pool = self.client.connection_pool
         n = min(connections, pool.max_connections - 1)
         with self._errors():
-            opened = await asyncio.gather(*(pool.get_connection() for _ in range(n)))  # type: ignore[no-untyped-call]
+            opened = await asyncio.gather(*(pool.get_connection() for _ in range(n)))
             for connection in opened:
                 await pool.release(connection)
 
@@ -238,7 +289,10 @@ class Store:
         """Read the server's clock (TIME) into `self.clock`."""
         async with self._within(COMMAND_TIMEOUT_S):
             sent = time.monotonic()
-            seconds, micros = await self.client.time()
+            reply = await self.client.time()
+            if isinstance(reply, dict):  # a cluster asks one node; redis-py may answer per node
+                reply = next(iter(reply.values()))
+            seconds, micros = reply
             self.clock.observe(seconds * 1000 + micros / 1000, sent, time.monotonic())
 
     @contextmanager
@@ -301,10 +355,83 @@ class Store:
     def _fill(self, *, write: bool = True) -> AbstractAsyncContextManager[None]:
         return self._within(self.fill_budget_s, write=write)
 
+    async def _pipelined(self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+        """Run several scripts in one round trip (per node); each result, or the exception it raised.
+
+        A script the server does not have (a promoted replica, a restarted server: NOSCRIPT) is loaded
+        and run again; on a cluster, so is one whose slot moved (MOVED, ASK, TRYAGAIN), through the
+        cluster client, which follows the redirection.
+        """
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            try:
+                return [await script(keys=keys, args=args)]
+            except CLIENT_ERRORS as exc:
+                return [exc]
+        if self.topology is not None and self.topology.is_cluster:
+            results = await self._pipelined_per_node(calls)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results = list(await pipe.execute(raise_on_error=False))
+        for i, result in enumerate(results):
+            if isinstance(result, _RUN_AGAIN):
+                script, keys, args = calls[i]
+                try:
+                    results[i] = await script(keys=keys, args=args)
+                except CLIENT_ERRORS as exc:
+                    results[i] = exc
+        return results
+
+    async def _pipelined_per_node(self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+        """One pipeline per primary, each on a connection of its own to that node (redis-py's cluster
+        pipeline refuses scripts), by the slot map the cluster client holds; all nodes at once."""
+        assert self.topology is not None
+        by_node: dict[str, list[int]] = defaultdict(list)
+        for i, (_, keys, _) in enumerate(calls):
+            by_node[self.client.get_node_from_key(keys[0]).name].append(i)
+        results: list[Any] = [None] * len(calls)
+
+        async def run(node: str, indexes: list[int]) -> None:
+            pipe = self.topology.node_client(node).pipeline(transaction=False)  # type: ignore[union-attr]
+            for i in indexes:
+                script, keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except CLIENT_ERRORS as exc:  # the node is gone or failing over: its slots are elsewhere soon
+                self._map_is_stale = True
+                replies = [exc] * len(indexes)
+            for i, reply in zip(indexes, replies, strict=True):
+                results[i] = reply
+
+        if self._map_is_stale:
+            self._map_is_stale = False
+            with contextlib.suppress(*CLIENT_ERRORS):
+                await self.topology.discover()
+        await asyncio.gather(*(run(node, indexes) for node, indexes in by_node.items()))
+        return results
+
+    @staticmethod
+    def _all(results: list[Any]) -> list[Any]:
+        """The results, or the first error among them raised (as StoreUnavailable, by `_errors`)."""
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    def _by_bucket(self, entry_ids: Iterable[str]) -> dict[Bucket, list[str]]:
+        grouped: dict[Bucket, list[str]] = defaultdict(list)
+        for entry_id in entry_ids:
+            grouped[self.keys.bucket_of(entry_id)].append(entry_id)
+        return grouped
+
     async def get(self, entry_id: str) -> tuple[bytes | None, Stale | None]:
         """The entry's body and, if its refreshes are failing, its stale marker: one round trip, within the budget."""
+        bucket = self.keys.bucket_of(entry_id)
         async with self._read():
-            body, stale = await self.client.mget(self.keys.item(entry_id), self.keys.stale(entry_id))
+            body, stale = await self.client.mget(bucket.item(entry_id), bucket.stale(entry_id))
         assert body is None or isinstance(body, bytes)  # the client is built without decode_responses
         return body, Stale.parse(stale)
 
@@ -320,13 +447,26 @@ class Store:
     ) -> int:
         """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE.
 
-        A cold write is a reader's: it is bounded like the reader's other calls on a miss.
+        A cold write is a reader's: it is bounded like the reader's other calls on a miss. max_entries
+        holds across buckets as far as this process knows the other buckets' counts (see `entry_counts`):
+        exactly on one bucket; on several, other replicas' new entries since the last count can take a
+        fetcher past it by that many, until the next count.
         """
-        keys = [*self._entry_keys(entry_id), self.keys.fill(entry_id)]
-        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, max_entries, mode]
+        bucket = self.keys.bucket_of(entry_id)
+        keys = [*self._entry_keys(bucket, entry_id), bucket.fill(entry_id)]
+        room = max_entries - self._counted_elsewhere(bucket, fetcher)
+        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode]
         async with self._within(self.fill_budget_s if mode == "cold" else COMMAND_TIMEOUT_S, write=True):
             result: int = await self._write(keys=keys, args=args)
+        if result == STORED and mode == "cold":
+            counts = self._counts[bucket.index]
+            counts[fetcher] = counts.get(fetcher, 0) + 1  # at most one too many (a refill): recounted soon
         return result
+
+    def _counted_elsewhere(self, bucket: Bucket, fetcher: str) -> int:
+        if len(self.keys.buckets) == 1:
+            return 0
+        return sum(c.get(fetcher, 0) for index, c in self._counts.items() if index != bucket.index)
 
     async def start_fill(self, entry_id: str, lock_ms: int) -> bool:
         """Take the right to fetch a missing entry across replicas; False if another replica has it."""
@@ -340,8 +480,9 @@ class Store:
 
     async def filling(self, entry_id: str) -> tuple[bytes | None, bool]:
         """The entry's body if stored by now, and whether a replica still holds its fill lock."""
+        bucket = self.keys.bucket_of(entry_id)
         async with self._fill(write=False):
-            body, lock = await self.client.mget(self.keys.item(entry_id), self.keys.fill(entry_id))
+            body, lock = await self.client.mget(bucket.item(entry_id), bucket.fill(entry_id))
         assert body is None or isinstance(body, bytes)
         return body, lock is not None
 
@@ -351,8 +492,8 @@ class Store:
 
     async def postpone(self, entry_id: str, fetcher: str, retry_in_ms: int, stale: Stale | None) -> bool:
         """Keep the body, mark the entry stale (unless `stale` is None), try again later; False if it is gone."""
-        k = self.keys
-        keys = [k.item(entry_id), k.shadow(entry_id), k.due, k.stale(entry_id), k.read, k.counts]
+        b = self.keys.bucket_of(entry_id)
+        keys = [b.item(entry_id), b.shadow(entry_id), b.due, b.stale(entry_id), b.read, b.counts]
         marker = stale.encode() if stale is not None else ""
         args: list[str | int] = [entry_id, max(1, retry_in_ms), marker, fetcher]
         with self._errors(write=True):
@@ -361,52 +502,102 @@ class Store:
 
     async def forget(self, entry_id: str, fetcher: str) -> bool:
         """Remove an entry and everything about it; False if it had no stored item."""
+        bucket = self.keys.bucket_of(entry_id)
         with self._errors(write=True):
-            existed = await self._forget(keys=self._entry_keys(entry_id), args=[entry_id, fetcher])
+            existed = await self._forget(keys=self._entry_keys(bucket, entry_id), args=[entry_id, fetcher])
+        counts = self._counts[bucket.index]
+        if existed and counts.get(fetcher, 0) > 0:
+            counts[fetcher] -= 1
         return bool(existed)
 
-    async def scan_entries(self, fetcher: str | None, cursor: int, count: int) -> tuple[int, list[str]]:
-        """One page of stored entries, of one fetcher or all (SCAN semantics: a cursor, 0 when done).
-
-        Keys under the namespace that are not eagercache's (not ASCII) are skipped, never decoded.
-        """
-        # glob-escaped: a literal '?' ends the fetcher's name, so fetcher `a` never matches entries of `ab`
-        pattern = _glob_escape(self.keys.item_prefix + ("" if fetcher is None else f"{fetcher}?")) + "*"
+    async def list_entries(self, fetcher: str, cursor: str, count: int) -> tuple[str, list[str]]:
+        """One page of a fetcher's entries, from the buckets' schedules in bucket order; the next cursor
+        ('' when done). The cursor is `<bucket>.<position>`: it stays valid across a failover or a
+        reshard, which move whole buckets (an entry may then be listed twice, as with SCAN). '' or '0'
+        starts at the beginning."""
+        bucket_index, _, position = cursor.partition(".")
+        try:
+            b, at = (int(bucket_index), int(position)) if cursor not in ("", "0") else (0, 0)
+        except ValueError:
+            raise ValueError(f"cursor {cursor!r} is not one this API returned") from None
+        if not 0 <= b < len(self.keys.buckets) or at < 0:
+            raise ValueError(f"cursor {cursor!r} is not one this API returned")
+        match = _glob_escape(f"{fetcher}?") + "*"
+        found: list[str] = []
         with self._errors():
-            cursor, keys = await self.client.scan(cursor, match=pattern, count=count)
-        start = len(self.keys.item_prefix)
-        return int(cursor), _entry_ids(key[start:] for key in keys)
+            while b < len(self.keys.buckets) and len(found) < count:
+                at, members = await self.client.zscan(self.keys.buckets[b].due, at, match=match, count=count)
+                found += _entry_ids(member for member, _ in members)
+                if at == 0:
+                    b += 1
+        return ("" if b >= len(self.keys.buckets) else f"{b}.{at}"), found
+
+    async def stored_entries(self, fetcher: str | None, count: int) -> AsyncIterator[list[str]]:
+        """Every stored item's entry id (of one fetcher, or all), in batches: a SCAN of every primary.
+
+        Keys under the namespace that are not eagercache's (not ASCII, not in the layout) are skipped,
+        never decoded. SCAN may return a key twice.
+        """
+        batch: list[str] = []
+        with self._errors():
+            async for key in self.client.scan_iter(match=self.keys.item_pattern(fetcher), count=count):
+                if (entry_id := self.keys.entry_of_item(key)) is not None:
+                    batch.append(entry_id)
+                    if len(batch) >= count:
+                        yield batch
+                        batch = []
+        if batch:
+            yield batch
 
     async def describe(self, entry_ids: list[str]) -> list[tuple[bytes | None, float | None, Stale | None]]:
         """For each entry: its stored header line (not the body), its due score, its stale marker."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for entry_id in entry_ids:
-                pipe.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES - 1)
-                pipe.zscore(self.keys.due, entry_id)
-                pipe.get(self.keys.stale(entry_id))
-            with self._errors():
-                flat = await pipe.execute()
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            bucket = self.keys.bucket_of(entry_id)
+            pipe.getrange(bucket.item(entry_id), 0, HEADER_MAX_BYTES - 1)
+            pipe.zscore(bucket.due, entry_id)
+            pipe.get(bucket.stale(entry_id))
+        with self._errors():
+            flat = await pipe.execute() if entry_ids else []
         return [(flat[i] or None, flat[i + 1], Stale.parse(flat[i + 2])) for i in range(0, len(flat), 3)]
 
-    def _entry_keys(self, entry_id: str) -> list[str]:
-        k = self.keys
-        return [k.item(entry_id), k.shadow(entry_id), k.due, k.read, k.stale(entry_id), k.counts]
+    @staticmethod
+    def _entry_keys(bucket: Bucket, entry_id: str) -> list[str]:
+        b = bucket
+        return [b.item(entry_id), b.shadow(entry_id), b.due, b.read, b.stale(entry_id), b.counts]
 
-    async def claim_due(self, lease_ms: int, limit: int) -> list[Claim]:
-        """Claim up to `limit` entries whose refresh is due now, each for `lease_ms`."""
-        args: list[str | int] = [lease_ms, limit, self.keys.item_prefix, HEADER_MAX_BYTES - 1]
+    async def claim_due(self, buckets: Sequence[int], lease_ms: int, limit: int) -> ClaimRound:
+        """Claim up to `limit` entries due now in each of these buckets, each for `lease_ms`; with each
+        bucket's next due time. A bucket whose claim failed is named in the round, with the error."""
+        calls = []
+        for index in buckets:
+            b = self.keys.buckets[index]
+            calls.append((self._claim_due, [b.due, b.read], [lease_ms, limit, b.item_prefix, HEADER_MAX_BYTES - 1]))
         with self._errors(write=True):
             sent = time.monotonic()
-            flat: list[bytes] = await self._claim_due(keys=[self.keys.due, self.keys.read], args=args)
-        return self._claims(flat, sent)
+            results = await self._pipelined(calls)
+        round_ = ClaimRound()
+        for index, result in zip(buckets, results, strict=True):
+            if isinstance(result, BaseException):
+                round_.failed[index] = f"{type(result).__name__}: {result}"
+                continue
+            round_.claims += self._claims(result, sent)
+            round_.next_due[index] = _ms(result[2])
+            round_.full[index] = (len(result) - 3) // 4 >= limit
+        if round_.failed and len(round_.failed) == len(buckets):
+            with store_errors(self.url):
+                raise next(r for r in results if isinstance(r, BaseException))
+        return round_
 
     async def claim(self, entry_ids: list[str], lease_ms: int) -> list[Claim]:
         """Claim those of these entries that are due (refreshed already, or claimed elsewhere: not)."""
-        args: list[str | int] = [lease_ms, self.keys.item_prefix, HEADER_MAX_BYTES - 1, *entry_ids]
+        calls = []
+        for b, ids in self._by_bucket(entry_ids).items():
+            calls.append((self._claim_many, [b.due, b.read], [lease_ms, b.item_prefix, HEADER_MAX_BYTES - 1, *ids]))
         with self._errors(write=True):
             sent = time.monotonic()
-            flat: list[bytes] = await self._claim_many(keys=[self.keys.due, self.keys.read], args=args)
-        return self._claims(flat, sent)
+            results = self._all(await self._pipelined(calls))
+        return [claim for result in results for claim in self._claims(result, sent)]
 
     def _claims(self, flat: list[bytes], sent: float) -> list[Claim]:
         # Every claim reply starts with the server's time: a free reading for the clock.
@@ -414,46 +605,53 @@ class Store:
         lease_end_ms = int(flat[1])
         return [
             Claim(flat[i].decode(), lease_end_ms, _ms(flat[i + 1]), _ms(flat[i + 2]), flat[i + 3] or None)
-            for i in range(2, len(flat), 4)
+            for i in range(3, len(flat), 4)
         ]
 
     async def release(self, claims: dict[str, int]) -> int:
         """Give back claims still held (shutdown): those entries are due again at once, for any replica."""
-        args = [value for pair in claims.items() for value in pair]
+        calls = []
+        for b, ids in self._by_bucket(claims).items():
+            calls.append((self._release, [b.due], [value for i in ids for value in (i, claims[i])]))
         with self._errors(write=True):
-            released: int = await self._release(keys=[self.keys.due], args=args)
-        return released
+            return sum(self._all(await self._pipelined(calls)))
 
     async def touch(self, entry_ids: list[str]) -> None:
-        """Record reads, in one command: only for entries that exist, and never moving a time back."""
-        if entry_ids:
-            now = self.clock.now_ms()
-            with self._errors(write=True):
-                await self.client.zadd(self.keys.read, dict.fromkeys(entry_ids, now), xx=True, gt=True)
+        """Record reads, in one command per bucket: only for entries that exist, never moving a time back."""
+        if not entry_ids:
+            return
+        now = self.clock.now_ms()
+        pipe = self.client.pipeline(transaction=False)
+        for b, ids in self._by_bucket(entry_ids).items():
+            pipe.zadd(b.read, dict.fromkeys(ids, now), xx=True, gt=True)
+        with self._errors(write=True):
+            await pipe.execute()
 
     async def repair(self, entry_ids: list[str]) -> list[str]:
         """Put stored entries that are missing from the schedule back on it (due now); returns those."""
-        if not entry_ids:
+        calls = [
+            (self._repair, [b.due, b.read], [b.item_prefix, *ids]) for b, ids in self._by_bucket(entry_ids).items()
+        ]
+        if not calls:
             return []
-        keys = [self.keys.due, self.keys.read]
         with self._errors(write=True):
-            repaired: list[bytes] = await self._repair(keys=keys, args=[self.keys.item_prefix, *entry_ids])
-        return [entry_id.decode() for entry_id in repaired]
+            results = self._all(await self._pipelined(calls))
+        return [entry_id.decode() for repaired in results for entry_id in repaired]
 
-    async def scan_schedule(self, cursor: int, count: int) -> tuple[int, list[str]]:
-        """One page of the schedule's entry ids (ZSCAN semantics: a cursor, 0 when done)."""
+    async def scan_schedule(self, bucket: int, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One page of a bucket's schedule (ZSCAN semantics: a cursor, 0 when done)."""
         with self._errors():
-            cursor, pairs = await self.client.zscan(self.keys.due, cursor, count=count)
+            cursor, pairs = await self.client.zscan(self.keys.buckets[bucket].due, cursor, count=count)
         return int(cursor), _entry_ids(member for member, _ in pairs)
 
-    async def prune(self, entry_ids: list[str]) -> int:
-        """Drop schedule members whose item is gone; how many were dropped (the counts are not touched)."""
+    async def prune(self, bucket: int, entry_ids: list[str]) -> int:
+        """Drop schedule members whose item is gone; how many were dropped (counted out of the bucket)."""
         if not entry_ids:
             return 0
-        k = self.keys
-        args = [k.item_prefix, k.shadow_prefix, k.stale_prefix, *entry_ids]
+        b = self.keys.buckets[bucket]
+        args = [b.item_prefix, b.shadow_prefix, b.stale_prefix, *entry_ids]
         with self._errors(write=True):
-            dropped: int = await self._prune(keys=[k.due, k.read, k.counts], args=args)
+            dropped: int = await self._prune(keys=[b.due, b.read, b.counts], args=args)
         return dropped
 
     async def take_sweep(self, interval_ms: int, owner: str) -> bool:
@@ -461,32 +659,46 @@ class Store:
         with self._errors(write=True):
             return bool(await self.client.set(self.keys.sweep, owner, nx=True, px=interval_ms))
 
-    async def recount(self, before: dict[str, int], found: dict[str, int]) -> int:
-        """Set each fetcher's count to what a sweep `found`, where it is still what it was `before` the
-        sweep (a write or removal meanwhile: left for the next sweep); how many were set."""
-        args: list[str | int] = []
-        for fetcher in sorted(set(before) | set(found)):
-            args += [fetcher, before.get(fetcher, 0), found.get(fetcher, 0)]
-        if not args:
+    async def recount(self, before: dict[int, dict[str, int]], found: dict[int, dict[str, int]]) -> int:
+        """Set each bucket's count of each fetcher to what a sweep `found`, where it is still what it was
+        `before` the sweep (a write or removal meanwhile: left for the next sweep); how many were set."""
+        calls = []
+        for index in sorted(set(before) | set(found)):
+            was, now = before.get(index, {}), found.get(index, {})
+            args: list[Any] = []
+            for fetcher in sorted(set(was) | set(now)):
+                args += [fetcher, was.get(fetcher, 0), now.get(fetcher, 0)]
+            if args:
+                calls.append((self._recount, [self.keys.buckets[index].counts], args))
+        if not calls:
             return 0
         with self._errors(write=True):
-            recounted: int = await self._recount(keys=[self.keys.counts], args=args)
-        return recounted
+            return sum(self._all(await self._pipelined(calls)))
 
-    async def next_due_ms(self) -> int | None:
-        """When the earliest scheduled refresh falls due (ms since the epoch), None if nothing is scheduled."""
+    async def bucket_counts(self) -> dict[int, dict[str, int]]:
+        """Entries per fetcher in each bucket (one round trip per node); remembered for max_entries."""
+        pipe = self.client.pipeline(transaction=False)
+        for b in self.keys.buckets:
+            pipe.hgetall(b.counts)
         with self._errors():
-            first = await self.client.zrange(self.keys.due, 0, 0, withscores=True)
-        return int(first[0][1]) if first else None
+            replies = await pipe.execute()
+        counts = {
+            b.index: {_text(name): int(n) for name, n in reply.items()}
+            for b, reply in zip(self.keys.buckets, replies, strict=True)
+        }
+        self._counts = defaultdict(dict, counts)
+        return counts
 
     async def entry_counts(self) -> dict[str, int]:
-        with self._errors():
-            counts = await self.client.hgetall(self.keys.counts)
-        return {_text(name): int(n) for name, n in counts.items()}
+        """Entries per fetcher, summed over the buckets."""
+        totals: dict[str, int] = defaultdict(int)
+        for counts in (await self.bucket_counts()).values():
+            for name, n in counts.items():
+                totals[name] += n
+        return dict(totals)
 
     async def entry_count(self, fetcher: str) -> int:
-        with self._errors():
-            return int(await self.client.hget(self.keys.counts, fetcher) or 0)
+        return (await self.entry_counts()).get(fetcher, 0)
 
     async def eviction_policy(self) -> str | None:
         """The server's maxmemory-policy, or None where CONFIG is not allowed (or on memory://)."""
@@ -497,7 +709,33 @@ class Store:
                 found = await self.client.config_get("maxmemory-policy")
         except StoreUnavailable:
             return None
+        if found and isinstance(next(iter(found.values())), dict):
+            found = next(iter(found.values()))  # a cluster answers per node
         return _text(found.get("maxmemory-policy")) or None
+
+
+@dataclass
+class ClaimRound:
+    """What one claim over several buckets brought: the claims, each bucket's next due time (None: its
+    schedule is empty), the buckets that may have more due now, and the buckets whose claim failed."""
+
+    claims: list[Claim] = field(default_factory=list)
+    next_due: dict[int, int | None] = field(default_factory=dict)
+    full: dict[int, bool] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+def _check_url(url: str) -> None:
+    """A URL the store cannot use is a ConfigurationError now, not a connection error later."""
+    if url.startswith(MEMORY_URL):
+        return
+    if url.startswith(SENTINEL_SCHEMES):
+        SentinelTarget.parse(url)
+        return
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigurationError(f"redis_url {redact(url)!r} is not a valid Redis URL: {exc}") from exc
 
 
 def _entry_ids(raw: Iterable[object]) -> list[str]:
