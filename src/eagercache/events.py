@@ -64,7 +64,7 @@ class ExpiryEvents:
         assert topology is not None
         if topology.is_cluster:
             return {node: topology.node_client(node) for node in topology.primaries()}
-        return {(topology.primaries() or ("store",))[0]: self.store.client}
+        return {(topology.primaries() or ("store",))[0]: topology.events_client or self.store.client}
 
     async def enable(self) -> None:
         """Make Redis publish `expired` keyevents (notify-keyspace-events must include E and x), on every
@@ -81,7 +81,7 @@ class ExpiryEvents:
                 for node in topology.all_nodes():
                     await self._enable_on(topology.node_client(node))
             else:
-                await self._enable_on(self.store.client)
+                await self._enable_on(topology.events_client or self.store.client)
         except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(f"cannot set up expiry events at {redact(self.store.url)}: {exc}") from exc
 
@@ -119,6 +119,7 @@ class ExpiryEvents:
                 if rediscover.is_set() or topology.discovery_due():
                     rediscover.clear()
                     await self._discover()
+                self._follow_primaries()
                 clients = self._clients()
                 self._nodes = tuple(clients)
                 for node in set(listeners) - set(clients):  # no longer a primary
@@ -152,12 +153,17 @@ class ExpiryEvents:
         topology = self.store.topology
         assert topology is not None
         try:
-            if await topology.discover():
-                self.metrics.failovers.inc()
-                log.warning("the store's primaries changed", extra={"primaries": ",".join(topology.primaries())})
-            self.metrics.primaries.set(len(topology.primaries()))
+            await topology.discover()
         except (RedisError, RedisClusterException, OSError) as exc:
             log.debug("could not read the store's nodes", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    def _follow_primaries(self) -> None:
+        topology = self.store.topology
+        assert topology is not None
+        if topology.primaries_changed():
+            self.metrics.failovers.inc()
+            log.warning("the store's primaries changed", extra={"primaries": ",".join(topology.primaries())})
+        self.metrics.primaries.set(len(topology.primaries()))
 
     async def _listen(self, node: str, client: Any, queue: asyncio.Queue[bytes], rediscover: asyncio.Event) -> None:
         """One node's subscription: expired key names into `queue`, until cancelled; reconnects."""

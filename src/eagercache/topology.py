@@ -164,9 +164,21 @@ class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool)
 class Topology:
     """The connected client and what is known about the servers behind it."""
 
-    def __init__(self, url: str, client: Any, kind: Kind, *, node_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        client: Any,
+        kind: Kind,
+        *,
+        node_kwargs: dict[str, Any] | None = None,
+        events_client: Any = None,
+    ) -> None:
         self.url = url
         self.client = client
+        # Subscriptions get a client of their own without the command retry: redis-py would otherwise
+        # reconnect a broken subscription silently, and eagercache must know (a restarted server may
+        # have lost its expiry-event setting). None on a cluster: each primary gets a node client.
+        self.events_client = events_client
         self.kind: Kind = kind
         self.version: tuple[int, ...] = (7, 0, 0) if kind == "memory" else (0,)
         self.failovers = 0
@@ -174,6 +186,7 @@ class Topology:
         self._primaries: tuple[str, ...] = ()
         self._node_clients: dict[str, redis.Redis] = {}
         self._discovered_at = 0.0
+        self._seen_primaries: tuple[str, ...] = ()
 
     @property
     def is_cluster(self) -> bool:
@@ -201,10 +214,8 @@ class Topology:
             return f"cluster with {len(self.primaries())} primaries"
         return self.kind
 
-    async def discover(self) -> bool:
-        """Read the server's version and, on a cluster, its nodes again; True if the primaries changed
-        since last time (a failover, a primary added or removed)."""
-        before = self.primaries()
+    async def discover(self) -> None:
+        """Read the server's version and, on a cluster, its nodes again (see `primaries_changed`)."""
         if self.kind == "cluster":
             await self.client.nodes_manager.initialize()
         elif self.kind == "sentinel":
@@ -216,7 +227,13 @@ class Topology:
         if self.kind != "memory" and self.version == (0,):
             self.version = await _server_version(self.client)
         self._discovered_at = time.monotonic()
-        changed = bool(before) and before != self.primaries()
+
+    def primaries_changed(self) -> bool:
+        """True once for each change of the primaries since the last call (a failover, a primary added
+        or removed), as the client last learnt them (a discovery, or a cluster client's MOVED)."""
+        now = self.primaries()
+        changed = bool(self._seen_primaries) and now != self._seen_primaries
+        self._seen_primaries = now
         if changed:
             self.failovers += 1
         return changed
@@ -242,6 +259,8 @@ class Topology:
         for client in self._node_clients.values():
             await client.aclose()
         self._node_clients.clear()
+        if self.events_client is not None and self.events_client is not self.client:
+            await self.events_client.aclose()
         await self.client.aclose()
 
 
@@ -257,7 +276,7 @@ async def connect(url: str, *, max_connections: int, auth: Auth | None = None) -
         **auth.connection_kwargs(url),
     }
     if url.startswith(SENTINEL_SCHEMES):
-        topology = _sentinel(url, {**common, "retry": _once()}, max_connections)
+        topology = _sentinel(url, common, max_connections)
     else:
         client = build_standalone(url, {**common, "retry": _once()}, max_connections)
         try:
@@ -270,10 +289,11 @@ async def connect(url: str, *, max_connections: int, auth: Auth | None = None) -
             await client.aclose()
             topology = _cluster(url, common, max_connections)
         else:
-            topology = Topology(url, client, "standalone")
+            topology = Topology(url, client, "standalone", events_client=build_standalone(url, common, 2))
     try:
         with store_errors(url):
             await topology.discover()
+        topology.primaries_changed()
     except BaseException:
         await topology.aclose()
         raise
@@ -330,15 +350,19 @@ def _sentinel(url: str, common: dict[str, Any], max_connections: int) -> Topolog
         sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": COMMAND_TIMEOUT_S},
         **kwargs,
     )
-    client = sentinel.master_for(
-        target.service,
-        connection_pool_class=BlockingSentinelPool,
-        db=target.db,
-        ssl=target.tls,
-        max_connections=max_connections,
-        timeout=COMMAND_TIMEOUT_S,
+    client, events_client = (
+        sentinel.master_for(
+            target.service,
+            connection_pool_class=BlockingSentinelPool,
+            db=target.db,
+            ssl=target.tls,
+            max_connections=connections,
+            timeout=COMMAND_TIMEOUT_S,
+            **extra,
+        )
+        for connections, extra in ((max_connections, {"retry": _once()}), (2, dict[str, Any]()))
     )
-    return Topology(url, client, "sentinel")
+    return Topology(url, client, "sentinel", events_client=events_client)
 
 
 async def _server_version(client: Any) -> tuple[int, ...]:
