@@ -34,7 +34,7 @@ from .logs import Throttle
 from .metrics import Metrics
 from .params import Call
 from .settings import Settings
-from .store import GONE, OVER_LIMIT, STORED, Claim, Stale, Store
+from .store import GONE, OVER_LIMIT, STORED, Claim, Stale, Store, WriteMode
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ SHUTDOWN_RETRY_AFTER_S = 1
 CANCEL_GRACE_S = 1.0
 # A fetcher whose runs ignore cancellation gets no new run while this many of its old ones still go on.
 MAX_ABANDONED_PER_FETCHER = 16
+# A refresh whose write fails tries again, these far apart, until this long before its lease ends.
+WRITE_RETRY_FIRST_S = 0.1
+WRITE_RETRY_MAX_S = 1.0
+WRITE_RETRY_MARGIN_MS = 1_000
 
 # The near cache: an entry read from Redis is served from this process's memory for near_cache_ttl.
 # A write by this process replaces it at once; one by another replica is seen at most that late. The
@@ -414,9 +418,7 @@ class Engine:
         value, changed = build_entry(data_json, now, due_at, previous_header=previous)
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
         try:
-            outcome = await self.store.write(
-                call.entry_id, fetcher.name, value, due_at, mode=mode, max_entries=fetcher.max_entries
-            )
+            outcome = await self._write(call.entry_id, fetcher, value, due_at, mode, claim)
         except StoreUnavailable as exc:
             if cause != "cold":
                 raise
@@ -442,6 +444,26 @@ class Engine:
         for callback in self._on_write:
             callback(call.entry_id, due_at)
         return value
+
+    async def _write(
+        self, entry_id: str, fetcher: Fetcher, value: bytes, due_at: int, mode: WriteMode, claim: Claim | None
+    ) -> int:
+        """Store a fetched value. A refresh's write that fails (its primary failing over, a slot moving)
+        is tried again while its claim lasts: the fetch is paid for, and the entry is otherwise left
+        for the lease to run out, long after a failover is over."""
+        deadline_ms = claim.lease_end_ms - WRITE_RETRY_MARGIN_MS if claim is not None else 0
+        pause_s = WRITE_RETRY_FIRST_S
+        while True:
+            try:
+                return await self.store.write(
+                    entry_id, fetcher.name, value, due_at, mode=mode, max_entries=fetcher.max_entries
+                )
+            except StoreUnavailable:
+                if self.clock.now_ms() + pause_s * 1000 >= deadline_ms or self.shutting_down:
+                    raise
+                self.metrics.background_errors.labels("refresh-write-retry").inc()
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, WRITE_RETRY_MAX_S)
 
     async def _run_fetcher(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:
         """The fetcher's result as JSON, or FetchFailed / FetchTimeout (only eagercache's own deadline)."""

@@ -16,6 +16,7 @@ published per node), and how to say which topology this is.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ COMMAND_TIMEOUT_S = 5.0
 # How often the cluster's node list is read again even when nothing failed (a primary added by a
 # reshard publishes events we would not hear otherwise).
 REDISCOVER_INTERVAL_S = 10.0
+DISCOVER_MIN_INTERVAL_S = 0.5
 
 Kind = Literal["memory", "standalone", "cluster", "sentinel"]
 
@@ -185,7 +187,8 @@ class Topology:
         self._node_kwargs = node_kwargs or {}
         self._primaries: tuple[str, ...] = ()
         self._node_clients: dict[str, redis.Redis] = {}
-        self._discovered_at = 0.0
+        self._discovered_at = -DISCOVER_MIN_INTERVAL_S
+        self._discovering = asyncio.Lock()
         self._seen_primaries: tuple[str, ...] = ()
 
     @property
@@ -215,7 +218,14 @@ class Topology:
         return self.kind
 
     async def discover(self) -> None:
-        """Read the server's version and, on a cluster, its nodes again (see `primaries_changed`)."""
+        """Read the server's version and, on a cluster, its nodes again (see `primaries_changed`); at
+        most once per DISCOVER_MIN_INTERVAL_S however many callers find a node failing."""
+        async with self._discovering:
+            if time.monotonic() - self._discovered_at < DISCOVER_MIN_INTERVAL_S:
+                return
+            await self._discover()
+
+    async def _discover(self) -> None:
         if self.kind == "cluster":
             await self.client.nodes_manager.initialize()
         elif self.kind == "sentinel":
