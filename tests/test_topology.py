@@ -46,13 +46,15 @@ def test_buckets_spread_over_slots_and_entries_over_buckets() -> None:
 
 def test_shadow_keys_are_read_back_only_when_they_are_ours() -> None:
     keys = Keys("eagercache:", 16)
-    assert keys.entry_of_shadow(b"eagercache:{b3}:shadow:item?k=1") == "item?k=1"
-    assert keys.entry_of_item(b"eagercache:{b3}:item:item?k=1") == "item?k=1"
-    assert keys.entry_of_shadow(b"eagercache:{b3}:item:item?k=1") is None  # an item is not a shadow
+    b = keys.bucket_of("item?k=1").index
+    assert keys.entry_of_shadow(f"eagercache:{{b{b}}}:shadow:item?k=1".encode()) == "item?k=1"
+    assert keys.entry_of_item(f"eagercache:{{b{b}}}:item:item?k=1".encode()) == "item?k=1"
+    assert keys.entry_of_shadow(f"eagercache:{{b{b}}}:item:item?k=1".encode()) is None  # an item is not a shadow
+    assert keys.entry_of_shadow(f"eagercache:{{b{(b + 1) % 16}}}:shadow:item?k=1".encode()) is None  # not its bucket
     assert keys.entry_of_shadow(b"eagercache:{b16}:shadow:item?k=1") is None  # no such bucket here
     assert keys.entry_of_shadow(b"eagercache:shadow:item?k=1") is None  # the layout before buckets
-    assert keys.entry_of_shadow(b"other:{b3}:shadow:item?k=1") is None
-    assert keys.entry_of_shadow(b"eagercache:{b3}:shadow:\xff") is None  # not ASCII: never written by us
+    assert keys.entry_of_shadow(f"other:{{b{b}}}:shadow:item?k=1".encode()) is None
+    assert keys.entry_of_shadow(f"eagercache:{{b{b}}}:shadow:\xff".encode("latin-1")) is None  # not ASCII
 
 
 def test_the_item_pattern_matches_one_fetcher_in_every_bucket() -> None:

@@ -90,9 +90,8 @@ async def check_access(store: Store) -> None:
     try:
         await store.open()
     except StoreUnavailable as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ResponseError) and ("NOPERM" in str(cause) or isinstance(cause, NoPermissionError)):
-            raise _denied(store, "info", cause) from exc
+        if (refused := _refusal(exc)) is not None:
+            raise _denied(store, "info", refused) from exc
         raise
     client = store.client
     # One hash tag: on a cluster the probe keys share a slot, as the multi-key commands need.
@@ -141,7 +140,17 @@ async def check_access(store: Store) -> None:
                 await client.delete(probe, zset, table)
 
 
-def _denied(store: Store, command: str, exc: Exception) -> ConfigurationError:
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The NOPERM behind an error, however deep the client wrapped it (the cluster client does)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, NoPermissionError) or (isinstance(seen, ResponseError) and "NOPERM" in str(seen)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _denied(store: Store, command: str, exc: BaseException) -> ConfigurationError:
     user = (store.auth.username if store.auth else None) or parse_url_username(store.url) or "default"
     if named := re.search(r"run the '([^']+)' command", str(exc)):
         command = named.group(1)  # the server names the command it refused (SELECT on connect, say)

@@ -27,6 +27,9 @@ from .supervise import Outage
 log = logging.getLogger(__name__)
 
 EVENT_PROBE_TIMEOUT_S = 2.0
+# Entry ids waiting to be claimed; past this many (the claims are stalled) events are dropped: they are
+# only a hint, and the schedule has every one of those entries.
+QUEUE_MAX = 100_000
 # Keyspace notification flags: E = keyevent channel, x = expired events; A is an alias that includes x.
 _NEEDED_EVENT_FLAGS = "Ex"
 
@@ -47,6 +50,7 @@ class ExpiryEvents:
         self.idle_s = idle_s  # the longest a batch waits, so a consumer looks at its stop flag this often
         self.subscribed_nodes: set[str] = set()
         self._nodes: tuple[str, ...] = ()
+        self._enabled: set[str] = set()  # cluster nodes whose expiry-event setting was checked
         self._said_off = False
 
     @property
@@ -77,11 +81,19 @@ class ExpiryEvents:
         assert topology is not None
         try:
             await self._may_subscribe()
-            if topology.is_cluster:
-                for node in topology.all_nodes():
-                    await self._enable_on(topology.node_client(node))
-            else:
+            if not topology.is_cluster:
                 await self._enable_on(topology.events_client or self.store.client)
+                return
+            primaries = set(topology.primaries())
+            for node in topology.all_nodes():
+                try:
+                    await self._enable_on(topology.node_client(node))
+                    self._enabled.add(node)
+                except (RedisError, OSError) as exc:
+                    if node in primaries:
+                        raise
+                    # A replica that cannot be reached now is set when it is first subscribed as a primary.
+                    log.warning("could not set expiry events on a replica", extra={"node": node, "error": str(exc)})
         except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(f"cannot set up expiry events at {redact(self.store.url)}: {exc}") from exc
 
@@ -108,8 +120,7 @@ class ExpiryEvents:
         Each node's subscription reconnects by itself, with backoff, logging once per outage;
         `subscribed` says whether every primary is subscribed.
         """
-        keys = self.store.keys
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        queue: asyncio.Queue[str] = asyncio.Queue(QUEUE_MAX)
         listeners: dict[str, asyncio.Task[None]] = {}
         rediscover = asyncio.Event()
         topology = self.store.topology
@@ -133,14 +144,10 @@ class ExpiryEvents:
                 due: list[str] = []
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.idle_s):
-                        raw = await queue.get()
-                        while True:
-                            # Everything already received goes into one batch: a burst costs one claim.
-                            if (entry_id := keys.entry_of_shadow(raw)) is not None:
-                                due.append(entry_id)
-                            if len(due) >= self.batch or queue.empty():
-                                break  # the rest waits in the queue for the next batch
-                            raw = queue.get_nowait()
+                        due.append(await queue.get())
+                        # Everything already received goes into one batch: a burst costs one claim.
+                        while len(due) < self.batch and not queue.empty():
+                            due.append(queue.get_nowait())
                 yield due
         finally:
             for task in listeners.values():
@@ -165,28 +172,42 @@ class ExpiryEvents:
             log.warning("the store's primaries changed", extra={"primaries": ",".join(topology.primaries())})
         self.metrics.primaries.set(len(topology.primaries()))
 
-    async def _listen(self, node: str, client: Any, queue: asyncio.Queue[bytes], rediscover: asyncio.Event) -> None:
-        """One node's subscription: expired key names into `queue`, until cancelled; reconnects."""
+    async def _listen(self, node: str, client: Any, queue: asyncio.Queue[str], rediscover: asyncio.Event) -> None:
+        """One node's subscription: our entry ids into `queue`, until cancelled; reconnects. A primary
+        seen for the first time (promoted, added by a reshard) gets its expiry events turned on first."""
+        keys = self.store.keys
         outage = Outage(f"expiry events {node}")
         first = True
         while True:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
+                if not first or (
+                    self.store.topology is not None and self.store.topology.is_cluster and node not in self._enabled
+                ):
+                    await self._enable_again(client)  # a restarted or promoted server may not publish them
+                    self._enabled.add(node)
                 await pubsub.subscribe(self.channel)
                 if not first:
                     self.metrics.reconnects.inc()
-                    await self._enable_again(client)  # a restarted or promoted server may not publish them
                 first = False
                 self._set_subscribed(node, True)
                 outage.over()
                 while True:
                     message = await pubsub.get_message(timeout=self.idle_s)
-                    if message is not None and isinstance(data := message.get("data"), bytes):
-                        queue.put_nowait(data)
+                    if message is None or not isinstance(data := message.get("data"), bytes):
+                        continue
+                    # Only our shadow keys are queued: the channel carries every key of the database.
+                    if (entry_id := keys.entry_of_shadow(data)) is None:
+                        continue
+                    try:
+                        queue.put_nowait(entry_id)
+                    except asyncio.QueueFull:  # the claims are behind: the schedule has these entries anyway
+                        self.metrics.background_errors.labels("events-dropped").inc()
             except (RedisError, OSError) as exc:
                 self._set_subscribed(node, False)
                 self.metrics.background_errors.labels("subscription").inc()
                 rediscover.set()  # a node that fails may have failed over: read the primaries again
+                first = False
                 await asyncio.sleep(outage.failed(f"{type(exc).__name__}: {exc}"))
             finally:
                 self._set_subscribed(node, False)

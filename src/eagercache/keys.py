@@ -96,8 +96,8 @@ class Keys:
     def item_pattern(self, fetcher: str | None) -> str:
         """A SCAN MATCH pattern for the stored items of one fetcher, or of all, in every bucket."""
         # glob-escaped: a literal '?' ends the fetcher's name, so fetcher `a` never matches entries of `ab`
-        tail = "" if fetcher is None else _glob_escape(f"{fetcher}?")
-        return f"{_glob_escape(self.namespace)}{{b*}}:item:{tail}*"
+        tail = "" if fetcher is None else glob_escape(f"{fetcher}?")
+        return f"{glob_escape(self.namespace)}{{b*}}:item:{tail}*"
 
     def entry_of_item(self, key: bytes) -> str | None:
         return self._entry_of(key, b"item")
@@ -115,9 +115,13 @@ class Keys:
         if not key.startswith(self.namespace_bytes):
             return None
         found = _BUCKET_KEY.match(key, len(self.namespace_bytes))
-        if found is None or found.group(2) != kind or int(found.group(1)) >= len(self.buckets):
+        if found is None or found.group(2) != kind:
             return None
-        return entry_id_of(key[found.end() :])
+        entry_id = entry_id_of(key[found.end() :])
+        # Only in the bucket this layout puts it in: a key left by another bucket count is not an entry here.
+        if entry_id is None or self.bucket_of(entry_id).index != int(found.group(1)):
+            return None
+        return entry_id
 
 
 def check_namespace(namespace: str) -> None:
@@ -144,6 +148,6 @@ def split_entry_id(entry_id: str) -> tuple[str, str]:
     return name, query
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
     """Escape Redis glob characters (KEYS/SCAN MATCH)."""
     return "".join("\\" + c if c in "\\*?[]^" else c for c in text)

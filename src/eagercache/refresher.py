@@ -46,6 +46,8 @@ SCHEDULE_COALESCE_MS = 10
 # A bucket whose claim failed (its node failing over, its slot moving) is tried again this much later.
 BUCKET_RETRY_MS = 250
 NOTHING_SCHEDULED = 2**62
+# Entries a claim round asks of each bucket when slots are short of ready buckets.
+CLAIMS_PER_BUCKET = 8
 ENTRY_COUNT_INTERVAL_S = 10.0
 CLOCK_SYNC_INTERVAL_S = 10.0
 CLOCK_SKEW_WARNING_MS = 1_000
@@ -87,6 +89,9 @@ class Refresher:
         self._claims: dict[str, int] = {}  # entry id -> lease end (ms), while this process holds the claim
         self._sleep_until_ms = 0  # when the schedule loop looks next; a write due sooner wakes it
         self._due_at: list[int] = []  # per bucket: when to claim there next (store clock, ms); 0 = now
+        # Per bucket being claimed: the earliest due time written there since its claim was sent, which
+        # the claim's reply may not include (NOTHING_SCHEDULED: none).
+        self._written_during_claim: dict[int, int] = {}
         self._claim_errors = Throttle(log, 60.0)
         self._waiting_for_slots = False
         self._owner = uuid.uuid4().hex
@@ -117,10 +122,10 @@ class Refresher:
     def problems(self) -> list[str]:
         """What keeps this process from refreshing as it should, for /readyz; empty when all is well."""
         found = [f"background loop {reason}" for reason in self.supervisor.down()]
-        if self.uses_events and not self.subscribed:
-            assert self.events is not None
-            missing = sorted(set(self.store.nodes()) - self.events.subscribed_nodes)
-            found.append(f"not subscribed to Redis expiry events on {', '.join(missing) or 'the store'}")
+        # Ready while at least one primary's events arrive: one primary down (a failover under way) must
+        # not take every replica out of its load balancer. /readyz names the nodes subscribed.
+        if self.uses_events and self.events is not None and not self.events.subscribed_nodes:
+            found.append("not subscribed to Redis expiry events")
         return found
 
     async def start(self) -> None:
@@ -184,6 +189,8 @@ class Refresher:
             return  # not started
         bucket = self.store.keys.bucket_of(entry_id).index
         self._due_at[bucket] = min(self._due_at[bucket], next_due_ms)
+        if bucket in self._written_during_claim:
+            self._written_during_claim[bucket] = min(self._written_during_claim[bucket], next_due_ms)
         if next_due_ms < self._sleep_until_ms:
             self._wake.set()  # the schedule loop sleeps past this entry's next refresh
 
@@ -221,28 +228,33 @@ class Refresher:
             ready = [b for b in range(len(due_at)) if due_at[b] <= now]
             if ready:
                 turn %= len(ready)
-                take = (ready[turn:] + ready[:turn])[:limit]
+                # Few free slots and many ready buckets (a backlog): claim several entries in each of a
+                # few buckets, not one in each of many (a script per refresh); every bucket gets its turn.
+                take = (ready[turn:] + ready[:turn])[: max(1, -(-limit // CLAIMS_PER_BUCKET))]
                 turn += len(take)
+                self._written_during_claim = dict.fromkeys(take, NOTHING_SCHEDULED)
                 try:
                     claimed = await self.store.claim_due(take, self.lease_ms, max(1, limit // len(take)))
                 except StoreUnavailable as exc:
+                    self._written_during_claim = {}
                     self.metrics.background_errors.labels("schedule-store").inc()
                     await asyncio.sleep(outage.failed(exc.detail))
                     continue
+                written, self._written_during_claim = self._written_during_claim, {}
                 outage.over()
                 self._refresh(claimed.claims, "schedule")
+                now = self.store.clock.now_ms()
                 for b in take:
                     if b in claimed.failed:
                         planned = now + BUCKET_RETRY_MS
                     elif claimed.full.get(b):
                         planned = 0  # more may be due
-                    elif (next_due := claimed.next_due.get(b)) is not None:
+                    elif (next_due_in := claimed.next_due_in.get(b)) is not None:
                         # A little past the next due time, so that entries falling due together share one claim.
-                        planned = next_due + SCHEDULE_COALESCE_MS
+                        planned = now + next_due_in + SCHEDULE_COALESCE_MS
                     else:
                         planned = NOTHING_SCHEDULED  # until a write here, or the backstop, says otherwise
-                    # A write during the claim may have asked for this bucket sooner (see _written).
-                    due_at[b] = planned if due_at[b] <= now else min(due_at[b], planned)
+                    due_at[b] = min(planned, written[b])
                 if claimed.failed:
                     self.metrics.background_errors.labels("schedule-store").inc(len(claimed.failed))
                     self._claim_errors.warning(
@@ -328,17 +340,23 @@ class Refresher:
                         if cursor == 0:
                             break
                 before = await self.store.bucket_counts()
+                failovers = self.store.failovers
                 seen: set[str] = set()  # SCAN may return a key twice (the keyspace was resized meanwhile)
                 repaired = 0
-                async for ids in self.store.stored_entries(None, SWEEP_BATCH):
-                    if self._stopping:
-                        return
-                    seen.update(ids)
-                    repaired += len(await self.store.repair(ids))
-                found: dict[int, Counter[str]] = {}
-                for entry_id in seen:
-                    found.setdefault(keys.bucket_of(entry_id).index, Counter())[split_entry_id(entry_id)[0]] += 1
-                await self.store.recount(before, {b: dict(c) for b, c in found.items()})
+                async with contextlib.aclosing(self.store.stored_entries(None, SWEEP_BATCH)) as batches:
+                    async for ids in batches:
+                        if self._stopping:
+                            return
+                        seen.update(ids)
+                        repaired += len(await self.store.repair(ids))
+                # A key that moved between primaries during the scan may have been missed: no recount then.
+                if self.store.failovers == failovers:
+                    found: dict[int, Counter[str]] = {}
+                    for entry_id in seen:
+                        bucket = keys.bucket_of(entry_id).index
+                        found.setdefault(bucket, Counter())[split_entry_id(entry_id)[0]] += 1
+                    await self.store.recount(before, {b: dict(c) for b, c in found.items()})
+                await self.store.check_layout()
             except StoreUnavailable as exc:
                 self.metrics.background_errors.labels("sweep-store").inc()
                 outage.failed(exc.detail)

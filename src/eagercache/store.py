@@ -7,7 +7,8 @@ connecting to a standalone server, a cluster or a sentinel-managed primary in to
 expiry-event subscription in events.py.
 
 Commands for several entries are grouped by bucket, and the groups go out in one pipeline (on a
-cluster, redis-py sends one per primary): a claim round over 256 buckets is a round trip per node.
+cluster, one per primary, each on a connection of that node's own: redis-py's cluster pipeline refuses
+scripts): a claim round over 256 buckets is a round trip per node.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from redis.exceptions import AskError, NoScriptError, TryAgainError
 from . import scripts
 from .clock import ServerClock
 from .errors import ConfigurationError, StoreTimeout, StoreUnavailable
-from .keys import DEFAULT_NAMESPACE, Bucket, Keys, entry_id_of
+from .keys import DEFAULT_NAMESPACE, Bucket, Keys, entry_id_of, glob_escape
 from .topology import (
     CLIENT_ERRORS,
     COMMAND_TIMEOUT_S,
@@ -155,7 +156,9 @@ class Store:
         # Entries per fetcher per bucket as last counted here (plus this process's own changes since):
         # what a write's max_entries check knows of the other buckets.
         self._counts: dict[int, dict[str, int]] = defaultdict(dict)
+        self._totals: dict[str, int] = defaultdict(int)  # the same, summed over the buckets
         self._map_is_stale = False  # a node's pipeline failed: read the cluster's slot map before the next
+        self._detected_kind = "unknown"
 
     @classmethod
     def from_url(
@@ -199,7 +202,14 @@ class Store:
     async def open(self) -> None:
         """Connect and learn the topology (what kind, which nodes, which server version)."""
         if self.topology is None:
-            self._use(await connect(self.url, max_connections=self.max_connections, auth=self.auth))
+            self._use(
+                await connect(
+                    self.url,
+                    max_connections=self.max_connections,
+                    auth=self.auth,
+                    on_kind=lambda kind: setattr(self, "_detected_kind", kind),
+                )
+            )
 
     async def prepare(self) -> None:
         """Load the scripts (into every primary) and settle the bucket count (see `_settle_layout`)."""
@@ -238,11 +248,29 @@ class Store:
 
     @property
     def kind(self) -> str:
-        return self.topology.kind if self.topology is not None else "unknown"
+        """memory, standalone, sentinel or cluster; as soon as it is known, even if connecting failed after."""
+        return self.topology.kind if self.topology is not None else self._detected_kind
 
     def topology_name(self) -> str:
         """The topology in words: memory, standalone, sentinel, cluster with N primaries."""
         return self.topology.describe() if self.topology is not None else "not connected"
+
+    @property
+    def failovers(self) -> int:
+        """Changes of the primaries seen so far (a failover, a primary added or removed)."""
+        return self.topology.failovers if self.topology is not None else 0
+
+    async def check_layout(self) -> None:
+        """Write the layout again if it is gone (evicted, deleted by hand), so that a process started
+        later finds it; ConfigurationError-worthy news (another count) is logged by the caller."""
+        with self._errors(write=True):
+            await self.client.set(self.keys.layout, str(len(self.keys.buckets)), nx=True)
+            stored = await self.client.get(self.keys.layout)
+        if stored is not None and stored != str(len(self.keys.buckets)).encode():
+            raise StoreUnavailable(
+                f"{self.keys.layout} says {stored!r} buckets but this process uses {len(self.keys.buckets)}: "
+                "restart every process of this namespace with one bucket count"
+            )
 
     def nodes(self) -> tuple[str, ...]:
         """The primaries (host:port) this process writes to, as last discovered."""
@@ -300,7 +328,15 @@ class Store:
         """Redis errors as StoreUnavailable; a call that gets its answer shows the store is answering
         (a write, that it is taking writes: a server can take reads and hold writes, as a failover does)."""
         with store_errors(self.url):
-            yield
+            try:
+                yield
+            except AttributeError as exc:
+                if self.kind != "cluster":
+                    raise
+                # redis-py's cluster client follows an ASK to a node it does not know yet (a primary added
+                # by a reshard) into None.execute_command: the slot is moving, the store is unavailable.
+                self._map_is_stale = True
+                raise StoreUnavailable(f"store error at {redact(self.url)}: a slot is moving ({exc})") from exc
         self._answered_at = time.monotonic()
         if write:
             self._wrote_at = self._answered_at
@@ -362,11 +398,12 @@ class Store:
         and run again; on a cluster, so is one whose slot moved (MOVED, ASK, TRYAGAIN), through the
         cluster client, which follows the redirection.
         """
+        errors = self._client_errors
         if len(calls) == 1:
             script, keys, args = calls[0]
             try:
                 return [await script(keys=keys, args=args)]
-            except CLIENT_ERRORS as exc:
+            except errors as exc:
                 return [exc]
         if self.topology is not None and self.topology.is_cluster:
             results = await self._pipelined_per_node(calls)
@@ -380,21 +417,31 @@ class Store:
                 script, keys, args = calls[i]
                 try:
                     results[i] = await script(keys=keys, args=args)
-                except CLIENT_ERRORS as exc:
+                except errors as exc:
                     results[i] = exc
         return results
+
+    @property
+    def _client_errors(self) -> tuple[type[BaseException], ...]:
+        # On a cluster, AttributeError too: see _errors.
+        return (*CLIENT_ERRORS, AttributeError) if self.kind == "cluster" else CLIENT_ERRORS
 
     async def _pipelined_per_node(self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
         """One pipeline per primary, each on a connection of its own to that node (redis-py's cluster
         pipeline refuses scripts), by the slot map the cluster client holds; all nodes at once."""
         assert self.topology is not None
+        topology = self.topology
+        results: list[Any] = [None] * len(calls)
         by_node: dict[str, list[int]] = defaultdict(list)
         for i, (_, keys, _) in enumerate(calls):
-            by_node[self.client.get_node_from_key(keys[0]).name].append(i)
-        results: list[Any] = [None] * len(calls)
+            try:
+                by_node[self.client.get_node_from_key(keys[0]).name].append(i)
+            except self._client_errors as exc:  # no node holds the slot (yet): that call fails, not the round
+                self._map_is_stale = True
+                results[i] = exc
 
         async def run(node: str, indexes: list[int]) -> None:
-            pipe = self.topology.node_client(node).pipeline(transaction=False)  # type: ignore[union-attr]
+            pipe = topology.node_client(node).pipeline(transaction=False)
             for i in indexes:
                 script, keys, args = calls[i]
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -408,9 +455,12 @@ class Store:
 
         if self._map_is_stale:
             self._map_is_stale = False
-            with contextlib.suppress(*CLIENT_ERRORS):
-                await self.topology.discover()
-        await asyncio.gather(*(run(node, indexes) for node, indexes in by_node.items()))
+            with contextlib.suppress(*self._client_errors):
+                await topology.discover()
+        # Each node's failure is in its calls' results; anything else is raised after every node is done.
+        for outcome in await asyncio.gather(*(run(n, i) for n, i in by_node.items()), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
         return results
 
     @staticmethod
@@ -454,19 +504,25 @@ class Store:
         """
         bucket = self.keys.bucket_of(entry_id)
         keys = [*self._entry_keys(bucket, entry_id), bucket.fill(entry_id)]
-        room = max_entries - self._counted_elsewhere(bucket, fetcher)
+        # Only a cold write can add an entry; a refresh's room is never looked at.
+        room = max_entries - self._counted_elsewhere(bucket, fetcher) if mode == "cold" else max_entries
         args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode]
         async with self._within(self.fill_budget_s if mode == "cold" else COMMAND_TIMEOUT_S, write=True):
             result: int = await self._write(keys=keys, args=args)
         if result == STORED and mode == "cold":
-            counts = self._counts[bucket.index]
-            counts[fetcher] = counts.get(fetcher, 0) + 1  # at most one too many (a refill): recounted soon
+            self._count(bucket, fetcher, +1)  # at most one too many (a refill): recounted soon
         return result
 
     def _counted_elsewhere(self, bucket: Bucket, fetcher: str) -> int:
         if len(self.keys.buckets) == 1:
             return 0
-        return sum(c.get(fetcher, 0) for index, c in self._counts.items() if index != bucket.index)
+        return self._totals[fetcher] - self._counts[bucket.index].get(fetcher, 0)
+
+    def _count(self, bucket: Bucket, fetcher: str, change: int) -> None:
+        counts = self._counts[bucket.index]
+        if counts.get(fetcher, 0) + change >= 0:
+            counts[fetcher] = counts.get(fetcher, 0) + change
+            self._totals[fetcher] += change
 
     async def start_fill(self, entry_id: str, lock_ms: int) -> bool:
         """Take the right to fetch a missing entry across replicas; False if another replica has it."""
@@ -505,9 +561,8 @@ class Store:
         bucket = self.keys.bucket_of(entry_id)
         with self._errors(write=True):
             existed = await self._forget(keys=self._entry_keys(bucket, entry_id), args=[entry_id, fetcher])
-        counts = self._counts[bucket.index]
-        if existed and counts.get(fetcher, 0) > 0:
-            counts[fetcher] -= 1
+        if existed:
+            self._count(bucket, fetcher, -1)
         return bool(existed)
 
     async def list_entries(self, fetcher: str, cursor: str, count: int) -> tuple[str, list[str]]:
@@ -522,7 +577,7 @@ class Store:
             raise ValueError(f"cursor {cursor!r} is not one this API returned") from None
         if not 0 <= b < len(self.keys.buckets) or at < 0:
             raise ValueError(f"cursor {cursor!r} is not one this API returned")
-        match = _glob_escape(f"{fetcher}?") + "*"
+        match = glob_escape(f"{fetcher}?") + "*"
         found: list[str] = []
         with self._errors():
             while b < len(self.keys.buckets) and len(found) < count:
@@ -532,7 +587,7 @@ class Store:
                     b += 1
         return ("" if b >= len(self.keys.buckets) else f"{b}.{at}"), found
 
-    async def stored_entries(self, fetcher: str | None, count: int) -> AsyncIterator[list[str]]:
+    async def stored_entries(self, fetcher: str | None, count: int) -> AsyncGenerator[list[str], None]:
         """Every stored item's entry id (of one fetcher, or all), in batches: a SCAN of every primary.
 
         Keys under the namespace that are not eagercache's (not ASCII, not in the layout) are skipped,
@@ -582,7 +637,9 @@ class Store:
                 round_.failed[index] = f"{type(result).__name__}: {result}"
                 continue
             round_.claims += self._claims(result, sent)
-            round_.next_due[index] = _ms(result[2])
+            # As a delay from the server's own time in the reply: cluster nodes' clocks may disagree.
+            next_due = _ms(result[2])
+            round_.next_due_in[index] = None if next_due is None else next_due - int(result[0])
             round_.full[index] = (len(result) - 3) // 4 >= limit
         if round_.failed and len(round_.failed) == len(buckets):
             with store_errors(self.url):
@@ -687,15 +744,17 @@ class Store:
             for b, reply in zip(self.keys.buckets, replies, strict=True)
         }
         self._counts = defaultdict(dict, counts)
+        totals: dict[str, int] = defaultdict(int)
+        for per_fetcher in counts.values():
+            for name, n in per_fetcher.items():
+                totals[name] += n
+        self._totals = totals
         return counts
 
     async def entry_counts(self) -> dict[str, int]:
         """Entries per fetcher, summed over the buckets."""
-        totals: dict[str, int] = defaultdict(int)
-        for counts in (await self.bucket_counts()).values():
-            for name, n in counts.items():
-                totals[name] += n
-        return dict(totals)
+        await self.bucket_counts()
+        return dict(self._totals)
 
     async def entry_count(self, fetcher: str) -> int:
         return (await self.entry_counts()).get(fetcher, 0)
@@ -710,17 +769,18 @@ class Store:
         except StoreUnavailable:
             return None
         if found and isinstance(next(iter(found.values())), dict):
-            found = next(iter(found.values()))  # a cluster answers per node
+            found = next(iter(found.values()))  # in case a client answers per node
         return _text(found.get("maxmemory-policy")) or None
 
 
 @dataclass
 class ClaimRound:
-    """What one claim over several buckets brought: the claims, each bucket's next due time (None: its
-    schedule is empty), the buckets that may have more due now, and the buckets whose claim failed."""
+    """What one claim over several buckets brought: the claims, how long until each bucket's next due
+    time (ms; None: its schedule is empty), the buckets that may have more due now, and the buckets whose
+    claim failed."""
 
     claims: list[Claim] = field(default_factory=list)
-    next_due: dict[int, int | None] = field(default_factory=dict)
+    next_due_in: dict[int, int | None] = field(default_factory=dict)
     full: dict[int, bool] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
 
@@ -746,11 +806,6 @@ def _entry_ids(raw: Iterable[object]) -> list[str]:
         if (entry_id := entry_id_of(value)) is not None:
             ids.append(entry_id)
     return ids
-
-
-def _glob_escape(text: str) -> str:
-    """Escape Redis glob characters (KEYS/SCAN MATCH)."""
-    return "".join("\\" + c if c in "\\*?[]^" else c for c in text)
 
 
 def _ms(raw: bytes | str) -> int | None:

@@ -17,8 +17,9 @@ published per node), and how to say which topology this is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,6 +45,7 @@ COMMAND_TIMEOUT_S = 5.0
 # reshard publishes events we would not hear otherwise).
 REDISCOVER_INTERVAL_S = 10.0
 DISCOVER_MIN_INTERVAL_S = 0.5
+PIPELINE_HEADROOM = 8
 
 Kind = Literal["memory", "standalone", "cluster", "sentinel"]
 
@@ -158,6 +160,18 @@ class SentinelTarget:
         )
 
 
+class BoundedCluster(RedisCluster):
+    """A cluster client whose commands wait for one of `command_slots` (as the standalone client waits
+    for a free connection), instead of failing with MaxConnectionsError past the per-node limit under a
+    burst of reads."""
+
+    command_slots: asyncio.Semaphore
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.command_slots:
+            return await super().execute_command(*args, **kwargs)
+
+
 class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
     """Sentinel's pool (it asks the sentinels where the primary is), waiting for a free connection at
     max_connections like the standalone pool, instead of failing a burst of reads."""
@@ -174,6 +188,7 @@ class Topology:
         *,
         node_kwargs: dict[str, Any] | None = None,
         events_client: Any = None,
+        closing: tuple[Any, ...] = (),
     ) -> None:
         self.url = url
         self.client = client
@@ -184,7 +199,10 @@ class Topology:
         self.kind: Kind = kind
         self.version: tuple[int, ...] = (7, 0, 0) if kind == "memory" else (0,)
         self.failovers = 0
-        self._node_kwargs = node_kwargs or {}
+        # Node clients never retry by themselves: a pipeline resent whole would run its claims twice, and a
+        # subscription reconnected silently would skip turning expiry events on again.
+        self._node_kwargs = {**(node_kwargs or {}), "retry": Retry(NoBackoff(), 0)}
+        self._closing = closing  # more clients to close with this one (the sentinels)
         self._primaries: tuple[str, ...] = ()
         self._node_clients: dict[str, redis.Redis] = {}
         self._discovered_at = -DISCOVER_MIN_INTERVAL_S
@@ -223,10 +241,15 @@ class Topology:
         async with self._discovering:
             if time.monotonic() - self._discovered_at < DISCOVER_MIN_INTERVAL_S:
                 return
-            await self._discover()
+            try:
+                await self._discover()
+            finally:
+                self._discovered_at = time.monotonic()
 
     async def _discover(self) -> None:
         if self.kind == "cluster":
+            if self._seen_primaries and await self._same_primaries():
+                return  # redis-py's initialize() would reconnect every pooled connection for nothing
             await self.client.nodes_manager.initialize()
         elif self.kind == "sentinel":
             host, port = await self.client.connection_pool.get_master_address()
@@ -236,7 +259,18 @@ class Topology:
             self._primaries = (str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"),)
         if self.kind != "memory" and self.version == (0,):
             self.version = await _server_version(self.client)
-        self._discovered_at = time.monotonic()
+
+    async def _same_primaries(self) -> bool:
+        """Whether a live primary's CLUSTER SLOTS names the primaries the client knows (a reshard that
+        moves slots between them needs no new map: the client follows MOVED itself)."""
+        for name in self.primaries():
+            try:
+                slots = await self.node_client(name).execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+            except CLIENT_ERRORS:
+                continue
+            found = {f"{_text(s[2][0])}:{int(s[2][1])}" for s in slots if len(s) > 2}
+            return found == set(self.primaries())
+        return False
 
     def primaries_changed(self) -> bool:
         """True once for each change of the primaries since the last call (a failover, a primary added
@@ -252,7 +286,8 @@ class Topology:
         return time.monotonic() - self._discovered_at >= REDISCOVER_INTERVAL_S
 
     def node_client(self, name: str) -> redis.Redis:
-        """A client of one node (`host:port`) of a cluster, for what is per node: pub/sub and CONFIG."""
+        """A client of one node (`host:port`) of a cluster, for what is per node: pub/sub, CONFIG and
+        the pipelines of scripts. It does not retry: its callers decide what a failure means."""
         if (client := self._node_clients.get(name)) is None:
             host, _, port = name.rpartition(":")
             client = redis.Redis(host=host, port=int(port), **self._node_kwargs)
@@ -266,17 +301,20 @@ class Topology:
         return tuple(sorted(node.name for node in self.client.get_nodes()))
 
     async def aclose(self) -> None:
-        for client in self._node_clients.values():
-            await client.aclose()
+        clients = [*self._node_clients.values(), self.events_client, *self._closing, self.client]
         self._node_clients.clear()
-        if self.events_client is not None and self.events_client is not self.client:
-            await self.events_client.aclose()
-        await self.client.aclose()
+        for client in clients:
+            if client is not None:
+                with contextlib.suppress(*CLIENT_ERRORS):  # one that fails to close must not keep the rest open
+                    await client.aclose()
 
 
-async def connect(url: str, *, max_connections: int, auth: Auth | None = None) -> Topology:
+async def connect(
+    url: str, *, max_connections: int, auth: Auth | None = None, on_kind: Callable[[Kind], None] | None = None
+) -> Topology:
     """Connect to what `url` names and find out its topology. Raises StoreUnavailable if it cannot be
-    reached (the caller retries or gives up), ConfigurationError if the URL cannot be used."""
+    reached (the caller retries or gives up), ConfigurationError if the URL cannot be used. `on_kind`
+    hears what kind of store it is as soon as that is known (for an error message that follows)."""
     auth = auth or Auth()
     if url.startswith(MEMORY_URL):
         return Topology(url, fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), "memory")
@@ -296,7 +334,13 @@ async def connect(url: str, *, max_connections: int, auth: Auth | None = None) -
             await client.aclose()
             raise
         if int(info.get("cluster_enabled", 0) or 0):
-            await client.aclose()
+            if on_kind is not None:
+                on_kind("cluster")
+            try:  # what the cluster client needs first: a refusal here names the command (NOPERM)
+                with store_errors(url):
+                    await client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+            finally:
+                await client.aclose()
             topology = _cluster(url, common, max_connections)
         else:
             topology = Topology(url, client, "standalone", events_client=build_standalone(url, common, 2))
@@ -335,16 +379,20 @@ def _cluster(url: str, common: dict[str, Any], max_connections: int) -> Topology
     if parts.path.strip("/") not in ("", "0"):
         raise ConfigurationError(f"redis_url {redact(url)!r}: a Redis Cluster has only database 0")
     try:
-        # max_connections is per node here; every command and script names keys of one slot, and the
-        # client follows MOVED/ASK itself (and rereads the slot map on MOVED).
-        client = RedisCluster.from_url(url, max_connections=max_connections, **common)
+        # Every command and script names keys of one slot, and the client follows MOVED/ASK itself (and
+        # rereads the slot map on MOVED). Its per-node limit fails a command at once when reached: the
+        # limit that waits is BoundedCluster's; the headroom is for its few pipelines (touch, describe).
+        client = BoundedCluster.from_url(url, max_connections=max_connections + PIPELINE_HEADROOM, **common)
+        assert isinstance(client, BoundedCluster)
+        client.command_slots = asyncio.Semaphore(max_connections)
     except (ValueError, RedisClusterException) as exc:
         raise ConfigurationError(f"redis_url {redact(url)!r} is not a usable cluster URL: {exc}") from exc
     node_kwargs = {**common, "ssl": url.startswith("rediss://")}
+    # As in the cluster client (from_url): the URL's user and password win over the settings'.
     if parts.username:
-        node_kwargs.setdefault("username", unquote(parts.username))
+        node_kwargs["username"] = unquote(parts.username)
     if parts.password:
-        node_kwargs.setdefault("password", unquote(parts.password))
+        node_kwargs["password"] = unquote(parts.password)
     return Topology(url, client, "cluster", node_kwargs=node_kwargs)
 
 
@@ -352,12 +400,16 @@ def _sentinel(url: str, common: dict[str, Any], max_connections: int) -> Topolog
     target = SentinelTarget.parse(url)
     kwargs = dict(common)
     if target.username is not None:
-        kwargs.setdefault("username", target.username)
+        kwargs["username"] = target.username
     if target.password is not None:
-        kwargs.setdefault("password", target.password)
+        kwargs["password"] = target.password
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(target.sentinels),
-        sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": COMMAND_TIMEOUT_S},
+        sentinel_kwargs={
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_timeout": COMMAND_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 0),  # an unreachable sentinel: ask the next one at once
+        },
         **kwargs,
     )
     client, events_client = (
@@ -372,7 +424,7 @@ def _sentinel(url: str, common: dict[str, Any], max_connections: int) -> Topolog
         )
         for connections, extra in ((max_connections, {"retry": _once()}), (2, dict[str, Any]()))
     )
-    return Topology(url, client, "sentinel", events_client=events_client)
+    return Topology(url, client, "sentinel", events_client=events_client, closing=tuple(sentinel.sentinels))
 
 
 async def _server_version(client: Any) -> tuple[int, ...]:
@@ -384,3 +436,7 @@ async def _server_version(client: Any) -> tuple[int, ...]:
         return tuple(int(part) for part in raw.split(".")[:3])
     except ValueError:
         return (0,)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
