@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from redis.exceptions import OutOfMemoryError
+
 from .errors import (
     DataTooStale,
     EagerCacheError,
@@ -34,7 +36,7 @@ from .logs import Throttle
 from .metrics import Metrics
 from .params import Call
 from .settings import Settings
-from .store import GONE, OVER_LIMIT, STORED, Claim, Stale, Store, WriteMode
+from .store import GONE, NOT_OURS, OVER_LIMIT, STORED, Claim, Stale, Store, WriteMode
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +261,11 @@ class Engine:
             raise asyncio.CancelledError
         error = running.exception()
         if error is None and (body := running.result()) is not None:
+            # That fetch's write may have come before this claim (a late write makes the entry due at
+            # once): then this claim is the live one, and nobody would refresh the entry until its lease
+            # ran out. Give it back if it is still ours: due now, for whoever claims next.
+            with contextlib.suppress(EagerCacheError):
+                await self.store.release({claim.entry_id: claim.lease_end_ms})
             return body
         name, query = split_entry_id(claim.entry_id)
         failed = error if isinstance(error, FetchFailed) else FetchFailed(f"the fetch of {name!r} did not finish")
@@ -439,6 +446,11 @@ class Engine:
             self._over_limit(fetcher)
         elif outcome == GONE:
             log.debug("refreshed entry was removed meanwhile; not stored", extra={"entry": call.entry_id})
+        elif outcome == NOT_OURS:
+            # Claimed again since (this refresh overran its lease, or its write was retried after a lost
+            # reply): the newer claim's value stands.
+            self.metrics.background_errors.labels("refresh-overtaken").inc()
+            log.debug("refreshed entry was claimed again meanwhile; not stored", extra={"entry": call.entry_id})
         elif changed and cause != "cold":
             self.metrics.changes.labels(fetcher.name).inc()
         for callback in self._on_write:
@@ -458,8 +470,10 @@ class Engine:
                 return await self.store.write(
                     entry_id, fetcher.name, value, due_at, mode=mode, max_entries=fetcher.max_entries
                 )
-            except StoreUnavailable:
-                if self.clock.now_ms() + pause_s * 1000 >= deadline_ms or self.shutting_down:
+            except StoreUnavailable as exc:
+                # Out of memory is an answer, not an outage: the next write is refused the same way.
+                out_of_memory = isinstance(exc.__cause__, OutOfMemoryError) or "OOM" in str(exc.__cause__)
+                if out_of_memory or self.clock.now_ms() + pause_s * 1000 >= deadline_ms or self.shutting_down:
                     raise
                 self.metrics.background_errors.labels("refresh-write-retry").inc()
             await asyncio.sleep(pause_s)

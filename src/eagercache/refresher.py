@@ -286,7 +286,9 @@ class Refresher:
                 except StoreUnavailable:
                     self.metrics.background_errors.labels("event-claim").inc()
                     continue  # still due in the schedule: nothing is lost
-                self._refresh(claimed, "event")
+                if claimed.failed:  # those buckets' entries are still due in the schedule
+                    self.metrics.background_errors.labels("event-claim").inc(len(claimed.failed))
+                self._refresh(claimed.claims, "event")
 
     async def _record_reads(self) -> None:
         """Write the entries read lately to the store in one command per interval, not one per hit; put

@@ -110,10 +110,20 @@ return released
 # mode 'refresh': only an entry that still exists is written. One whose item was deleted meanwhile
 # (by hand, by eviction) is dropped whole; it is counted out unless FORGET did that already (then it
 # is no longer scheduled).
-# Returns 1 stored, 0 not stored (fetcher at max entries), -1 not stored (entry gone).
+# ARGV[7]: a refresh's lease end ('' for none: a cold write, an admin's refresh). The write is the claim
+# holder's only while the schedule still shows its lease (or no score at all: the member was lost). If it
+# shows the due time this write sets, an earlier try of the same write was applied and its reply lost:
+# done already. Any other score is someone else's claim or write since: not ours to overwrite.
+# Returns 1 stored, 0 not stored (fetcher at max entries), -1 not stored (entry gone), -2 not stored
+# (no longer this refresh's).
 WRITE = (
     _NOW
     + """
+if ARGV[7] ~= '' then
+  local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if score and tonumber(score) == tonumber(ARGV[3]) and redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+  if score and tonumber(score) ~= tonumber(ARGV[7]) then return -2 end
+end
 local is_new = redis.call('EXISTS', KEYS[1]) == 0
 if is_new then
   if ARGV[6] ~= 'cold' then

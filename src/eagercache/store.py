@@ -114,7 +114,7 @@ class Claim:
 
 
 WriteMode = Literal["cold", "refresh"]
-STORED, OVER_LIMIT, GONE = 1, 0, -1
+STORED, OVER_LIMIT, GONE, NOT_OURS = 1, 0, -1, -2
 
 
 class Store:
@@ -157,6 +157,7 @@ class Store:
         # what a write's max_entries check knows of the other buckets.
         self._counts: dict[int, dict[str, int]] = defaultdict(dict)
         self._totals: dict[str, int] = defaultdict(int)  # the same, summed over the buckets
+        self._pending: dict[tuple[int, str], int] = defaultdict(int)  # cold writes in flight: (bucket, fetcher)
         self._map_is_stale = False  # a node's pipeline failed: read the cluster's slot map before the next
         self._detected_kind = "unknown"
 
@@ -493,30 +494,49 @@ class Store:
         return head or None
 
     async def write(
-        self, entry_id: str, fetcher: str, value: bytes, due_at_ms: int, *, mode: WriteMode, max_entries: int
+        self,
+        entry_id: str,
+        fetcher: str,
+        value: bytes,
+        due_at_ms: int,
+        *,
+        mode: WriteMode,
+        max_entries: int,
+        lease_end_ms: int | None = None,
     ) -> int:
-        """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT or GONE.
+        """Store the value and schedule the next refresh atomically; STORED, OVER_LIMIT, GONE or NOT_OURS
+        (a refresh given `lease_end_ms` whose claim someone else has taken over since).
 
         A cold write is a reader's: it is bounded like the reader's other calls on a miss. max_entries
-        holds across buckets as far as this process knows the other buckets' counts (see `entry_counts`):
-        exactly on one bucket; on several, other replicas' new entries since the last count can take a
-        fetcher past it by that many, until the next count.
+        holds across buckets as far as this process knows the other buckets' counts (see `entry_counts`)
+        and its own cold writes in flight: exactly on one bucket; on several, other replicas' new entries
+        since the last count can take a fetcher past it by that many, until the next count.
         """
         bucket = self.keys.bucket_of(entry_id)
         keys = [*self._entry_keys(bucket, entry_id), bucket.fill(entry_id)]
         # Only a cold write can add an entry; a refresh's room is never looked at.
         room = max_entries - self._counted_elsewhere(bucket, fetcher) if mode == "cold" else max_entries
-        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode]
-        async with self._within(self.fill_budget_s if mode == "cold" else COMMAND_TIMEOUT_S, write=True):
-            result: int = await self._write(keys=keys, args=args)
+        lease = "" if lease_end_ms is None else lease_end_ms
+        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode, lease]
+        pending = (bucket.index, fetcher)
+        if mode == "cold":  # counted as taken while in flight, so this process's other cold writes see it
+            self._pending[pending] += 1
+        try:
+            async with self._within(self.fill_budget_s if mode == "cold" else COMMAND_TIMEOUT_S, write=True):
+                result: int = await self._write(keys=keys, args=args)
+        finally:
+            if mode == "cold":
+                self._pending[pending] -= 1
         if result == STORED and mode == "cold":
             self._count(bucket, fetcher, +1)  # at most one too many (a refill): recounted soon
         return result
 
     def _counted_elsewhere(self, bucket: Bucket, fetcher: str) -> int:
+        """The fetcher's entries in the other buckets, counted or being written by this process."""
         if len(self.keys.buckets) == 1:
             return 0
-        return self._totals[fetcher] - self._counts[bucket.index].get(fetcher, 0)
+        pending = sum(n for (b, name), n in self._pending.items() if name == fetcher and b != bucket.index)
+        return self._totals[fetcher] - self._counts[bucket.index].get(fetcher, 0) + pending
 
     def _count(self, bucket: Bucket, fetcher: str, change: int) -> None:
         counts = self._counts[bucket.index]
@@ -642,19 +662,31 @@ class Store:
             round_.next_due_in[index] = None if next_due is None else next_due - int(result[0])
             round_.full[index] = (len(result) - 3) // 4 >= limit
         if round_.failed and len(round_.failed) == len(buckets):
-            with store_errors(self.url):
+            with self._errors():
                 raise next(r for r in results if isinstance(r, BaseException))
         return round_
 
-    async def claim(self, entry_ids: list[str], lease_ms: int) -> list[Claim]:
-        """Claim those of these entries that are due (refreshed already, or claimed elsewhere: not)."""
-        calls = []
+    async def claim(self, entry_ids: list[str], lease_ms: int) -> ClaimRound:
+        """Claim those of these entries that are due (refreshed already, or claimed elsewhere: not). A
+        bucket whose claim failed is named in the round; the other buckets' claims stand (they are taken
+        on the server: dropping them would leave those entries leased to nobody)."""
+        calls, buckets = [], []
         for b, ids in self._by_bucket(entry_ids).items():
             calls.append((self._claim_many, [b.due, b.read], [lease_ms, b.item_prefix, HEADER_MAX_BYTES - 1, *ids]))
+            buckets.append(b.index)
         with self._errors(write=True):
             sent = time.monotonic()
-            results = self._all(await self._pipelined(calls))
-        return [claim for result in results for claim in self._claims(result, sent)]
+            results = await self._pipelined(calls)
+        round_ = ClaimRound()
+        for index, result in zip(buckets, results, strict=True):
+            if isinstance(result, BaseException):
+                round_.failed[index] = f"{type(result).__name__}: {result}"
+            else:
+                round_.claims += self._claims(result, sent)
+        if round_.failed and len(round_.failed) == len(buckets):
+            with self._errors():
+                raise next(r for r in results if isinstance(r, BaseException))
+        return round_
 
     def _claims(self, flat: list[bytes], sent: float) -> list[Claim]:
         # Every claim reply starts with the server's time: a free reading for the clock.
