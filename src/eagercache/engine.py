@@ -468,7 +468,13 @@ class Engine:
         while True:
             try:
                 return await self.store.write(
-                    entry_id, fetcher.name, value, due_at, mode=mode, max_entries=fetcher.max_entries
+                    entry_id,
+                    fetcher.name,
+                    value,
+                    due_at,
+                    mode=mode,
+                    max_entries=fetcher.max_entries,
+                    lease_end_ms=claim.lease_end_ms if claim is not None else None,
                 )
             except StoreUnavailable as exc:
                 # Out of memory is an answer, not an outage: the next write is refused the same way.
