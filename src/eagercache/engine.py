@@ -13,9 +13,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from redis.exceptions import OutOfMemoryError
 
@@ -63,6 +63,7 @@ SHUTDOWN_RETRY_AFTER_S = 1
 CANCEL_GRACE_S = 1.0
 # A fetcher whose runs ignore cancellation gets no new run while this many of its old ones still go on.
 MAX_ABANDONED_PER_FETCHER = 16
+T = TypeVar("T")
 # A refresh whose write fails tries again, these far apart, until this long before its lease ends.
 WRITE_RETRY_FIRST_S = 0.1
 WRITE_RETRY_MAX_S = 1.0
@@ -264,8 +265,10 @@ class Engine:
             # That fetch's write may have come before this claim (a late write makes the entry due at
             # once): then this claim is the live one, and nobody would refresh the entry until its lease
             # ran out. Give it back if it is still ours: due now, for whoever claims next.
-            with contextlib.suppress(EagerCacheError):
-                await self.store.release({claim.entry_id: claim.lease_end_ms})
+            try:
+                await self._retrying(lambda: self.store.release({claim.entry_id: claim.lease_end_ms}), claim)
+            except EagerCacheError as exc:  # the lease runs out
+                self._refresh_errors.warning("refresh claim could not be given back", "follow", {"error": exc.detail})
             return body
         name, query = split_entry_id(claim.entry_id)
         failed = error if isinstance(error, FetchFailed) else FetchFailed(f"the fetch of {name!r} did not finish")
@@ -463,19 +466,27 @@ class Engine:
         """Store a fetched value. A refresh's write that fails (its primary failing over, a slot moving)
         is tried again while its claim lasts: the fetch is paid for, and the entry is otherwise left
         for the lease to run out, long after a failover is over."""
+        return await self._retrying(
+            lambda: self.store.write(
+                entry_id,
+                fetcher.name,
+                value,
+                due_at,
+                mode=mode,
+                max_entries=fetcher.max_entries,
+                lease_end_ms=claim.lease_end_ms if claim is not None else None,
+            ),
+            claim,
+        )
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], claim: Claim | None) -> T:
+        """`call()`, tried again while it fails for want of the store (0.1 s apart, doubling to 1 s)
+        until 1 s before the claim's lease ends; once without a claim."""
         deadline_ms = claim.lease_end_ms - WRITE_RETRY_MARGIN_MS if claim is not None else 0
         pause_s = WRITE_RETRY_FIRST_S
         while True:
             try:
-                return await self.store.write(
-                    entry_id,
-                    fetcher.name,
-                    value,
-                    due_at,
-                    mode=mode,
-                    max_entries=fetcher.max_entries,
-                    lease_end_ms=claim.lease_end_ms if claim is not None else None,
-                )
+                return await call()
             except StoreUnavailable as exc:
                 # Out of memory is an answer, not an outage: the next write is refused the same way.
                 out_of_memory = isinstance(exc.__cause__, OutOfMemoryError) or "OOM" in str(exc.__cause__)
