@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -553,26 +552,6 @@ EARLY_TOLERANCE_S = 0.05
 MAX_GAP_S = TTL_S + 1.5
 
 
-# A src bug with a test of its own, which the fault tests below run into now and then: when it shows in a
-# run (a process counted a refresh write retried), the property it breaks (once per cycle) is an expected
-# failure there; any other cause still fails.
-WRITE_RETRY_BUG = (
-    "src bug (test_a_retried_write_does_not_take_back_an_entry_claimed_since): a refresh's write retried "
-    "after a lost reply rescheduled an entry another replica had claimed since, which was fetched again"
-)
-
-
-@contextmanager
-def expected_failure_if(shown: bool, reason: str) -> Iterator[None]:
-    """The properties inside must hold, unless the run showed a known bug that breaks them."""
-    try:
-        yield
-    except AssertionError:
-        if shown:
-            pytest.xfail(reason)
-        raise
-
-
 class Fleet:
     """`eagercache serve` processes running tests.fleet:quick on one store, and the standalone server that
     logs their fetches (by its own clock, the one every time in these tests is read from)."""
@@ -878,8 +857,7 @@ def test_failover_loses_nothing_and_fetches_once_per_cycle(failover: FailoverRun
     # ... and from then on every cycle, like the others.
     assert gap <= MAX_GAP_S, (worst, [round(t - run.killed_at, 2) for t in run.calls[worst]], run.orphaned)
     # (c) no cycle fetched twice, by one process or by both, before, during or after the failover.
-    with expected_failure_if(bool(run.errors.get("refresh-write-retry")), WRITE_RETRY_BUG):
-        assert early_fetches(run.calls) == {}
+    assert early_fetches(run.calls) == {}
 
 
 @pytest.mark.fault
@@ -1037,8 +1015,7 @@ def test_live_reshard_loses_no_entry_and_fetches_once(reshard: ReshardRun) -> No
     run = reshard
     assert run.missing == []
     assert {run.owners[i] for i in run.moving} == {run.added}  # the moved entries live on the new primary
-    with expected_failure_if(bool(run.errors.get("refresh-write-retry")), WRITE_RETRY_BUG):
-        assert early_fetches(run.calls) == {}  # no cycle fetched twice, by one process or by both
+    assert early_fetches(run.calls) == {}  # no cycle fetched twice, by one process or by both
 
 
 @pytest.mark.fault
