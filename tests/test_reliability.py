@@ -139,7 +139,12 @@ async def test_redis_restart_recovers_by_itself(persistence: bool) -> None:
         app.state.engine.near_cache_ttl_s = 0  # every read goes to the store, which is what this test is about
         written: set[str] = set()
         writes = Counter()
-        app.state.engine.on_write(lambda entry_id, due_ms: (written.add(entry_id), writes.hit()))
+
+        def stored(entry_id: str, due_ms: int) -> None:
+            written.add(entry_id)
+            writes.hit()
+
+        app.state.engine.on_write(stored)
         async with running(app) as client:
             for k in "abc":
                 assert (await client.get(f"/data/item?k={k}")).status_code == 200
