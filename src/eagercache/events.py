@@ -189,6 +189,7 @@ class ExpiryEvents:
                 await pubsub.subscribe(self.channel)
                 if not first:
                     self.metrics.reconnects.inc()
+                    rediscover.set()  # back, maybe on another server (a sentinel's promoted replica): look
                 first = False
                 self._set_subscribed(node, True)
                 outage.over()
