@@ -1039,13 +1039,20 @@ def test_live_reshard_loses_no_entry_and_fetches_once(reshard: ReshardRun) -> No
 @pytest.mark.timeout(150)
 def test_live_reshard_keeps_answering_and_refreshing_on_time(reshard: ReshardRun) -> None:
     run = reshard
-    worst, gap = longest_gap(run.calls, run.end)
-    after_move = {i: sum(1 for t in run.calls[i] if t > run.moved_at) for i in run.moving}
     assert run.readers.errors == [], run.readers.errors[:5]
     assert set(run.readers.statuses) == {200}
-    # (An entry claimed but never refreshed shows in run.orphaned: its lease outlives the run.)
-    assert gap <= MAX_GAP_S, (worst, [round(t - run.move_started, 2) for t in run.calls[worst]], run.orphaned)
-    assert min(after_move.values()) >= 2, (after_move, run.orphaned)  # the moved entries refreshed there
+    after_move = {i: sum(1 for t in run.calls[i] if t > run.moved_at) for i in run.moving}
+    late = {i for i, stamps in run.calls.items() if max(gaps([*stamps, run.end])) > MAX_GAP_S}
+    late |= {i for i, n in after_move.items() if n < 2}
+    # Every entry refreshed every cycle, before, during and after the move; the moved ones on the new primary.
+    # Except one case the design accepts (topology._once): a claim whose reply is lost after it ran (redis-py's
+    # cluster client drops its connections on MOVED and CLUSTERDOWN) is run again, finds its entries leased,
+    # and they wait for the lease to run out (the slowest fetcher's timeout + 5 s: longer than this test
+    # watches). Such an entry is still leased at the end (run.orphaned); seen for one entry in some runs.
+    unexplained = late - set(run.orphaned)
+    detail = {i: [round(t - run.move_started, 2) for t in run.calls[i]] for i in sorted(late)}
+    assert not unexplained, (detail, run.orphaned)
+    assert len(late) <= 2, (detail, run.orphaned)
 
 
 @pytest.mark.fault
