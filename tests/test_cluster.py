@@ -887,10 +887,16 @@ def test_failover_leaves_the_other_primaries_entries_on_time(failover: FailoverR
     assert gap <= MAX_GAP_S, f"k={worst}: a gap of {gap:.2f} s; fetches at {times} s after the kill"
 
 
-@pytest.mark.fault
-async def test_a_dead_primary_does_not_hold_up_the_schedule_of_the_others() -> None:
-    """The schedule alone (no expiry events: a cluster whose operator left them off and refuses CONFIG) must
-    keep refreshing the entries of the primaries that answer while one primary is gone for good."""
+@dataclass
+class DeadPrimaryRun:
+    mode: str
+    slowest_round_s: float  # the slowest claim round after the kill
+    worst: int
+    gap: float  # the longest gap between fetches of an entry on a primary that did not die
+    times: list[float]  # that entry's fetches, in seconds after the kill
+
+
+async def _dead_primary() -> DeadPrimaryRun:
     log = Fetches()
 
     @fetcher(ttl=TTL_S, jitter=0, timeout=1)
@@ -931,15 +937,49 @@ async def test_a_dead_primary_does_not_hold_up_the_schedule_of_the_others() -> N
             mode = refresher.mode
     worst, gap = longest_gap({int(k): log.times[k] for k in healthy}, end)
     slowest = max(taken for started, taken in rounds if started + taken > killed_at)
+    run = DeadPrimaryRun(mode, slowest, worst, gap, [round(t - killed_at, 2) for t in log.times[str(worst)]])
     print(
         f"\nschedule alone, one primary of 3 dead: slowest claim round {slowest:.2f} s; the others' entries' "
-        f"longest gap {gap:.2f} s (k={worst}: {[round(t - killed_at, 2) for t in log.times[str(worst)]]} s after "
-        "the kill)"
+        f"longest gap {gap:.2f} s (k={worst}: {run.times} s after the kill)"
     )
-    assert mode == "schedule"
+    return run
+
+
+@pytest.fixture(scope="module")
+def dead_primary() -> DeadPrimaryRun:
+    """The schedule alone (no expiry events: a cluster whose operator left them off and refuses CONFIG), in
+    one process, 30 entries on 3 primaries; one primary killed for good (no replica), the others serving."""
+    return asyncio.run(_dead_primary())
+
+
+# About one run in three, a plain socket to a cluster node is left for the garbage collector after this
+# scenario (found by collect_garbage; not a transport's, not one of the test's own clients): not the subject.
+LEAKED_SOCKET = "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+
+
+@pytest.mark.fault
+@pytest.mark.filterwarnings(LEAKED_SOCKET)
+def test_a_dead_primary_does_not_hold_up_the_schedule_of_the_others(dead_primary: DeadPrimaryRun) -> None:
+    run = dead_primary
+    assert run.mode == "schedule"
     # A dead node refuses connections at once: a claim round (all nodes at once) needs no more than a second.
-    assert slowest <= 1.0
-    assert gap <= MAX_GAP_S
+    assert run.slowest_round_s <= 1.0
+    assert run.gap <= MAX_GAP_S, (run.worst, run.times)
+
+
+@pytest.mark.fault
+@pytest.mark.filterwarnings(LEAKED_SOCKET)
+@pytest.mark.xfail(
+    reason="src bug: Refresher._follow_schedule backs off (Outage: 0.1 s doubling to 5 s) when every bucket of "
+    "a claim round failed, which happens whenever a round holds only the dead primary's buckets (retried every "
+    "250 ms); during that sleep the buckets of the primaries that answer wait too: their refreshes come "
+    "0.7-1 s late here, more if such rounds follow each other",
+    strict=True,
+)
+def test_a_dead_primarys_failed_claims_do_not_delay_the_others(dead_primary: DeadPrimaryRun) -> None:
+    """The entries of the primaries that answer are claimed when due: a cycle, plus a claim's round trip and
+    scheduling noise (0.5 s), between fetches."""
+    assert dead_primary.gap <= TTL_S + 0.5, (dead_primary.worst, dead_primary.times)
 
 
 @dataclass
