@@ -969,13 +969,6 @@ def test_a_dead_primary_does_not_hold_up_the_schedule_of_the_others(dead_primary
 
 @pytest.mark.fault
 @pytest.mark.filterwarnings(LEAKED_SOCKET)
-@pytest.mark.xfail(
-    reason="src bug: Refresher._follow_schedule backs off (Outage: 0.1 s doubling to 5 s) when every bucket of "
-    "a claim round failed, which happens whenever a round holds only the dead primary's buckets (retried every "
-    "250 ms); during that sleep the buckets of the primaries that answer wait too: their refreshes come "
-    "0.7-1 s late here, more if such rounds follow each other",
-    strict=True,
-)
 def test_a_dead_primarys_failed_claims_do_not_delay_the_others(dead_primary: DeadPrimaryRun) -> None:
     """The entries of the primaries that answer are claimed when due: a cycle, plus a claim's round trip and
     scheduling noise (0.5 s), between fetches."""

@@ -238,6 +238,18 @@ class Refresher:
                 except StoreUnavailable as exc:
                     self._written_during_claim = {}
                     self.metrics.background_errors.labels("schedule-store").inc()
+                    if len(take) < len(due_at):
+                        # Some buckets only (their primary is gone, their slot moving): those wait, the
+                        # other buckets' claims go on at their own times.
+                        retry_at = self.store.clock.now_ms() + BUCKET_RETRY_MS
+                        for b in take:
+                            due_at[b] = retry_at
+                        self._claim_errors.warning(
+                            "claims failed in some buckets; they are tried again shortly",
+                            "claim",
+                            {"buckets": len(take), "error": exc.detail},
+                        )
+                        continue
                     await asyncio.sleep(outage.failed(exc.detail))
                     continue
                 written, self._written_during_claim = self._written_during_claim, {}
