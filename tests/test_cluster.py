@@ -774,9 +774,11 @@ class FailoverRun:
         return self.promoted_at - self.killed_at
 
     def back_after(self) -> dict[int, float]:
-        """For each entry of the killed primary: its first fetch after the kill, in seconds after the kill."""
+        """For each entry of the killed primary: its first fetch once it is served again, in seconds after the
+        kill. A fetch in the first half second was claimed before the kill (and logged a little after it);
+        none can come later until a replica serves the entry (the kill is noticed after node_timeout, 1 s)."""
         return {
-            i: min((t for t in self.calls[i] if t > self.killed_at), default=float("inf")) - self.killed_at
+            i: min((t for t in self.calls[i] if t > self.killed_at + 0.5), default=float("inf")) - self.killed_at
             for i in self.victims
         }
 
@@ -952,13 +954,7 @@ def dead_primary() -> DeadPrimaryRun:
     return asyncio.run(_dead_primary())
 
 
-# About one run in three, a plain socket to a cluster node is left for the garbage collector after this
-# scenario (found by collect_garbage; not a transport's, not one of the test's own clients): not the subject.
-LEAKED_SOCKET = "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
-
-
 @pytest.mark.fault
-@pytest.mark.filterwarnings(LEAKED_SOCKET)
 def test_a_dead_primary_does_not_hold_up_the_schedule_of_the_others(dead_primary: DeadPrimaryRun) -> None:
     run = dead_primary
     assert run.mode == "schedule"
@@ -968,7 +964,6 @@ def test_a_dead_primary_does_not_hold_up_the_schedule_of_the_others(dead_primary
 
 
 @pytest.mark.fault
-@pytest.mark.filterwarnings(LEAKED_SOCKET)
 def test_a_dead_primarys_failed_claims_do_not_delay_the_others(dead_primary: DeadPrimaryRun) -> None:
     """The entries of the primaries that answer are claimed when due: a cycle, plus a claim's round trip and
     scheduling noise (0.5 s), between fetches."""
@@ -1150,8 +1145,8 @@ async def test_sentinel_failover_resumes_writes_and_loses_nothing() -> None:
     assert readers.errors == [], readers.errors[:5]
     assert set(readers.statuses) == {200}
     assert early_fetches(calls) == {}
-    # Ready again, on Sentinel. (Its `primaries` may still name the dead one: the process reads the
-    # sentinels again when a subscription fails, and then every 10 s.)
+    # Ready again, on Sentinel, naming the new primary (read again once the subscription came back there).
     assert code_after == 200, after
     assert after["topology"] == "sentinel"
-    assert after["subscribed_nodes"]
+    assert after["primaries"] == after["subscribed_nodes"] == [f"127.0.0.1:{new}"]
+    assert after["failovers"] >= 1
