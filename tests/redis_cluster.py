@@ -201,7 +201,37 @@ class ClusterNodeServer(RedisServer):
         )  # RedisServer adds --appendonly no --save "" itself
 
 
-class LocalCluster:
+class _LocalServers:
+    """What a cluster and a sentinel setup share: admin clients by port, and stopping every server (in
+    `_stop_order`) with its directory, also as a context manager."""
+
+    _admins: dict[int, redis.Redis]
+
+    def start(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def _stop_order(self) -> list[RedisServer]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for admin in self._admins.values():
+            admin.close()
+        self._admins.clear()
+        for server in self._stop_order():
+            server.stop()
+            shutil.rmtree(server.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class LocalCluster(_LocalServers):
     """A Redis Cluster of `primaries` primaries with `replicas` replicas each (as redis-cli's --cluster-replicas).
 
     Automatic failover needs a majority of the slot-serving primaries alive to vote, so a cluster that must
@@ -252,23 +282,9 @@ class LocalCluster:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        """Stop every node and delete its directory (nodes.conf); a stopped cluster is not restarted."""
-        for admin in self._admins.values():
-            admin.close()
-        self._admins.clear()
-        for node in self.nodes:
-            node.stop()
-            shutil.rmtree(node.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def _stop_order(self) -> list[RedisServer]:
+        """Every node (its directory, nodes.conf, goes too: a stopped cluster is not restarted)."""
+        return list(self.nodes)
 
     # -- what is there
 
@@ -477,7 +493,7 @@ class SentinelServer(RedisServer):
         return [str(self.config), "--sentinel"]
 
 
-class LocalSentinel:
+class LocalSentinel(_LocalServers):
     """One primary, `replicas` replicas and 3 sentinels (quorum 2) watching them as `mymaster`."""
 
     def __init__(self, replicas: int = 1) -> None:
@@ -514,23 +530,9 @@ class LocalSentinel:
             self.stop()
             raise
 
-    def stop(self) -> None:
+    def _stop_order(self) -> list[RedisServer]:
         """Sentinels first, so none starts a failover while the servers go down."""
-        for admin in self._admins.values():
-            admin.close()
-        self._admins.clear()
-        for server in [*self.sentinels, *self.servers]:
-            server.stop()
-            shutil.rmtree(server.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        return [*self.sentinels, *self.servers]
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
