@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from .store import MEMORY_URL, Store
 # Seconds past --shutdown-timeout after which uvicorn cancels requests still running (none should be).
 SHUTDOWN_BACKSTOP_S = 2.0
 COUNT_OPTIONS = ("max_entries", "max_concurrency")  # the other fetcher options are seconds
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default)")
     serve.add_argument(
         "--workers", type=int, default=1, metavar="N", help="worker processes sharing the store (1); not a setting"
+    )
+    serve.add_argument(
+        "--loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default="auto",
+        help="event loop (auto: uvloop when installed); not a setting",
+    )
+    serve.add_argument(
+        "--http",
+        choices=["auto", "httptools", "h11"],
+        default="auto",
+        help="HTTP parser (auto: httptools when installed); not a setting",
     )
 
     listing = commands.add_parser("fetchers", help="list the registered fetchers")
@@ -100,6 +115,7 @@ def _serve(flags: dict[str, object]) -> int:
     flags.pop("command")
     workers = flags.pop("workers")
     assert isinstance(workers, int)
+    loop, http = _stack(str(flags.pop("loop")), str(flags.pop("http")))
     if workers < 1:
         raise ConfigurationError(f"--workers must be at least 1, got {workers}")
     if flags["fetchers"] is not None:
@@ -112,7 +128,10 @@ def _serve(flags: dict[str, object]) -> int:
     if workers > 1 and settings.redis_url.startswith(MEMORY_URL):
         raise ConfigurationError("--workers needs a shared store: memory:// belongs to one process (use redis://)")
     asyncio.run(_preflight(settings))
+    log.info("server stack", extra={"loop": loop, "http": http, "workers": workers})
     common = {
+        "loop": loop,
+        "http": http,
         "host": settings.host,
         "port": settings.port,
         "log_config": None,
@@ -132,6 +151,18 @@ def _serve(flags: dict[str, object]) -> int:
     os.environ.update(to_environ(settings))
     uvicorn.run("eagercache.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
     return 0
+
+
+def _stack(loop: str, http: str) -> tuple[str, str]:
+    """The event loop and HTTP parser to run: "auto" is the fast one when it is installed (uvicorn's own rule,
+    resolved here so the start-up line names what runs); asking for one that is not installed is an error."""
+    installed = {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")}
+    for wanted, fast in ((loop, "uvloop"), (http, "httptools")):
+        if wanted == fast and not installed[fast]:
+            raise ConfigurationError(f"{fast} is not installed here (pip install {fast}); use auto to fall back")
+    loop = loop if loop != "auto" else "uvloop" if installed["uvloop"] else "asyncio"
+    http = http if http != "auto" else "httptools" if installed["httptools"] else "h11"
+    return loop, http
 
 
 def worker_app() -> Starlette:
