@@ -10,14 +10,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 # The project and the examples package (its entry points register clock, greeting and prices).
+# The server stack is uvloop + httptools: the project's dependencies pull their wheels on CPython/Linux and
+# `eagercache serve` picks them (its "server stack" start-up log line shows loop=uvloop http=httptools).
+# Importing them here fails the build rather than letting the image fall back to asyncio + h11 unnoticed.
 COPY pyproject.toml README.md /tmp/eagercache/
 COPY src /tmp/eagercache/src
 COPY examples /tmp/eagercache/examples
 RUN pip install --no-cache-dir /tmp/eagercache /tmp/eagercache/examples \
+    && python -c "import uvloop, httptools" \
     && rm -rf /tmp/eagercache
 
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin eagercache
-USER eagercache
+# A numeric USER: Kubernetes' runAsNonRoot can only verify a numeric UID, not a user name.
+RUN groupadd --system --gid 10001 eagercache \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin eagercache
+USER 10001:10001
 
 EXPOSE 8000
 # The probe follows EAGERCACHE_PORT; if you change the port, change it there rather than with --port.
