@@ -68,3 +68,11 @@ async def always_exits() -> str:
     """Raises SystemExit on every fetch, the cold one of a reader included."""
     await _redis().rpush("raising:cold-exits", str(os.getpid()))
     raise SystemExit(4)
+
+
+@fetcher(ttl=60, jitter=0, timeout=60)
+async def held(k: str) -> str:
+    """Logs its process's pid under fleet:held, then runs until that process dies (or a minute passes)."""
+    await _redis().rpush("fleet:held", str(os.getpid()))
+    await asyncio.sleep(60)
+    return k

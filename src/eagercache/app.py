@@ -13,7 +13,7 @@ from email.utils import formatdate
 from typing import Any
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -127,10 +127,8 @@ def create_app(
     log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
 
     representer = Representer()
-    # prometheus-client's labels() takes a lock and builds a key on every call: look each child up once.
-    read_metrics = functools.cache(
-        lambda name, cache: (metrics.requests.labels(name, cache.lower()), metrics.data_age.labels(name))
-    )
+    # Counted in plain ints, added to the prometheus series at the scrape (metrics.py); looked up once per pair.
+    served = functools.cache(lambda name, cache: metrics.served(name, cache.lower()))
 
     async def data(scope: Scope, receive: Receive, send: Send) -> None:
         # A plain ASGI endpoint: the hit path builds no Request and no Headers, it picks three raw headers.
@@ -142,15 +140,13 @@ def create_app(
             read = await engine.read(name, scope["query_string"])
         except EagerCacheError as exc:
             label = name if name in registry else UNKNOWN_FETCHER_LABEL
-            metrics.requests.labels(label, "error").inc()
+            metrics.request_count(label, "error").inc()
             if isinstance(exc, (StoreUnavailable, DataTooStale, ShuttingDown)):
                 log.warning("read failed", extra={"fetcher": name, "error": exc.detail})
             elif not isinstance(exc, FetchFailed):  # fetch failures were logged once by the fetch itself
                 log.debug("bad request", extra={"fetcher": name, "error": exc.detail})
             return problem_response(exc)
-        request_counter, age_histogram = read_metrics(name, read.cache)
-        request_counter.inc()
-        age_histogram.observe(max(0, read.now_ms - read.entry.last_retrieved_ms) / 1000)
+        served(name, read.cache).record(max(0, read.now_ms - read.entry.last_retrieved_ms) / 1000)
         return await representer.respond(read, request_headers(scope))
 
     spec = msgspec.json.encode(openapi_document(registry))
@@ -177,10 +173,15 @@ def create_app(
         )
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with metrics.flushing(), serving(app):  # metrics last out: their final flush sees everything
+            yield
+
+    @asynccontextmanager
+    async def serving(app: Starlette) -> AsyncIterator[None]:
         try:
             await check_access(store)  # pings first: one clear error for a user that may not do its work
             await store.prepare()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 from starlette.applications import Starlette
@@ -18,6 +21,7 @@ from .app import create_app
 from .errors import ConfigurationError, EagerCacheError
 from .fetchers import build_registry
 from .logs import configure
+from .metrics import MULTIPROC_DIR_ENV
 from .settings import ENV_PREFIX, Settings, from_env, load_settings, read_config, to_environ
 from .store import MEMORY_URL, Store
 
@@ -149,8 +153,25 @@ def _serve(flags: dict[str, object]) -> int:
     # Each worker is a new process that builds its own app: hand it the resolved settings through the
     # environment, where load_settings() finds them (flags > env > file is already applied).
     os.environ.update(to_environ(settings))
-    uvicorn.run("eagercache.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+    with _metrics_directory():
+        uvicorn.run("eagercache.cli:worker_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_directory() -> Iterator[str]:
+    """A new, empty directory for prometheus-client's multiprocess mode while the workers run.
+
+    Set before uvicorn spawns the workers, which import prometheus_client afresh and so keep their values in
+    files there, one set per worker pid; any worker's scrape merges them all (metrics.Metrics). New at every
+    start, as prometheus-client requires (old files would be counted again), and removed at exit.
+    """
+    path = tempfile.mkdtemp(prefix="eagercache-metrics-")
+    os.environ[MULTIPROC_DIR_ENV] = path  # a directory the user set is replaced: it may hold another run's files
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _stack(loop: str, http: str) -> tuple[str, str]:

@@ -1,14 +1,144 @@
-"""Prometheus instruments, one registry per app so that apps (and tests) never share counters."""
+"""Prometheus instruments: one registry per app, or under `--workers` prometheus-client's multiprocess files.
+
+The /data hot path counts in plain ints (`ServedRead.record`, `RequestCount.inc`): a labelled child's inc()
+and a histogram's observe() each take a lock, and together cost more than the rest of the bookkeeping of a
+hit. `Metrics.flush()` adds what was counted to the prometheus series: before every scrape, and with
+`--workers` also every FLUSH_INTERVAL_S, so a scrape answered by one worker shows the other workers' reads
+at most that late. The ints are only touched from the app's event loop (`+=` is not atomic across threads).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import contextlib
+import glob
+import logging
+import math
+import os
+from bisect import bisect_left
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 UNKNOWN_FETCHER_LABEL = "(unknown)"
+# prometheus-client's own variable: set when it is first imported, it puts every value in per-process files.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Seconds between flushes of a worker's read counts to its files: how late another worker's scrape sees them.
+FLUSH_INTERVAL_S = 1.0
+AGE_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+_AGE_BOUNDS_S = (*map(float, AGE_BUCKETS_S), math.inf)  # a histogram's `le` bounds: +Inf closes them
+log = logging.getLogger(__name__)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus-client's multiprocess mode if this process runs in it, else None.
+
+    prometheus_client picks its value class once, at import, by PROMETHEUS_MULTIPROC_DIR: `serve --workers`
+    sets it before uvicorn spawns the workers, which import everything afresh.
+    """
+    if getattr(values.ValueClass, "_multiprocess", False):
+        return os.environ.get(MULTIPROC_DIR_ENV)
+    return None
+
+
+class RequestCount:
+    """One `eagercache_requests_total` series, counted in a plain int between flushes."""
+
+    __slots__ = ("_child", "n")
+
+    def __init__(self, child: Counter) -> None:
+        self.n = 0
+        self._child = child
+
+    def inc(self) -> None:
+        self.n += 1
+
+    def flush(self) -> None:
+        if self.n:
+            self._child.inc(self.n)
+            self.n = 0
+
+
+class AgeHistogram:
+    """One fetcher's `eagercache_served_data_age_seconds`, as plain bucket counts and a sum between flushes."""
+
+    __slots__ = ("_child", "counts", "total")
+
+    def __init__(self, child: Histogram) -> None:
+        self.counts = [0] * len(_AGE_BOUNDS_S)  # per bucket, not cumulative: what observe() keeps too
+        self.total = 0.0
+        self._child = child
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        # Histogram has no public "add n to a bucket": add to the values observe() increments, one per bucket
+        # (cumulated at collection) and the sum. test_metrics_workers pins this to the installed client.
+        for value, n in zip(self._child._buckets, counts, strict=True):
+            if n:
+                value.inc(n)
+        self._child._sum.inc(self.total)
+        counts[:] = [0] * len(counts)
+        self.total = 0.0
+
+
+class ServedRead:
+    """What an answered read costs the metrics: two int additions and a bisect, no lock, no label lookup."""
+
+    __slots__ = ("_ages", "_count")
+
+    def __init__(self, count: RequestCount, ages: AgeHistogram) -> None:
+        self._count = count
+        self._ages = ages
+
+    def record(self, age_s: float) -> None:
+        self._count.n += 1
+        ages = self._ages
+        ages.counts[bisect_left(_AGE_BOUNDS_S, age_s)] += 1  # the first bound >= age: `le` is inclusive
+        ages.total += age_s
+
+
+def _forget_dead_processes(path: str) -> None:
+    """Take the live gauges of processes that died without shutting down (SIGKILL, OOM) out of the sums.
+
+    uvicorn starts a new worker in a dead one's place; the dead one's counters and histograms stay (what it
+    counted happened), its in-flight fetches and loops down must not. A killed worker counts as alive until
+    uvicorn reaps it, within about half a second.
+    """
+    pids = {int(f.rsplit("_", 1)[1][: -len(".db")]) for f in glob.glob(os.path.join(path, "gauge_live*_*.db"))}
+    for pid in pids:
+        if not _alive(pid):
+            _mark_process_dead(pid, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: is there such a process (POSIX, like signal handling here)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process has the pid now: ours is gone
+    return True
+
+
+def _mark_process_dead(pid: int, path: str) -> None:
+    """Removes the process's files of live gauges (prometheus-client's own bookkeeping for a dead process)."""
+    mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
 class Metrics:
+    """The app's instruments.
+
+    In one process, each app has its own registry, so apps (and tests) never share counters. With
+    `--workers`, prometheus-client keeps every value in files per process under `multiprocess_dir`, and a
+    scrape merges the files of every worker (values of the same name and labels, whichever app made them):
+    counters and histograms are summed, each gauge is merged by its `multiprocess_mode` (commented there).
+    """
+
     def __init__(self) -> None:
+        self.multiprocess_dir = multiprocess_dir()
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "eagercache_requests",
@@ -48,7 +178,7 @@ class Metrics:
             "eagercache_served_data_age_seconds",
             "Age of the data in answers (now - last_retrieved).",
             ["fetcher"],
-            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+            buckets=AGE_BUCKETS_S,
             registry=self.registry,
         )
         self.entries = Gauge(
@@ -56,12 +186,19 @@ class Metrics:
             "Entries per fetcher in the store (read periodically).",
             ["fetcher"],
             registry=self.registry,
+            multiprocess_mode="livemostrecent",  # every worker reads the same store: the latest reading
         )
-        self.inflight = Gauge("eagercache_fetches_in_flight", "Fetcher runs in progress.", registry=self.registry)
+        self.inflight = Gauge(
+            "eagercache_fetches_in_flight",
+            "Fetcher runs in progress.",
+            registry=self.registry,
+            multiprocess_mode="livesum",  # the server's: every worker runs fetches of its own
+        )
         self.abandoned = Gauge(
             "eagercache_fetches_abandoned",
             "Fetcher runs still going after their timeout cancelled them (a fetcher that ignores cancellation).",
             registry=self.registry,
+            multiprocess_mode="livesum",  # the server's, as in flight; they end with their process
         )
         self.repaired = Counter(
             "eagercache_schedule_repairs",
@@ -74,11 +211,13 @@ class Metrics:
             "This host's wall clock minus the store's (Redis TIME), at the last reading. eagercache keeps time "
             "by the store's clock, so skew changes nothing; it is shown for operators.",
             registry=self.registry,
+            multiprocess_mode="livemostrecent",  # one host clock and one store: the latest reading
         )
         self.loops_down = Gauge(
             "eagercache_background_loops_down",
             "Background loops that failed and are waiting to restart.",
             registry=self.registry,
+            multiprocess_mode="livesum",  # every worker runs its own loops: all that are down
         )
         self.idle_removed = Counter(
             "eagercache_idle_removed",
@@ -102,6 +241,7 @@ class Metrics:
             "1 for the active refresh mode: events+schedule, or schedule (the backstop) alone.",
             ["mode"],
             registry=self.registry,
+            multiprocess_mode="livemax",  # 1 for each mode some worker runs in (a sum would count workers)
         )
         self.released_claims = Counter(
             "eagercache_released_claims", "Refresh claims given back at shutdown.", registry=self.registry
@@ -110,20 +250,28 @@ class Metrics:
             "eagercache_expiry_subscription_up",
             "1 while the expired-event subscription is live on every primary.",
             registry=self.registry,
+            # Each worker subscribes on its own, and one that lost it is not ready (/readyz): 0 if any is down,
+            # so a healthy worker does not hide a broken one.
+            multiprocess_mode="livemin",
         )
         self.subscribed_nodes = Gauge(
             "eagercache_expiry_subscribed_nodes",
             "Primaries whose expired events this process is subscribed to.",
             registry=self.registry,
+            multiprocess_mode="livemin",  # the worker subscribed to fewest, as for the subscription above
         )
         self.topology = Gauge(
             "eagercache_store_topology",
             "1 for the store's topology (memory, standalone, sentinel, cluster) and its bucket count.",
             ["topology", "buckets"],
             registry=self.registry,
+            multiprocess_mode="livemax",  # the same store for every worker: 1, not one per worker
         )
         self.primaries = Gauge(
-            "eagercache_store_primaries", "Primaries the store has, as last discovered.", registry=self.registry
+            "eagercache_store_primaries",
+            "Primaries the store has, as last discovered.",
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",  # one store: the latest discovery of any worker
         )
         self.failovers = Counter(
             "eagercache_store_failovers",
@@ -131,6 +279,73 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._counts: dict[tuple[str, str], RequestCount] = {}
+        self._ages: dict[str, AgeHistogram] = {}
+        self._served: dict[tuple[str, str], ServedRead] = {}
+
+    def request_count(self, fetcher: str, result: str) -> RequestCount:
+        """The `eagercache_requests_total` series of a fetcher and a result; look it up once per pair."""
+        count = self._counts.get((fetcher, result))
+        if count is None:
+            count = self._counts[fetcher, result] = RequestCount(self.requests.labels(fetcher, result))
+        return count
+
+    def served(self, fetcher: str, result: str) -> ServedRead:
+        """The request count and the data-age histogram of answered reads of a fetcher with one result."""
+        served = self._served.get((fetcher, result))
+        if served is None:
+            ages = self._ages.get(fetcher)
+            if ages is None:
+                ages = self._ages[fetcher] = AgeHistogram(self.data_age.labels(fetcher))
+            served = self._served[fetcher, result] = ServedRead(self.request_count(fetcher, result), ages)
+        return served
+
+    def flush(self) -> None:
+        """Add the reads counted in plain ints since the last flush to the prometheus series."""
+        for count in self._counts.values():
+            count.flush()
+        for ages in self._ages.values():
+            ages.flush()
+
+    @contextlib.asynccontextmanager
+    async def flushing(self) -> AsyncIterator[None]:
+        """While the app runs. With `--workers`: flush every FLUSH_INTERVAL_S, for the other workers' scrapes;
+        at the end flush the last reads and take this process's live gauges out of the merge."""
+        if self.multiprocess_dir is None:
+            yield  # one process: the scrape flushes, nobody else reads these values
+            return
+        task = asyncio.create_task(self._flush_every(FLUSH_INTERVAL_S))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self.flush()
+            _mark_process_dead(os.getpid(), self.multiprocess_dir)
+
+    async def _flush_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.flush()
+            except Exception:  # a full disk under the directory: keep counting, try again
+                log.exception("metrics flush failed")
+                self.background_errors.labels("metrics-flush").inc()
+
+    def scrape_registry(self) -> CollectorRegistry:
+        """What a scrape reports, flushed: this app's registry, or with `--workers` every worker's files."""
+        self.flush()
+        if self.multiprocess_dir is None:
+            return self.registry
+        _forget_dead_processes(self.multiprocess_dir)
+        registry = CollectorRegistry()  # new at every scrape: MultiProcessCollector reads the files when collected
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return registry
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of a scrape."""
+        return generate_latest(self.scrape_registry())
+
     def sample(self, name: str, **labels: str) -> float:
-        """Current value of one series (0 if it was never touched); for tests and the CLI."""
-        return self.registry.get_sample_value(name, labels) or 0.0
+        """Current value of one series (0 if it was never touched), as a scrape would show it; for tests."""
+        return self.scrape_registry().get_sample_value(name, labels) or 0.0
