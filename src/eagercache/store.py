@@ -29,6 +29,7 @@ from redis.exceptions import AskError, NoScriptError, TryAgainError
 
 from . import scripts
 from .clock import ServerClock
+from .coalesce import Coalescer
 from .errors import ConfigurationError, StoreTimeout, StoreUnavailable
 from .keys import DEFAULT_NAMESPACE, Bucket, Keys, entry_id_of, glob_escape
 from .topology import (
@@ -53,6 +54,8 @@ DEFAULT_READ_BUDGET_S = 0.2
 FILL_BUDGET_S = 1.0
 # Connections opened at start-up (see Store.warm).
 WARM_CONNECTIONS = 16
+# Reads of one loop iteration go out as one MGET of up to this many entries (coalesce.py).
+READ_BATCH = 64
 # A budget's check that runs this much later than planned means the event loop was busy: it looks again.
 LOOP_LATE_S = 0.05
 # Loop iterations a budget's check waits, once the budget is spent, for replies already received.
@@ -160,6 +163,7 @@ class Store:
         self._pending: dict[tuple[int, str], int] = defaultdict(int)  # cold writes in flight: (bucket, fetcher)
         self._map_is_stale = False  # a node's pipeline failed: read the cluster's slot map before the next
         self._detected_kind = "unknown"
+        self._reads = Coalescer(self._get_many, max_batch=READ_BATCH)
 
     @classmethod
     def from_url(
@@ -287,6 +291,7 @@ class Store:
         return int(parse_url(self.url).get("db", 0) or 0)  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
+        await self._reads.aclose()
         if self.topology is not None:
             await self.topology.aclose()
 
@@ -479,12 +484,27 @@ class Store:
         return grouped
 
     async def get(self, entry_id: str) -> tuple[bytes | None, Stale | None]:
-        """The entry's body and, if its refreshes are failing, its stale marker: one round trip, within the budget."""
-        bucket = self.keys.bucket_of(entry_id)
-        async with self._read():
-            body, stale = await self.client.mget(bucket.item(entry_id), bucket.stale(entry_id))
+        """The entry's body and, if its refreshes are failing, its stale marker: one round trip, within the budget.
+
+        On one server, the reads of one loop iteration share that round trip (one MGET). A cluster's keys
+        are spread over 256 buckets' slots, so there reads of one iteration rarely share a slot: each
+        entry is read on its own.
+        """
+        if self.topology is not None and self.topology.is_cluster:
+            ((body, stale),) = await self._get_many([entry_id])
+        else:
+            body, stale = await self._reads.get(entry_id)
         assert body is None or isinstance(body, bytes)  # the client is built without decode_responses
         return body, Stale.parse(stale)
+
+    async def _get_many(self, entry_ids: list[str]) -> list[tuple[bytes | None, bytes | None]]:
+        keys: list[str] = []
+        for entry_id in entry_ids:
+            bucket = self.keys.bucket_of(entry_id)
+            keys += (bucket.item(entry_id), bucket.stale(entry_id))
+        async with self._read():
+            values = await self.client.mget(keys)
+        return list(zip(values[::2], values[1::2], strict=True))
 
     async def header(self, entry_id: str) -> bytes | None:
         """The start of the stored value (its header line), without the body; None if it is not stored."""
