@@ -9,7 +9,6 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from email.utils import formatdate
 from typing import Any
 
 import msgspec
@@ -37,7 +36,7 @@ from .fetchers import build_registry
 from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
 from .openapi import openapi_document
 from .refresher import Refresher
-from .representation import Representer, request_headers
+from .representation import Representer, http_date, request_headers
 from .settings import Settings, load_settings
 from .store import Store, redact
 
@@ -69,7 +68,7 @@ class DateHeader:
     def _date(self) -> bytes:
         second = self.clock.now_ms() // 1000
         if second != self._second:
-            self._second, self._value = second, formatdate(second, usegmt=True).encode()
+            self._second, self._value = second, http_date(second)
         return self._value
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import logging
 import os
@@ -148,6 +149,7 @@ def _serve(flags: dict[str, object]) -> int:
     }
     if workers == 1:
         server = uvicorn.Server(uvicorn.Config(app, **common))  # type: ignore[arg-type]
+        _freeze_startup_objects()
         server.run()
         return 0 if server.started else 1
     # Each worker is a new process that builds its own app: hand it the resolved settings through the
@@ -190,7 +192,17 @@ def worker_app() -> Starlette:
     """The app of one `--workers` process, from the settings the parent put in the environment."""
     settings = load_settings()
     configure(settings.log_level, settings.log_format)
-    return create_app(settings=settings, use_entry_points=True, handle_signals=True, date_header=True)
+    app = create_app(settings=settings, use_entry_points=True, handle_signals=True, date_header=True)
+    _freeze_startup_objects()
+    return app
+
+
+def _freeze_startup_objects() -> None:
+    """Leave what start-up built (modules, the app, the fetchers: ~50,000 objects) out of garbage collection.
+    They live as long as the process, and every full collection would walk them again: tens of ms that
+    land on the requests of that moment (a hit's p99)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _preflight(settings: Settings) -> None:

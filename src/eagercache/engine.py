@@ -33,6 +33,7 @@ from .fetchers import Fetcher, Registry
 from .item import Entry, build_entry, encode_data
 from .keys import split_entry_id
 from .logs import Throttle
+from .lru import LRU
 from .metrics import Metrics
 from .params import Call
 from .settings import Settings
@@ -75,7 +76,11 @@ WRITE_RETRY_MARGIN_MS = 1_000
 # read budget, it is what a reader gets, marked STALE.
 NEAR_CACHE_ENTRIES = 10_000
 NEAR_CACHE_BYTES = 64 * 1024 * 1024
-CALL_CACHE_ENTRIES = 10_000
+# Validated query strings, so a hit needs no validation: enough for 100,000 entries read at random
+# (about 25 MB when full). A query longer than QUERY_CACHE_MAX_BYTES is validated on every read, which
+# bounds the cache at ~50 MB whatever clients send.
+QUERY_CACHE_ENTRIES = 100_000
+QUERY_CACHE_MAX_BYTES = 200
 
 Cause = Literal["cold", "schedule", "event", "admin"]
 CacheState = Literal["HIT", "MISS", "STALE"]
@@ -130,9 +135,10 @@ class Engine:
         self.overdue: set[str] = set()
         self._over_limit_logged: dict[str, float] = {}
         self._refresh_errors = Throttle(log, 60.0)
-        # Validated calls by query string: a hit needs neither msgspec nor Redis.
-        self._calls: dict[tuple[str, bytes | str], tuple[Fetcher, Call]] = {}
-        self._near: dict[str, _Near] = {}
+        # The entry a query string names, by fetcher and query string, as validated (least recently used go).
+        # Strings only: the garbage collector does not track them, so a full cache costs no collection time.
+        self._entry_ids: LRU[tuple[str, bytes | str], str] = LRU(QUERY_CACHE_ENTRIES)
+        self._near: LRU[str, _Near] = LRU(NEAR_CACHE_ENTRIES)
         self._near_bytes = 0
         self._shutdown_at: float | None = None  # time.monotonic() when the shutdown timeout ends
         self._closed: asyncio.Future[None] | None = None  # done once readers stop waiting for fetches
@@ -152,8 +158,7 @@ class Engine:
     # -- reads ---------------------------------------------------------------------------------------
 
     async def read(self, fetcher_name: str, query: bytes | str) -> Read:
-        fetcher, call = self._resolve(fetcher_name, query)
-        entry_id = call.entry_id
+        fetcher, entry_id = self._entry_of(fetcher_name, query)
         near = self._near.get(entry_id)
         if near is not None and near.until > time.monotonic():
             return self._answer(fetcher, entry_id, near.entry, near.stale)
@@ -168,7 +173,7 @@ class Engine:
         if entry is not None:
             self._remember(entry_id, entry, stale)
             return self._answer(fetcher, entry_id, entry, stale)
-        return await self._fill(fetcher, call)
+        return await self._fill(fetcher, self.registry.call(fetcher_name, query)[1])
 
     def _answer(self, fetcher: Fetcher, entry_id: str, entry: Entry, stale: Stale | None, grace: bool = False) -> Read:
         self.reads.add(entry_id)
@@ -215,27 +220,29 @@ class Engine:
             )
         return task.result()
 
-    def _resolve(self, fetcher_name: str, query: bytes | str) -> tuple[Fetcher, Call]:
-        """Validate a request, remembering the result for the next identical query string."""
+    def _entry_of(self, fetcher_name: str, query: bytes | str) -> tuple[Fetcher, str]:
+        """Validate a request (raises for bad input, never remembered); the answer is kept for the next
+        identical query string."""
         key = (fetcher_name, query)
-        resolved = self._calls.get(key)
-        if resolved is None:
-            resolved = self.registry.call(fetcher_name, query)  # raises for bad input: never remembered
-            self._calls[key] = resolved
-            if len(self._calls) > CALL_CACHE_ENTRIES:
-                del self._calls[next(iter(self._calls))]  # the oldest
-        return resolved
+        entry_id = self._entry_ids.get(key)
+        if entry_id is None:
+            fetcher, call = self.registry.call(fetcher_name, query)
+            if len(query) <= QUERY_CACHE_MAX_BYTES:
+                self._entry_ids.put(key, call.entry_id)
+            return fetcher, call.entry_id
+        return self.registry[fetcher_name], entry_id
 
     def _remember(self, entry_id: str, entry: Entry, stale: Stale | None) -> None:
-        self._forget_near(entry_id)  # re-inserted: the newest copy goes to the end of the eviction order
-        self._near[entry_id] = _Near(time.monotonic() + self.near_cache_ttl_s, entry, stale)
-        self._near_bytes += len(entry.body)
-        while len(self._near) > NEAR_CACHE_ENTRIES or self._near_bytes > NEAR_CACHE_BYTES:
-            oldest = self._near.pop(next(iter(self._near)))
+        replaced = self._near.pop(entry_id)
+        if replaced is not None:
+            self._near_bytes -= len(replaced.entry.body)
+        evicted = self._near.put(entry_id, _Near(time.monotonic() + self.near_cache_ttl_s, entry, stale))
+        self._near_bytes += len(entry.body) - (0 if evicted is None else len(evicted.entry.body))
+        while self._near_bytes > NEAR_CACHE_BYTES and (oldest := self._near.pop_oldest()) is not None:
             self._near_bytes -= len(oldest.entry.body)
 
     def _forget_near(self, entry_id: str) -> None:
-        old = self._near.pop(entry_id, None)
+        old = self._near.pop(entry_id)
         if old is not None:
             self._near_bytes -= len(old.entry.body)
 
@@ -273,7 +280,7 @@ class Engine:
         name, query = split_entry_id(claim.entry_id)
         failed = error if isinstance(error, FetchFailed) else FetchFailed(f"the fetch of {name!r} did not finish")
         try:
-            fetcher, _ = self._resolve(name, query)
+            fetcher, _ = self.registry.call(name, query)
             await self._postpone_failed(fetcher, claim.entry_id, failed)
         except EagerCacheError as exc:  # unknown fetcher, bad parameters, the store: the lease runs out
             self._refresh_errors.warning("refresh could not be postponed", "follow", {"error": exc.detail})
@@ -285,7 +292,7 @@ class Engine:
         extra = {"fetcher": name, "entry": entry_id, "cause": cause}
         try:
             try:
-                fetcher, call = self._resolve(name, query)
+                fetcher, call = self.registry.call(name, query)
             except UnknownFetcher:
                 self.metrics.background_errors.labels("unknown-fetcher").inc()
                 last_read = claim.last_read_ms

@@ -7,21 +7,24 @@ RFC 9110 (semantics: ETag 8.8.3, Last-Modified 8.8.2, conditional requests 13) a
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
-from collections import OrderedDict
+import time
 from collections.abc import Mapping
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .engine import Read
+from .lru import LRU
 
 # Bodies smaller than this are sent as they are: gzip would save too little to pay for itself.
 GZIP_MIN_BYTES = 1024
 # Representations (headers, compressed bodies) kept per process, so a hot entry's are built once per
-# refresh, not per read.
-PREPARED_ENTRIES = 1024
+# refresh, not per read; the least recently read go first, and the bodies they hold stay under the bytes.
+PREPARED_ENTRIES = 4096
+PREPARED_BYTES = 64 * 1024 * 1024
 GZIP_LEVEL = 6
 # Larger bodies are compressed in a thread (zlib lets go of the GIL): a 2 MB body takes ~100 ms to
 # compress, which on the event loop would stall every other request.
@@ -54,7 +57,7 @@ class _Prepared:
         self.per_read: dict[tuple[int, str], list[tuple[bytes, bytes]]] = {}  # by (age, X-Cache): the latest
         self.not_modified = [
             (b"etag", etag.encode()),
-            (b"last-modified", formatdate(last_modified_ms / 1000, usegmt=True).encode()),
+            (b"last-modified", http_date(last_modified_ms // 1000)),
             (b"vary", b"Accept-Encoding"),
         ]
         self.ok = [
@@ -70,7 +73,8 @@ class Representer:
     """Builds the response for a read; keeps prepared headers and compressed bodies of recent entries."""
 
     def __init__(self) -> None:
-        self._prepared: OrderedDict[tuple[str, int, bool], _Prepared] = OrderedDict()
+        self._prepared: LRU[tuple[str, int, bool], _Prepared] = LRU(PREPARED_ENTRIES)
+        self._prepared_bytes = 0
         self._compressing: dict[tuple[str, int, bool], asyncio.Future[_Prepared]] = {}
 
     async def respond(self, read: Read, request_headers: Mapping[str, str]) -> Response:
@@ -120,10 +124,27 @@ class Representer:
                 future.set_result(prepared)
             finally:
                 del self._compressing[key]
-        self._prepared[key] = prepared
-        if len(self._prepared) > PREPARED_ENTRIES:
-            self._prepared.popitem(last=False)
+        replaced = self._prepared.pop(key)  # two readers prepared the same version at once
+        evicted = self._prepared.put(key, prepared)
+        self._prepared_bytes += len(prepared.body) - sum(len(p.body) for p in (replaced, evicted) if p is not None)
+        while self._prepared_bytes > PREPARED_BYTES and (oldest := self._prepared.pop_oldest()) is not None:
+            self._prepared_bytes -= len(oldest.body)
         return prepared
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@functools.lru_cache(maxsize=4096)
+def http_date(seconds: int) -> bytes:
+    """An IMF-fixdate (RFC 9110, 5.6.7), e.g. b"Sun, 06 Nov 1994 08:49:37 GMT"; email.utils.formatdate
+    took most of the time of preparing a representation, and entries' dates repeat (refreshed together)."""
+    t = time.gmtime(seconds)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    ).encode()
 
 
 def _zipped(body: bytes, etag: str, last_modified_ms: int) -> _Prepared:
