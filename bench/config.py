@@ -44,6 +44,15 @@ class Config:
     scaling_primaries: int
     scaling_warmup_seconds: float
     scaling_window_seconds: float
+    # 7. refresh engine of a real serve process: capacity, lag, memory, cold fills (issue 16's figures)
+    engine_capacity_entries: int
+    engine_capacity_rounds: int
+    engine_profile_seconds: float
+    engine_due_per_second: int
+    engine_lag_sizes: tuple[int, ...]
+    engine_lag_window_seconds: float
+    engine_cold_seconds: float
+    engine_cold_connections: int
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,7 +60,7 @@ class Config:
 
 def load_config() -> Config:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5").split(",") if s.strip())
+    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,7").split(",") if s.strip())
     return Config(
         quick=quick,
         sections=sections,
@@ -80,4 +89,15 @@ def load_config() -> Config:
         scaling_primaries=3,
         scaling_warmup_seconds=3,
         scaling_window_seconds=5 if quick else 15,
+        engine_capacity_entries=10_000,
+        engine_capacity_rounds=3 if quick else 5,
+        engine_profile_seconds=4 if quick else 10,
+        engine_due_per_second=10_000,
+        # BENCH_ENGINE_LAG_SIZES=100000,1000000 measures the million-entry lag in a quick run too
+        engine_lag_sizes=tuple(
+            int(n) for n in os.environ.get("BENCH_ENGINE_LAG_SIZES", "100000" if quick else "100000,1000000").split(",")
+        ),
+        engine_lag_window_seconds=5 if quick else 20,
+        engine_cold_seconds=3 if quick else 8,
+        engine_cold_connections=32,
     )

@@ -503,33 +503,23 @@ def section_capacity(s3: Doc, docs: Path, targets: list[list[str]]) -> str:
                 num(st["99"], 1),
             ]
         )
-    # targets
+    # No verdicts here: issue 16's goals (capacity, lag at 10,000 due/s, memory) are judged in section 7 on a
+    # real serve process. These thresholds only decide whether the causes below are written out.
     lag_targets = {"10000": 100.0, "100000": 250.0}
-    for n, limit in lag_targets.items():
-        if n in sizes:
-            p99 = sizes[n]["steady"]["lag_ms"]["99"]
-            bound = ">= " if sizes[n]["steady"].get("lag_is_lower_bound") else ""
-            targets.append(
-                [
-                    f"3. refresh lag p99 ≤ {limit:g} ms at {int(n):,} entries ({rate:,} due/s)",
-                    f"{bound}{num(p99, 1)} ms",
-                    verdict(p99 <= limit),
-                ]
-            )
-        else:
-            targets.append([f"3. refresh lag p99 ≤ {limit:g} ms at {int(n):,} entries", "not run (quick)", "n/a"])
     capacity = [b["refreshes_per_s"] for size in sizes.values() for b in size["bursts"]]
     cap_ok = median(capacity) >= 3000
-    targets.append(["3. ≥ 3,000 refreshes/s per process", spread(capacity) + " /s", verdict(cap_ok)])
     overheads = [size["memory"]["overhead_steady"] for size in sizes.values()]
     mem_ok = max(overheads) <= 200
-    targets.append(["3. ≤ 200 bytes overhead per entry", spread(overheads) + " bytes", verdict(mem_ok)])
     chart = "bench-refresh-lag.png"
     has_chart = chart_lag(s3, docs / chart)
     cfg = s3["server_config"]
     first = next(iter(sizes.values()))
     parts = [
         "## 3. Refresh capacity and lag",
+        "",
+        "Where lag and CPU go, from inside one refreshing process. The goals (refreshes/s, lag at 10,000 due/s "
+        "with 100,000 and 1,000,000 entries, memory per entry) are measured and judged on a real `eagercache "
+        "serve` process in section 7.",
         "",
         "A refresh worker (`bench/refresh_worker.py`) runs eagercache's own app lifespan — the Refresher exactly as "
         "`eagercache serve` runs it, events and schedule, default settings — without an HTTP server, with a no-op "
@@ -1054,6 +1044,8 @@ def _scaling_arithmetic(s5: Doc, cluster: Doc) -> str:
 
 
 def write_report(results: Doc, docs: Path) -> Path:
+    from . import report_engine  # it imports this module's helpers
+
     sections = results["sections"]
     targets: list[list[str]] = []
     body: list[str] = []
@@ -1063,6 +1055,7 @@ def write_report(results: Doc, docs: Path) -> Path:
         ("capacity", lambda s: section_capacity(s, docs, targets)),
         ("stampede", lambda s: section_stampede(s, targets)),
         ("scaling", lambda s: section_scaling(s, targets)),
+        ("engine", lambda s: report_engine.section_engine(s, docs, targets)),
     ]
     for key, render in renderers:
         if key in sections and set(sections[key]) != {"elapsed_s"}:

@@ -26,6 +26,7 @@ from tests.redis_server import RedisServer, server_binary
 
 from .capacity import run_capacity
 from .config import Config, load_config
+from .engine import run_engine
 from .expiry import run_expiry
 from .hitpath import run_hit_path
 from .loadgen import loadgen_name, wrk_version
@@ -147,6 +148,7 @@ def main() -> int:
             (3, "capacity", lambda c, k, u, w: run_capacity(c, k, u, w)),
             (4, "stampede", lambda c, k, u, w: run_stampede(c, k, u, w)),
             (5, "scaling", lambda c, k, u, w: run_scaling(c, k, u, w)),
+            (7, "engine", lambda c, k, u, w: run_engine(c, k, u, w)),
         ]
         for number, name, section in sections:
             if number not in cfg.sections:
