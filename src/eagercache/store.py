@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
@@ -54,8 +55,10 @@ DEFAULT_READ_BUDGET_S = 0.2
 FILL_BUDGET_S = 1.0
 # Connections opened at start-up (see Store.warm).
 WARM_CONNECTIONS = 16
-# Reads of one loop iteration go out as one MGET of up to this many entries (coalesce.py).
+# Reads of one loop iteration go out as one MGET of up to this many entries, and writes as one pipeline
+# (coalesce.py).
 READ_BATCH = 64
+WRITE_BATCH = 64
 # A budget's check that runs this much later than planned means the event loop was busy: it looks again.
 LOOP_LATE_S = 0.05
 # Loop iterations a budget's check waits, once the budget is spent, for replies already received.
@@ -117,6 +120,8 @@ class Claim:
 
 
 WriteMode = Literal["cold", "refresh"]
+# A WRITE script call: its keys and its arguments.
+_Write = tuple[list[str], list[str | bytes | int]]
 STORED, OVER_LIMIT, GONE, NOT_OURS = 1, 0, -1, -2
 
 
@@ -164,6 +169,11 @@ class Store:
         self._map_is_stale = False  # a node's pipeline failed: read the cluster's slot map before the next
         self._detected_kind = "unknown"
         self._reads = Coalescer(self._get_many, max_batch=READ_BATCH)
+        # Refreshes that finish together and cold fills that finish together: a write's budget is its mode's.
+        self._writes: dict[WriteMode, Coalescer[_Write, int | BaseException]] = {
+            "refresh": Coalescer(functools.partial(self._write_many, COMMAND_TIMEOUT_S), max_batch=WRITE_BATCH),
+            "cold": Coalescer(functools.partial(self._write_many, self.fill_budget_s), max_batch=WRITE_BATCH),
+        }
 
     @classmethod
     def from_url(
@@ -292,6 +302,8 @@ class Store:
 
     async def aclose(self) -> None:
         await self._reads.aclose()
+        for writes in self._writes.values():
+            await writes.aclose()
         if self.topology is not None:
             await self.topology.aclose()
 
@@ -542,14 +554,24 @@ class Store:
         if mode == "cold":  # counted as taken while in flight, so this process's other cold writes see it
             self._pending[pending] += 1
         try:
-            async with self._within(self.fill_budget_s if mode == "cold" else COMMAND_TIMEOUT_S, write=True):
-                result: int = await self._write(keys=keys, args=args)
+            result = await self._writes[mode].get((keys, args))
         finally:
             if mode == "cold":
                 self._pending[pending] -= 1
+        if isinstance(result, BaseException):  # this write's own error (the others of its batch may be fine)
+            with self._errors(write=True):
+                raise result
         if result == STORED and mode == "cold":
             self._count(bucket, fetcher, +1)  # at most one too many (a refill): recounted soon
         return result
+
+    async def _write_many(self, budget_s: float, writes: list[_Write]) -> list[int | BaseException]:
+        """Several WRITE scripts in one round trip (per node), each with its own result or error."""
+        async with self._within(budget_s, write=True):
+            results: list[int | BaseException] = await self._pipelined(
+                [(self._write, keys, args) for keys, args in writes]
+            )
+        return results
 
     def _counted_elsewhere(self, bucket: Bucket, fetcher: str) -> int:
         """The fetcher's entries in the other buckets, counted or being written by this process."""
