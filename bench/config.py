@@ -20,6 +20,15 @@ class Config:
     hit_connections: int
     hit_warmup_seconds: float
     profile_seconds: float
+    # 6. many keys: warm hits spread over many entries, against one Redis GET per request / a dict
+    many_keys: int  # entries on redis:// (seeded through eagercache's Store.write)
+    many_memory_keys: int  # entries on memory:// (seeded by HTTP cold fills: a few hundred a second)
+    many_samples: int  # ids in each precomputed request sequence (uniform, Zipf)
+    many_zipf_s: float
+    many_rounds: int
+    many_seconds: float
+    many_warmup_seconds: float
+    many_connections: int
     # 2. eager refresh vs cache-aside
     expiry_rounds: int
     expiry_seconds: float
@@ -60,15 +69,26 @@ class Config:
 
 def load_config() -> Config:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,7").split(",") if s.strip())
+    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7").split(",") if s.strip())
     return Config(
         quick=quick,
         sections=sections,
-        hit_rounds=2 if quick else 5,
-        hit_seconds=3 if quick else 10,
+        # Section 1 measures both server stacks (fast, plain): 2 x 2 runs a round.
+        hit_rounds=2 if quick else 4,
+        hit_seconds=3 if quick else 8,
         hit_connections=32,
         hit_warmup_seconds=1 if quick else 3,
         profile_seconds=3 if quick else 8,
+        many_keys=30_000 if quick else 100_000,
+        # memory:// entries are filled over HTTP, ~500-900 a second per server (both at once, one per core):
+        # about 2-3 of section 6's ~6 minutes in a full run.
+        many_memory_keys=10_000 if quick else 100_000,
+        many_samples=200_000 if quick else 500_000,
+        many_zipf_s=1.0,
+        many_rounds=1 if quick else 2,
+        many_seconds=2 if quick else 4,
+        many_warmup_seconds=1 if quick else 2,
+        many_connections=32,
         expiry_rounds=1 if quick else 2,
         expiry_seconds=8 if quick else 30,
         expiry_keys=50,

@@ -87,3 +87,26 @@ async def noop(i: int) -> dict[str, int]:
     """Section 5's fetcher: no upstream, no Redis call of its own (the harness must count only eagercache's
     commands), and a 1 s ttl, so that every seeded entry is due again long before it can be refreshed."""
     return {"i": i}
+
+
+# Section 6's entries: the same fields for every id, the id zero-padded, so every body has the same size.
+ITEM_WIDTH = 7
+ITEM: dict[str, Any] = {
+    "kind": "bench-item",
+    "price": 104.25,
+    "currency": "EUR",
+    "stock": 1843,
+    "tags": ["a", "b", "c"],
+    "updated": "2026-11-25T00:00:00Z",
+}
+
+
+def item_data(id: int) -> dict[str, Any]:
+    """What `item` returns for this id, for the harness to seed the store with the same bytes."""
+    return {"id": f"{id:0{ITEM_WIDTH}d}", **ITEM}
+
+
+@fetcher(ttl=3600, jitter=0, timeout=5, max_entries=1_000_000)
+async def item(id: int) -> dict[str, Any]:
+    """Section 6: one entry per id (100,000 of them), never due during a run."""
+    return item_data(id)

@@ -1,21 +1,38 @@
-"""Section 1: warm hits of one entry on one uvicorn worker, against a bare Starlette app, in alternating rounds."""
+"""Section 1: warm hits of one entry on one uvicorn worker, against a bare Starlette app, in alternating rounds.
+
+On both server stacks, in the same run: fast = uvloop + httptools (what `eagercache serve` picks by default where
+they are installed), plain = asyncio + h11. Each stack's bare app runs on the same loop and parser.
+"""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from .config import Config
-from .loadgen import run_load
+from .loadgen import LoadResult, run_load
 from .procs import BIN, Cores, Proc, bench_env, free_port
 
 PATH = "/data/quote"
 # Headers that differ per answer or that Starlette sets itself.
 _DYNAMIC_HEADERS = {"date", "content-length", "server"}
+# name -> (--loop, --http), for `eagercache serve` and the baseline apps alike.
+STACKS: dict[str, tuple[str, str]] = {"fast": ("uvloop", "httptools"), "plain": ("asyncio", "h11")}
+PROFILE_STACK = "fast"
+# Issues 15 and 16: on the fast stack, eagercache's warm hits at >= 0.90x the bare app's req/s, p99 <= 1.3x.
+GOAL = {"stack": "fast", "rps_ratio": 0.90, "p99_ratio": 1.3}
+PROFILE_RATE_HZ = 250
+
+
+def stack_args(stack: str) -> list[str]:
+    loop, http = STACKS[stack]
+    return ["--loop", loop, "--http", http]
 
 
 def eagercache_cmd(port: int, redis_url: str, namespace: str, fetchers: str) -> list[str]:
@@ -35,78 +52,143 @@ def eagercache_cmd(port: int, redis_url: str, namespace: str, fetchers: str) -> 
     ]
 
 
+def _static(response: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k not in _DYNAMIC_HEADERS}
+
+
 def run_hit_path(cfg: Config, cores: Cores, redis_url: str, workdir: Path) -> dict[str, Any]:
     env = bench_env(BENCH_REDIS_URL=redis_url)
-    ec_port, bare_port = free_port(), free_port()
-    ec_cmd = eagercache_cmd(ec_port, redis_url, "hit:", "bench.fetchers:quote")
-    ec = Proc("eagercache", ec_cmd, core=cores.server, env=env)
-    bare: Proc | None = None
+    procs: list[Proc] = []
+    by_system: dict[tuple[str, str], Proc] = {}  # (stack, system) -> its server
+    ec_cmds: dict[str, list[str]] = {}
+    urls: dict[str, dict[str, str]] = {}  # stack -> system -> base URL
+    firsts: dict[str, str | None] = {}
+    warms: dict[str, httpx.Response] = {}
     try:
-        ec.wait_http(f"http://127.0.0.1:{ec_port}/readyz")
-        ec_url = f"http://127.0.0.1:{ec_port}"
-        first = httpx.get(ec_url + PATH, timeout=10)
-        warm = httpx.get(ec_url + PATH, timeout=10)
-        if warm.status_code != 200 or warm.headers.get("x-cache") != "HIT":
-            raise RuntimeError(f"no warm hit: {warm.status_code} {warm.headers}")
-        headers = {k: v for k, v in warm.headers.items() if k not in _DYNAMIC_HEADERS}
+        for stack in STACKS:
+            port = free_port()
+            ec_cmds[stack] = [*eagercache_cmd(port, redis_url, "hit:", "bench.fetchers:quote"), *stack_args(stack)]
+            ec = Proc(f"eagercache ({stack})", ec_cmds[stack], core=cores.server, env=env)
+            procs.append(ec)
+            by_system[stack, "eagercache"] = ec
+            url = f"http://127.0.0.1:{port}"
+            ec.wait_http(url + "/readyz")
+            firsts[stack] = httpx.get(url + PATH, timeout=10).headers.get("x-cache")
+            warm = httpx.get(url + PATH, timeout=10)
+            if warm.status_code != 200 or warm.headers.get("x-cache") != "HIT":
+                raise RuntimeError(f"no warm hit on the {stack} stack: {warm.status_code} {warm.headers}")
+            warms[stack] = warm
+            urls[stack] = {"eagercache": url}
+        warm = warms[PROFILE_STACK]
+        headers = _static(warm)
         response_file = workdir / "hit-response.json"
         response_file.write_text(json.dumps({"body": warm.content.decode(), "headers": headers}))
-        bare_cmd = [
-            str(BIN / "python"),
-            "-m",
-            "bench.bare_app",
-            "--port",
-            str(bare_port),
-            "--response",
-            str(response_file),
-        ]
-        bare = Proc("bare", bare_cmd, core=cores.server)
-        bare.wait_http(f"http://127.0.0.1:{bare_port}/healthz")
-        bare_url = f"http://127.0.0.1:{bare_port}"
-        check = httpx.get(bare_url + PATH, timeout=10)
-        same = (
-            check.content == warm.content
-            and {k: v for k, v in check.headers.items() if k not in _DYNAMIC_HEADERS} == headers
-        )
-        systems = {"eagercache": ec_url, "bare": bare_url}
-        for url in systems.values():
-            run_load(url, [PATH], duration_s=cfg.hit_warmup_seconds, connections=cfg.hit_connections, core=cores.load)
-        rounds: list[dict[str, Any]] = []
+        same: dict[str, bool] = {}
+        for stack in STACKS:
+            port = free_port()
+            bare_cmd = [
+                str(BIN / "python"),
+                "-m",
+                "bench.bare_app",
+                "--port",
+                str(port),
+                "--response",
+                str(response_file),
+                *stack_args(stack),
+            ]
+            bare = Proc(f"bare ({stack})", bare_cmd, core=cores.server)
+            procs.append(bare)
+            by_system[stack, "bare"] = bare
+            url = f"http://127.0.0.1:{port}"
+            bare.wait_http(url + "/healthz")
+            check = httpx.get(url + PATH, timeout=10)
+            # The bare apps send what the fast stack's eagercache answered (Age and max-age may have moved on
+            # since on the other stack's); each stack's eagercache sends the same body.
+            same[stack] = check.content == warm.content == warms[stack].content and _static(check) == headers
+            urls[stack]["bare"] = url
+        for systems in urls.values():
+            for url in systems.values():
+                run_load(
+                    url, [PATH], duration_s=cfg.hit_warmup_seconds, connections=cfg.hit_connections, core=cores.load
+                )
+        rounds: dict[str, list[dict[str, Any]]] = {stack: [] for stack in STACKS}
         for r in range(cfg.hit_rounds):
-            order = ["eagercache", "bare"] if r % 2 == 0 else ["bare", "eagercache"]
-            row: dict[str, Any] = {"order": order}
-            for name in order:
-                row[name] = run_load(
-                    systems[name], [PATH], duration_s=cfg.hit_seconds, connections=cfg.hit_connections, core=cores.load
-                ).to_json()
-            rounds.append(row)
-        cpu = {"eagercache": ec.cpu_seconds(), "bare": bare.cpu_seconds()}
+            stacks = list(STACKS) if r % 2 == 0 else list(reversed(STACKS))
+            for i, stack in enumerate(stacks):
+                order = ["eagercache", "bare"] if (r + i) % 2 == 0 else ["bare", "eagercache"]
+                row: dict[str, Any] = {"order": order}
+                for name in order:
+                    load = partial(
+                        run_load,
+                        urls[stack][name],
+                        [PATH],
+                        duration_s=cfg.hit_seconds,
+                        connections=cfg.hit_connections,
+                        core=cores.load,
+                    )
+                    row[name] = with_cpu(by_system[stack, name], load)
+                rounds[stack].append(row)
+        cpu = {proc.name: proc.cpu_seconds() for proc in procs}
     finally:
-        ec.close()
-        if bare is not None:
-            bare.close()
-    profile = profile_hit_path(cfg, cores, [*ec_cmd[:2], "--port", str(free_port()), *ec_cmd[4:]], env, workdir)
+        for proc in procs:
+            proc.close()
+    fast_cmd = ec_cmds[PROFILE_STACK]
+    profile = profile_hit_path(cfg, cores, [*fast_cmd[:2], "--port", str(free_port()), *fast_cmd[4:]], env, workdir)
+    by_stack = {
+        stack: {
+            "loop": STACKS[stack][0],
+            "http": STACKS[stack][1],
+            "first_cache": firsts[stack],
+            "bare_same_bytes": same[stack],
+            "rounds": rounds[stack],
+            "ratios": _ratios(rounds[stack]),
+            "server_cpu_seconds": {
+                "eagercache": cpu[f"eagercache ({stack})"],
+                "bare": cpu[f"bare ({stack})"],
+            },
+        }
+        for stack in STACKS
+    }
+    fast = by_stack[PROFILE_STACK]
     return {
         "path": PATH,
         "body_bytes": len(warm.content),
         "body": warm.content.decode(),
         "headers": headers,
-        "first_cache": first.headers.get("x-cache"),
-        "bare_same_bytes": same,
+        "first_cache": firsts[next(iter(STACKS))],
         "connections": cfg.hit_connections,
         "seconds": cfg.hit_seconds,
-        "rounds": rounds,
-        "ratios": _ratios(rounds),
-        "server_cpu_seconds": cpu,
+        "goal": GOAL,
+        "stacks": by_stack,
+        # The fast stack's figures at the top level too, where earlier reports read them.
+        "bare_same_bytes": fast["bare_same_bytes"],
+        "rounds": fast["rounds"],
+        "ratios": fast["ratios"],
+        "server_cpu_seconds": fast["server_cpu_seconds"],
         "profile": profile,
     }
 
 
+def with_cpu(server: Proc, load: Callable[[], LoadResult]) -> dict[str, Any]:
+    """A load run's results, with the server's CPU time over it: CPU µs per request does not depend on what
+    else the machine runs, where req/s and latency do."""
+    before = server.cpu_seconds()
+    result = load()
+    cpu = server.cpu_seconds() - before
+    per_request = cpu / result.requests * 1e6 if result.requests else 0.0
+    return {**result.to_json(), "server_cpu_s": cpu, "cpu_us_per_request": per_request}
+
+
 def _ratios(rounds: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Per round: eagercache / bare, for req/s, p50 and p99."""
+    return ratios(rounds, "eagercache", "bare")
+
+
+def ratios(rounds: list[dict[str, Any]], system: str, baseline: str) -> dict[str, list[float]]:
+    """Per round: system / baseline, for req/s, p50 and p99 (rounds hold LoadResult.to_json() by name)."""
     out: dict[str, list[float]] = {"rps": [], "p50": [], "p99": []}
     for row in rounds:
-        ec, bare = row["eagercache"], row["bare"]
+        ec, bare = row[system], row[baseline]
         out["rps"].append(ec["rps"] / bare["rps"])
         out["p50"].append(ec["percentiles_us"]["50.0"] / bare["percentiles_us"]["50.0"])
         out["p99"].append(ec["percentiles_us"]["99.0"] / bare["percentiles_us"]["99.0"])
@@ -117,51 +199,67 @@ def profile_hit_path(
     cfg: Config, cores: Cores, ec_cmd: list[str], env: dict[str, str], workdir: Path
 ) -> dict[str, Any]:
     """py-spy attaches to a fresh eagercache server (same command) while wrk sends it warm hits."""
-    pyspy = BIN / "py-spy"
-    if not pyspy.exists():
+    if not (BIN / "py-spy").exists():
         return {"error": "py-spy is not installed in the venv"}
     port = int(ec_cmd[ec_cmd.index("--port") + 1])
-    raw = workdir / "hit-profile.txt"
-    rate = 250
     server = Proc("eagercache (profiled)", ec_cmd, core=cores.server, env=env)
-    output = ""
     try:
         url = f"http://127.0.0.1:{port}"
         server.wait_http(url + "/readyz")
         httpx.get(url + PATH, timeout=10)
         run_load(url, [PATH], duration_s=1, connections=cfg.hit_connections, core=cores.load)
-        cmd = [
-            str(pyspy),
-            "record",
-            "--pid",
-            str(server.pid),
-            "--function",
-            "--rate",
-            str(rate),
-            "--duration",
-            str(round(cfg.profile_seconds)),
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-        ]
-        spy = Proc("py-spy", cmd, core=cores.load, env=env)
-        try:
-            load = run_load(
-                url, [PATH], duration_s=cfg.profile_seconds + 1, connections=cfg.hit_connections, core=cores.load
-            )
-            spy.process.wait(60)
-            output = spy.output()
-        finally:
-            spy.close()
+        return profile_during(
+            server.pid,
+            cfg.profile_seconds,
+            workdir / "hit-profile.txt",
+            cores,
+            env,
+            lambda seconds: run_load(url, [PATH], duration_s=seconds, connections=cfg.hit_connections, core=cores.load),
+        )
     finally:
         server.close()
+
+
+def profile_during(
+    pid: int,
+    seconds: float,
+    raw: Path,
+    cores: Cores,
+    env: dict[str, str],
+    load: Callable[[float], LoadResult],
+) -> dict[str, Any]:
+    """`py-spy record --function --format raw` on a running server for `seconds`, while `load(seconds + 1)` runs."""
+    pyspy = BIN / "py-spy"
+    if not pyspy.exists():
+        return {"error": "py-spy is not installed in the venv"}
+    cmd = [
+        str(pyspy),
+        "record",
+        "--pid",
+        str(pid),
+        "--function",
+        "--rate",
+        str(PROFILE_RATE_HZ),
+        "--duration",
+        str(round(seconds)),
+        "--format",
+        "raw",
+        "--output",
+        str(raw),
+    ]
+    spy = Proc("py-spy", cmd, core=cores.load, env=env)
+    try:
+        result = load(seconds + 1)
+        spy.process.wait(60)
+        output = spy.output()
+    finally:
+        spy.close()
     if not raw.exists():
         return {"error": f"py-spy wrote no profile: {output[-2000:]}"}
     summary = summarize_profile(raw.read_text())
-    summary["rps_while_profiling"] = load.rps
-    summary["rate_hz"] = rate
-    summary["command"] = "py-spy record --pid <eagercache serve> --function --rate 250 --format raw"
+    summary["rps_while_profiling"] = result.rps
+    summary["rate_hz"] = PROFILE_RATE_HZ
+    summary["command"] = f"py-spy record --pid <eagercache serve> --function --rate {PROFILE_RATE_HZ} --format raw"
     return summary
 
 

@@ -63,11 +63,30 @@ def wrk_version() -> str:
 
 
 def run_load(
-    base_url: str, paths: Sequence[str], *, duration_s: float, connections: int, core: int | None
+    base_url: str,
+    paths: Sequence[str],
+    *,
+    duration_s: float,
+    connections: int,
+    core: int | None,
+    lua_request: str | None = None,
+    lua_args: Sequence[str] = (),
 ) -> LoadResult:
-    """Closed-loop load: `connections` keep-alive connections, each sending its next request on the last answer."""
+    """Closed-loop load: `connections` keep-alive connections, each sending its next request on the last answer.
+
+    `lua_request` replaces wrk's choice of path (Lua defining `request`, and `init` if it reads `lua_args`);
+    the Python load generator, which cannot run it, cycles through `paths` instead.
+    """
     if loadgen_name() == "wrk":
-        return _wrk(base_url, paths, duration_s=duration_s, connections=connections, core=core)
+        return _wrk(
+            base_url,
+            paths,
+            duration_s=duration_s,
+            connections=connections,
+            core=core,
+            lua_request=lua_request,
+            lua_args=lua_args,
+        )
     return asyncio.run(_python_load(base_url, paths, duration_s=duration_s, connections=connections))
 
 
@@ -105,10 +124,19 @@ end
 """
 
 
-def _wrk(base_url: str, paths: Sequence[str], *, duration_s: float, connections: int, core: int | None) -> LoadResult:
+def _wrk(
+    base_url: str,
+    paths: Sequence[str],
+    *,
+    duration_s: float,
+    connections: int,
+    core: int | None,
+    lua_request: str | None = None,
+    lua_args: Sequence[str] = (),
+) -> LoadResult:
     script = _WRK_SCRIPT % {
-        "paths": ", ".join(json.dumps(p) for p in paths),
-        "request": _WRK_REQUEST if len(paths) > 1 else "",
+        "paths": ", ".join(json.dumps(p) for p in (paths[:1] if lua_request else paths)),
+        "request": lua_request or (_WRK_REQUEST if len(paths) > 1 else ""),
         "slow_us": SLOW_US,
         "percentiles": ", ".join(str(q) for q in PERCENTILES),
     }
@@ -117,8 +145,13 @@ def _wrk(base_url: str, paths: Sequence[str], *, duration_s: float, connections:
     try:
         seconds = max(1, round(duration_s))
         cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", f.name]
+        args = ["--", *lua_args] if lua_args else []
         out = subprocess.run(
-            pinned([*cmd, base_url + paths[0]], core), capture_output=True, text=True, timeout=seconds + 60, check=True
+            pinned([*cmd, base_url + paths[0], *args], core),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
         )
     finally:
         Path(f.name).unlink()

@@ -30,6 +30,7 @@ from .engine import run_engine
 from .expiry import run_expiry
 from .hitpath import run_hit_path
 from .loadgen import loadgen_name, wrk_version
+from .manykeys import run_many_keys
 from .procs import ROOT, Cores
 from .report import write_report
 from .scaling import run_scaling
@@ -148,6 +149,7 @@ def main() -> int:
             (3, "capacity", lambda c, k, u, w: run_capacity(c, k, u, w)),
             (4, "stampede", lambda c, k, u, w: run_stampede(c, k, u, w)),
             (5, "scaling", lambda c, k, u, w: run_scaling(c, k, u, w)),
+            (6, "many_keys", lambda c, k, u, w: run_many_keys(c, k, u, w)),
             (7, "engine", lambda c, k, u, w: run_engine(c, k, u, w)),
         ]
         for number, name, section in sections:
