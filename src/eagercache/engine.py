@@ -417,15 +417,16 @@ class Engine:
         return None
 
     async def _fetch_and_store_here(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None) -> bytes:
+        metrics = self.metrics
         async with self._slot(fetcher):
-            self.metrics.inflight.inc()
+            metrics.fetching += 1
             started = time.perf_counter()
             try:
                 data_json = await self._run_fetcher(fetcher, call, cause)
             finally:
-                self.metrics.inflight.dec()
-        self.metrics.fetches.labels(fetcher.name, cause, "ok").inc()
-        self.metrics.fetch_seconds.labels(fetcher.name).observe(time.perf_counter() - started)
+                metrics.fetching -= 1
+        metrics.plain_counter(metrics.fetches, fetcher.name, cause, "ok").inc()
+        metrics.plain_histogram(metrics.fetch_seconds, fetcher.name).observe(time.perf_counter() - started)
         previous = None
         if cause != "cold":  # the stored header says whether these are the same data (and since when)
             # A claim brings the header, unless its script could not read it (a key mid-reshard): read it here.
@@ -447,7 +448,8 @@ class Engine:
             self._refresh_errors.warning("fetched entry could not be stored", "cold", {"error": exc.detail})
             return value
         if claim is not None and claim.due_ms is not None:
-            self.metrics.refresh_lag.labels(fetcher.name).observe(max(0, self.clock.now_ms() - claim.due_ms) / 1000)
+            lag_s = max(0, self.clock.now_ms() - claim.due_ms) / 1000
+            metrics.plain_histogram(metrics.refresh_lag, fetcher.name).observe(lag_s)
         if outcome == STORED:
             self._remember(call.entry_id, Entry.parse(value), None)
         else:
@@ -462,7 +464,7 @@ class Engine:
             self.metrics.background_errors.labels("refresh-overtaken").inc()
             log.debug("refreshed entry was claimed again meanwhile; not stored", extra={"entry": call.entry_id})
         elif changed and cause != "cold":
-            self.metrics.changes.labels(fetcher.name).inc()
+            metrics.plain_counter(metrics.changes, fetcher.name).inc()
         for callback in self._on_write:
             callback(call.entry_id, due_at)
         return value

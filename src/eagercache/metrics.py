@@ -1,8 +1,9 @@
 """Prometheus instruments: one registry per app, or under `--workers` prometheus-client's multiprocess files.
 
-The /data hot path counts in plain ints (`ServedRead.record`, `RequestCount.inc`): a labelled child's inc()
-and a histogram's observe() each take a lock, and together cost more than the rest of the bookkeeping of a
-hit. `Metrics.flush()` adds what was counted to the prometheus series: before every scrape, and with
+The hot paths (a /data read, a refresh) count in plain ints (`ServedRead.record`, `PlainCounter.inc`,
+`PlainHistogram.observe`): a labelled child's inc() and a histogram's observe() each take a lock, and
+together cost more than the rest of the bookkeeping of a hit. `Metrics.flush()` adds what was counted to
+the prometheus series: before every scrape, and with
 `--workers` also every FLUSH_INTERVAL_S, so a scrape answered by one worker shows the other workers' reads
 at most that late. The ints are only touched from the app's event loop (`+=` is not atomic across threads).
 """
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import glob
 import logging
-import math
 import os
 from bisect import bisect_left
 from collections.abc import AsyncIterator
@@ -27,7 +27,7 @@ MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Seconds between flushes of a worker's read counts to its files: how late another worker's scrape sees them.
 FLUSH_INTERVAL_S = 1.0
 AGE_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
-_AGE_BOUNDS_S = (*map(float, AGE_BUCKETS_S), math.inf)  # a histogram's `le` bounds: +Inf closes them
+LAG_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +42,8 @@ def multiprocess_dir() -> str | None:
     return None
 
 
-class RequestCount:
-    """One `eagercache_requests_total` series, counted in a plain int between flushes."""
+class PlainCounter:
+    """One counter series, counted in a plain int between flushes."""
 
     __slots__ = ("_child", "n")
 
@@ -60,15 +60,20 @@ class RequestCount:
             self.n = 0
 
 
-class AgeHistogram:
-    """One fetcher's `eagercache_served_data_age_seconds`, as plain bucket counts and a sum between flushes."""
+class PlainHistogram:
+    """One histogram series, as plain bucket counts and a sum between flushes."""
 
-    __slots__ = ("_child", "counts", "total")
+    __slots__ = ("_child", "bounds", "counts", "total")
 
     def __init__(self, child: Histogram) -> None:
-        self.counts = [0] * len(_AGE_BOUNDS_S)  # per bucket, not cumulative: what observe() keeps too
+        self.bounds: list[float] = child._upper_bounds  # its `le` bounds, +Inf last (pinned like _buckets below)
+        self.counts = [0] * len(self.bounds)  # per bucket, not cumulative: what observe() keeps too
         self.total = 0.0
         self._child = child
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value: `le` is inclusive
+        self.total += value
 
     def flush(self) -> None:
         counts = self.counts
@@ -89,15 +94,13 @@ class ServedRead:
 
     __slots__ = ("_ages", "_count")
 
-    def __init__(self, count: RequestCount, ages: AgeHistogram) -> None:
+    def __init__(self, count: PlainCounter, ages: PlainHistogram) -> None:
         self._count = count
         self._ages = ages
 
     def record(self, age_s: float) -> None:
         self._count.n += 1
-        ages = self._ages
-        ages.counts[bisect_left(_AGE_BOUNDS_S, age_s)] += 1  # the first bound >= age: `le` is inclusive
-        ages.total += age_s
+        self._ages.observe(age_s)
 
 
 def _forget_dead_processes(path: str) -> None:
@@ -171,7 +174,7 @@ class Metrics:
             "eagercache_refresh_lag_seconds",
             "From an entry's due time to its refreshed value being stored.",
             ["fetcher"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=LAG_BUCKETS_S,
             registry=self.registry,
         )
         self.data_age = Histogram(
@@ -279,33 +282,46 @@ class Metrics:
             registry=self.registry,
         )
 
-        self._counts: dict[tuple[str, str], RequestCount] = {}
-        self._ages: dict[str, AgeHistogram] = {}
+        self._counters: dict[tuple[str, tuple[str, ...]], PlainCounter] = {}
+        self._histograms: dict[tuple[str, tuple[str, ...]], PlainHistogram] = {}
         self._served: dict[tuple[str, str], ServedRead] = {}
+        self.fetching = 0  # fetcher runs in progress: the in-flight gauge, set at each flush
 
-    def request_count(self, fetcher: str, result: str) -> RequestCount:
-        """The `eagercache_requests_total` series of a fetcher and a result; look it up once per pair."""
-        count = self._counts.get((fetcher, result))
-        if count is None:
-            count = self._counts[fetcher, result] = RequestCount(self.requests.labels(fetcher, result))
-        return count
+    def plain_counter(self, family: Counter, *labels: str) -> PlainCounter:
+        """A series of `family`, counted in a plain int; look it up once per label set, or keep it."""
+        key = (family._name, labels)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = PlainCounter(family.labels(*labels))
+        return counter
+
+    def plain_histogram(self, family: Histogram, *labels: str) -> PlainHistogram:
+        """A series of `family`, counted in plain ints; look it up once per label set, or keep it."""
+        key = (family._name, labels)
+        histogram = self._histograms.get(key)
+        if histogram is None:
+            histogram = self._histograms[key] = PlainHistogram(family.labels(*labels))
+        return histogram
+
+    def request_count(self, fetcher: str, result: str) -> PlainCounter:
+        """The `eagercache_requests_total` series of a fetcher and a result."""
+        return self.plain_counter(self.requests, fetcher, result)
 
     def served(self, fetcher: str, result: str) -> ServedRead:
         """The request count and the data-age histogram of answered reads of a fetcher with one result."""
         served = self._served.get((fetcher, result))
         if served is None:
-            ages = self._ages.get(fetcher)
-            if ages is None:
-                ages = self._ages[fetcher] = AgeHistogram(self.data_age.labels(fetcher))
+            ages = self.plain_histogram(self.data_age, fetcher)
             served = self._served[fetcher, result] = ServedRead(self.request_count(fetcher, result), ages)
         return served
 
     def flush(self) -> None:
-        """Add the reads counted in plain ints since the last flush to the prometheus series."""
-        for count in self._counts.values():
-            count.flush()
-        for ages in self._ages.values():
-            ages.flush()
+        """Add what was counted in plain ints since the last flush to the prometheus series."""
+        for counter in self._counters.values():
+            counter.flush()
+        for histogram in self._histograms.values():
+            histogram.flush()
+        self.inflight.set(self.fetching)
 
     @contextlib.asynccontextmanager
     async def flushing(self) -> AsyncIterator[None]:
