@@ -7,7 +7,7 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -65,7 +65,7 @@ class DateHeader:
         self._second = -1
         self._value = b""
 
-    def _date(self) -> bytes:
+    def date(self) -> bytes:
         second = self.clock.now_ms() // 1000
         if second != self._second:
             self._second, self._value = second, http_date(second)
@@ -78,10 +78,47 @@ class DateHeader:
 
         async def send_with_date(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"date", self._date())]
+                message["headers"] = [*message.get("headers", ()), (b"date", self.date())]
             await send(message)
 
         await self.app(scope, receive, send_with_date)
+
+
+class DataFastPath:
+    """GET and HEAD of /data/... go straight to their endpoint, past Starlette's exception middleware and
+    router and the Date middleware (together ~13 % of a warm hit's CPU in a profile); every other request
+    goes the usual way. Placed just inside ServerErrorMiddleware, which still turns anything unexpected into
+    the app's 500 problem."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        answer: Callable[[str, Scope], Awaitable[Response]],
+        date: Callable[[], bytes] | None,
+    ) -> None:
+        self.app = app
+        self.answer = answer
+        self.date = date
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            path = _route_path(scope)
+            if path.startswith("/data/"):
+                response = await self.answer(path[len("/data/") :], scope)
+                if self.date is not None:
+                    response.raw_headers.append((b"date", self.date()))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the app's mount point (`root_path`), as Starlette's router matches it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
 
 
 def create_app(
@@ -212,6 +249,11 @@ def create_app(
     )
     if date_header:
         app.add_middleware(DateHeader, clock=store.clock)
+
+    def date() -> bytes:
+        return http_date(store.clock.now_ms() // 1000)
+
+    app.add_middleware(DataFastPath, answer=answer, date=date if date_header else None)  # the outermost
     app.state.engine = engine
     app.state.refresher = refresher
     app.state.metrics = metrics
