@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from eagercache import create_app, fetcher
 from eagercache.item import Entry
+from eagercache.settings import Settings
 
 from .helpers import Counter
 from .redis_server import RedisServer
@@ -138,3 +139,45 @@ async def test_an_entry_is_stored_whole(redis_url: str, redis_sync: redis.Redis)
     assert Entry.parse(item).body == body
     assert 0 < shadow_ttl <= 500
     assert due is not None
+
+
+async def test_without_expiry_events_no_shadow_key_is_kept_and_the_schedule_alone_refreshes(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """`expiry_events = false`: the ~143 bytes per entry of a shadow key are not spent, no subscription is
+    made, and entries are still refreshed on time by the schedule."""
+    app = create_app([stamp], settings=Settings(redis_url=redis_url, expiry_events=False))
+    writes = Counter()
+    app.state.engine.on_write(writes.hit)
+    async with running(app) as client:
+        first = await client.get("/data/stamp?k=x")
+        assert first.headers["x-cache"] == "MISS"
+        await writes.reach(3)  # the cold write, then two refreshes of ttl 0.5 s
+        ready = (await client.get("/readyz")).json()
+        refreshed = await client.get("/data/stamp?k=x")
+    assert ready["refresh_mode"] == "schedule"
+    assert app.state.refresher.events is None
+    assert refreshed.json()["data"] != first.json()["data"]
+    assert redis_sync.exists("eagercache:{b0}:item:stamp?k=x")
+    assert redis_sync.keys("eagercache:*shadow*") == []
+
+
+async def test_with_expiry_events_every_stored_entry_has_its_shadow_key(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """The default: each entry's shadow key expires when it is due (the hint the events give)."""
+    app = create_app([stamp], redis_url=redis_url)
+    async with running(app) as client:
+        await client.get("/data/stamp?k=y")
+        assert app.state.refresher.mode == "events+schedule"
+        assert 0 < redis_sync.pttl("eagercache:{b0}:shadow:stamp?k=y") <= 500
+
+
+async def test_memory_store_keeps_no_shadow_keys() -> None:
+    """memory:// sends no expiry events, so it does not pay for their shadow keys."""
+    app = create_app([stamp], redis_url="memory://")
+    async with running(app) as client:
+        await client.get("/data/stamp?k=z")
+        keys = await app.state.store.client.keys("*")
+    assert b"eagercache:{b0}:item:stamp?k=z" in keys
+    assert not [k for k in keys if b"shadow" in k]

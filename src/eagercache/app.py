@@ -156,6 +156,7 @@ def create_app(
         max_connections=settings.redis_max_connections,
         read_budget_s=settings.read_budget,
         auth=settings.redis_auth(),
+        shadow_keys=settings.expiry_events,
     )
     engine = Engine(registry, store, metrics, settings)
     refresher = Refresher(engine, store, settings)

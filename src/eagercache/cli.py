@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--access-log", action="store_true", default=None, help="log every request (off by default)")
     serve.add_argument(
+        "--expiry-events",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shadow keys and Redis expired events as early hints (EAGERCACHE_EXPIRY_EVENTS, on); "
+        "--no-expiry-events: the schedule alone, ~143 bytes less per entry",
+    )
+    serve.add_argument(
         "--workers", type=int, default=1, metavar="N", help="worker processes sharing the store (1); not a setting"
     )
     serve.add_argument(

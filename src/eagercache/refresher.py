@@ -77,7 +77,7 @@ class Refresher:
         self.read_flush_s = max(READ_FLUSH_MIN_S, min(READ_FLUSH_MAX_S, shortest_idle / 4))
         self.events = (
             None
-            if store.is_memory
+            if not store.shadow_keys
             else ExpiryEvents(store, self.metrics, batch=CLAIM_BATCH, idle_s=settings.backstop_interval)
         )
         self.uses_events = self.events is not None

@@ -114,6 +114,7 @@ return released
 # holder's only while the schedule still shows its lease (or no score at all: the member was lost). If it
 # shows the due time this write sets, an earlier try of the same write was applied and its reply lost:
 # done already. Any other score is someone else's claim or write since: not ours to overwrite.
+# ARGV[8]: '1' to set the shadow key (expiry events on), '' for none.
 # Returns 1 stored, 0 not stored (fetcher at max entries), -1 not stored (entry gone), -2 not stored
 # (no longer this refresh's).
 WRITE = (
@@ -141,7 +142,7 @@ if is_new then
   end
 end
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], '', 'PX', math.max(1, tonumber(ARGV[3]) - now))
+if ARGV[8] == '1' then redis.call('SET', KEYS[2], '', 'PX', math.max(1, tonumber(ARGV[3]) - now)) end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 if ARGV[6] == 'cold' then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
 redis.call('DEL', KEYS[5], KEYS[7])
@@ -151,7 +152,8 @@ return 1
 
 # After a failed refresh: keep the body, mark the entry stale, try again later.
 # KEYS: item, shadow, due, stale, read, counts. ARGV: id, retry in ms, stale marker ('' to leave the
-# marker alone), fetcher. An entry whose item is gone is dropped whole, as in WRITE. Returns 0 if it is gone.
+# marker alone), fetcher, '1' to set the shadow key ('' for none). An entry whose item is gone is dropped
+# whole, as in WRITE. Returns 0 if it is gone.
 POSTPONE = (
     _NOW
     + """
@@ -162,7 +164,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
 if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3]) end
-redis.call('SET', KEYS[2], '', 'PX', ARGV[2])
+if ARGV[5] == '1' then redis.call('SET', KEYS[2], '', 'PX', ARGV[2]) end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """

@@ -141,10 +141,13 @@ class Store:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         read_budget_s: float = DEFAULT_READ_BUDGET_S,
         auth: Auth | None = None,
+        shadow_keys: bool = True,
     ) -> None:
         _check_url(url)
         self.url = url
         self.is_memory = url.startswith(MEMORY_URL)
+        # A shadow key per entry is only a hint for expiry events, which memory:// never sends.
+        self.shadow_keys = shadow_keys and not self.is_memory
         self.requested_buckets = buckets
         self.keys = Keys(namespace, buckets or 1)
         self.read_budget_s = read_budget_s
@@ -549,7 +552,8 @@ class Store:
         # Only a cold write can add an entry; a refresh's room is never looked at.
         room = max_entries - self._counted_elsewhere(bucket, fetcher) if mode == "cold" else max_entries
         lease = "" if lease_end_ms is None else lease_end_ms
-        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode, lease]
+        shadow = "1" if self.shadow_keys else ""
+        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode, lease, shadow]
         pending = (bucket.index, fetcher)
         if mode == "cold":  # counted as taken while in flight, so this process's other cold writes see it
             self._pending[pending] += 1
@@ -613,7 +617,7 @@ class Store:
         b = self.keys.bucket_of(entry_id)
         keys = [b.item(entry_id), b.shadow(entry_id), b.due, b.stale(entry_id), b.read, b.counts]
         marker = stale.encode() if stale is not None else ""
-        args: list[str | int] = [entry_id, max(1, retry_in_ms), marker, fetcher]
+        args: list[str | int] = [entry_id, max(1, retry_in_ms), marker, fetcher, "1" if self.shadow_keys else ""]
         with self._errors(write=True):
             kept: int = await self._postpone(keys=keys, args=args)
         return bool(kept)
