@@ -29,11 +29,13 @@ import fakeredis
 import redis.asyncio as redis
 from redis import exceptions as redis_exceptions
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from . import packing
 from .errors import ConfigurationError, StoreUnavailable
 
 MEMORY_URL = "memory://"
@@ -366,9 +368,15 @@ def build_standalone(url: str, common: dict[str, Any], max_connections: int) -> 
     try:
         # Blocking: at max_connections a command waits for a free connection (up to the command
         # timeout) instead of failing with "Too many connections" under a burst of reads.
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=COMMAND_TIMEOUT_S, **common
-        )
+        # As BlockingConnectionPool.from_url, the URL's options winning, with connections that pack with hiredis.
+        options: dict[str, Any] = {
+            **common,
+            "max_connections": max_connections,
+            "timeout": COMMAND_TIMEOUT_S,
+            **parse_url(url),
+        }
+        options["connection_class"] = packing.FAST[options.get("connection_class", Connection)]
+        pool = redis.BlockingConnectionPool(**options)
     except ValueError as exc:
         raise ConfigurationError(f"redis_url {redact(url)!r} is not a valid Redis URL: {exc}") from exc
     return redis.Redis.from_pool(pool)
@@ -416,6 +424,9 @@ def _sentinel(url: str, common: dict[str, Any], max_connections: int) -> Topolog
         sentinel.master_for(
             target.service,
             connection_pool_class=BlockingSentinelPool,
+            connection_class=(
+                packing.FastSentinelManagedSSLConnection if target.tls else packing.FastSentinelManagedConnection
+            ),
             db=target.db,
             ssl=target.tls,
             max_connections=connections,
