@@ -19,8 +19,7 @@ ARG = st.one_of(
     st.integers(),
     st.floats(allow_nan=False),
     st.binary().map(lambda b: memoryview(b)),
-    st.booleans(),
-)
+)  # bools are refused by both (test_what_redis_py_refuses_is_refused_alike)
 redis_py, fast = Connection(), FastConnection()
 
 
