@@ -30,7 +30,7 @@ from .errors import (
     UnknownFetcher,
 )
 from .fetchers import Fetcher, Registry
-from .item import Entry, build_entry, encode_data
+from .item import Entry, encode_data, new_entry
 from .keys import split_entry_id
 from .logs import Throttle
 from .lru import LRU
@@ -433,7 +433,8 @@ class Engine:
             previous = claim.header if claim is not None and claim.header else await self.store.header(call.entry_id)
         now = self.clock.now_ms()
         due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms)
-        value, changed = build_entry(data_json, now, due_at, previous_header=previous)
+        entry, changed = new_entry(data_json, now, due_at, previous_header=previous)
+        value = entry.encode()
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
         try:
             outcome = await self._write(call.entry_id, fetcher, value, due_at, mode, claim)
@@ -451,7 +452,7 @@ class Engine:
             lag_s = max(0, self.clock.now_ms() - claim.due_ms) / 1000
             metrics.plain_histogram(metrics.refresh_lag, fetcher.name).observe(lag_s)
         if outcome == STORED:
-            self._remember(call.entry_id, Entry.parse(value), None)
+            self._remember(call.entry_id, entry, None)
         else:
             self._forget_near(call.entry_id)
         if outcome == OVER_LIMIT:
@@ -521,7 +522,7 @@ class Engine:
             raise FetchFailed(error)
         inner = asyncio.create_task(_guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
         try:
-            done, _ = await asyncio.wait({inner}, timeout=fetcher.timeout)
+            done = await _done_within(inner, fetcher.timeout)
         except asyncio.CancelledError:  # shutdown: the fetcher is cancelled with us
             self._abandon(inner, fetcher.name)
             raise
@@ -609,6 +610,28 @@ class Engine:
         if self._closed is None:
             self._closed = asyncio.get_running_loop().create_future()
         return self._closed
+
+
+async def _done_within(task: asyncio.Task[Any], timeout_s: float) -> bool:
+    """Wait until `task` is done (True) or `timeout_s` has passed (False; the task is left running): what
+    `asyncio.wait({task}, timeout=...)` does, without its sets and bookkeeping (~15 us of every refresh)."""
+    if task.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    task.add_done_callback(wake)
+    timer = loop.call_later(timeout_s, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        task.remove_done_callback(wake)
+    return task.done()
 
 
 async def _guarded(func: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:

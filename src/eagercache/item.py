@@ -84,7 +84,15 @@ def encode_data(data: Any, fetcher_name: str) -> bytes:
 def build_entry(
     data_json: bytes, now_ms: int, due_at_ms: int, *, previous_header: bytes | None = None
 ) -> tuple[bytes, bool]:
-    """The new stored value and whether its data changed since the previous one.
+    """The new stored value and whether its data changed since the previous one (see `new_entry`)."""
+    entry, changed = new_entry(data_json, now_ms, due_at_ms, previous_header=previous_header)
+    return entry.encode(), changed
+
+
+def new_entry(
+    data_json: bytes, now_ms: int, due_at_ms: int, *, previous_header: bytes | None = None
+) -> tuple[Entry, bool]:
+    """The new entry and whether its data changed since the previous one.
 
     `previous_header` is the start of the stored value (its header line is enough): if it carries the
     same ETag, the data is unchanged and keeps its `last_modified`.
@@ -94,7 +102,7 @@ def build_entry(
     changed = previous is None or previous.etag != etag
     last_modified_ms = now_ms if changed or previous is None else previous.last_modified_ms
     body = _encoder.encode(_Body(msgspec.Raw(data_json), rfc3339(now_ms), rfc3339(last_modified_ms)))
-    return Entry(etag, now_ms, last_modified_ms, due_at_ms, body).encode(), changed
+    return Entry(etag, now_ms, last_modified_ms, due_at_ms, body), changed
 
 
 def _header(raw: bytes | None) -> Entry | None:
