@@ -53,6 +53,7 @@ def section_engine(s7: Doc, docs: Path, targets: list[list[str]]) -> str:
     parts += _lag(s7, docs, targets)
     parts += _memory(s7, targets)
     parts += _cold(s7, targets)
+    parts += _causes(s7)
     phases = s7.get("phases", {})
     parts += [
         "Time taken by this section: "
@@ -559,3 +560,57 @@ def _cold(s7: Doc, targets: list[list[str]]) -> list[str]:
 def _hits(run: Doc) -> str:
     others: Sequence[tuple[str, float]] = [(k, v) for k, v in run["by_result"].items() if k != "miss" and v]
     return ", ".join(f"{k} {v:,.0f}" for k, v in others) or "none"
+
+
+def _causes(s7: Doc) -> list[str]:
+    """Why a goal of this section is not met, from this run's own figures."""
+    goals = _goals(s7)
+    capacity_goal = float(goals.get("refreshes_per_s", 20_000))
+    out: list[str] = []
+    fast = s7.get("capacity", {}).get("fast")
+    if fast and fast.get("rounds"):
+        cpu_us = median([r["cpu_us_per_refresh"] for r in fast["rounds"]])
+        rate = median([r["refreshes_per_s"] for r in fast["rounds"]])
+        if rate < capacity_goal:
+            out.append(
+                f"- **Capacity**: a refresh costs the process {num(cpu_us)} µs of CPU (fast stack), so one core "
+                f"refreshes at most {num(1e6 / cpu_us)} per second; {num(capacity_goal)}/s needs "
+                f"{num(1e6 / capacity_goal)} µs. The profile above says where the time goes: per refresh, two "
+                "asyncio tasks (the refresh, and the fetcher's own task that isolates it: a fetcher may raise "
+                "anything, ignore cancellation or hang past its timeout), the fetcher call, canonical JSON and a "
+                "BLAKE2b ETag, the `WRITE` script's arguments and reply (pipelined with the other writes of "
+                "the same loop iteration), and the event loop itself. Closing the rest of the gap means "
+                "refreshing a claimed batch in one task (the fetcher calls still isolated) and a write that "
+                "sends less than 15 arguments; the remaining per-refresh work is Python's."
+            )
+    for n, run in sorted(s7.get("lag", {}).items(), key=lambda kv: int(kv[0])):
+        due = run.get("due_per_second", s7.get("due_per_second", 0))
+        if run.get("refreshes_per_s", 0) < due:
+            out.append(
+                f"- **Lag at {int(n):,} entries**: {num(due)} entries fall due per second and the process "
+                f"refreshed {num(run['refreshes_per_s'])} per second over the window (CPU "
+                f"{num(run['cpu_util'] * 100)} %, {num(run['cpu_us_per_refresh'])} µs per refresh with expiry "
+                "events arriving): a backlog grows, and lag grows with it. The lag goals follow from capacity: "
+                "at the goal's rate, one process keeps up only at ≤ 100 µs per refresh, events included; with "
+                "`--no-expiry-events` the event traffic is not parsed at all; several processes share the "
+                "rate (section 5)."
+            )
+            break
+    for n, run in sorted(s7.get("lag", {}).items(), key=lambda kv: int(kv[0])):
+        m = run.get("memory")
+        goal = float(goals.get("overhead_bytes", 200))
+        if m and m["overhead"] > goal:
+            out.append(
+                f"- **Memory at {int(n):,} entries**: {num(m['overhead'])} bytes per entry beyond the body, "
+                f"of which the shadow key {num(m['shadow_bytes_per_entry'])} (`--no-expiry-events` leaves it "
+                f"out: {num(m['overhead_without_shadow'])}). What is left is Redis's per-key cost of a string "
+                "key (its dictionary entry, key object and the key name, which carries the namespace and "
+                "bucket tag) and one member in each of two sorted sets (the schedule and the read times: a "
+                "skiplist node and a dictionary entry each, with the entry id stored again). Reaching 200 "
+                "bytes takes a different layout, e.g. entries packed into per-bucket hashes with their "
+                "schedule, which gives up per-key expiry and eviction: not done in this round."
+            )
+            break
+    if not out:
+        return []
+    return ["### Why the goals not met are not met", "", *out, ""]

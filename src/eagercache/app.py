@@ -164,6 +164,14 @@ def create_app(
     log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
 
     representer = Representer()
+
+    def report_cache_sizes() -> None:
+        for cache, (entries, size) in {**engine.cache_sizes(), "representations": representer.cache_size()}.items():
+            metrics.cache_entries.labels(cache).set(entries)
+            if size is not None:
+                metrics.cache_bytes.labels(cache).set(size)
+
+    metrics.on_flush(report_cache_sizes)
     # Counted in plain ints, added to the prometheus series at the scrape (metrics.py); looked up once per pair.
     served = functools.cache(lambda name, cache: metrics.served(name, cache.lower()))
 

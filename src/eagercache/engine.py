@@ -232,6 +232,10 @@ class Engine:
             return fetcher, call.entry_id
         return self.registry[fetcher_name], entry_id
 
+    def cache_sizes(self) -> dict[str, tuple[int, int | None]]:
+        """Entries and body bytes (None: holds no bodies) of the near cache and the query cache, for the metrics."""
+        return {"near": (len(self._near), self._near_bytes), "queries": (len(self._entry_ids), None)}
+
     def _remember(self, entry_id: str, entry: Entry, stale: Stale | None) -> None:
         replaced = self._near.pop(entry_id)
         if replaced is not None:

@@ -16,7 +16,7 @@ import glob
 import logging
 import os
 from bisect import bisect_left
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -197,6 +197,22 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",  # the server's: every worker runs fetches of its own
         )
+        self.cache_entries = Gauge(
+            "eagercache_process_cache_entries",
+            "Entries in this process's memory caches: near (entries), queries (validated query strings), "
+            "representations (prepared response headers and bodies).",
+            ["cache"],
+            registry=self.registry,
+            multiprocess_mode="livesum",  # each worker has its own caches: the server's memory is the sum
+        )
+        self.cache_bytes = Gauge(
+            "eagercache_process_cache_bytes",
+            "Bytes of response bodies held by this process's near cache and prepared representations (each "
+            "bounded at 64 MB; the query cache holds at most 100,000 strings of at most 200 bytes).",
+            ["cache"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.abandoned = Gauge(
             "eagercache_fetches_abandoned",
             "Fetcher runs still going after their timeout cancelled them (a fetcher that ignores cancellation).",
@@ -286,6 +302,7 @@ class Metrics:
         self._histograms: dict[tuple[str, tuple[str, ...]], PlainHistogram] = {}
         self._served: dict[tuple[str, str], ServedRead] = {}
         self.fetching = 0  # fetcher runs in progress: the in-flight gauge, set at each flush
+        self._on_flush: list[Callable[[], None]] = []
 
     def plain_counter(self, family: Counter, *labels: str) -> PlainCounter:
         """A series of `family`, counted in a plain int; look it up once per label set, or keep it."""
@@ -315,8 +332,14 @@ class Metrics:
             served = self._served[fetcher, result] = ServedRead(self.request_count(fetcher, result), ages)
         return served
 
+    def on_flush(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` at every flush (before a scrape): for gauges read from live state."""
+        self._on_flush.append(callback)
+
     def flush(self) -> None:
         """Add what was counted in plain ints since the last flush to the prometheus series."""
+        for callback in self._on_flush:
+            callback()
         for counter in self._counters.values():
             counter.flush()
         for histogram in self._histograms.values():

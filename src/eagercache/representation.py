@@ -77,6 +77,10 @@ class Representer:
         self._prepared_bytes = 0
         self._compressing: dict[tuple[str, int, bool], asyncio.Future[_Prepared]] = {}
 
+    def cache_size(self) -> tuple[int, int | None]:
+        """Prepared representations and the bytes of their bodies."""
+        return len(self._prepared), self._prepared_bytes
+
     async def respond(self, read: Read, request_headers: Mapping[str, str]) -> Response:
         entry, fetcher = read.entry, read.fetcher
         zipped = len(entry.body) >= GZIP_MIN_BYTES and _accepts_gzip(request_headers.get("accept-encoding", ""))

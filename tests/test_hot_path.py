@@ -1,0 +1,174 @@
+"""The hit path's and the refresh path's batching and caches: what they must never change.
+
+Reads of one loop iteration share one MGET, and refresh writes that finish together share one pipeline:
+each caller still gets exactly its own answer, a failure reaches exactly the callers it concerns, and
+nothing is lost, written twice or written out of order. The per-process caches are bounded, evict the
+least recently used, and are reported in /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import pytest
+import redis
+
+from eagercache import engine as engine_module
+from eagercache import fetcher
+from eagercache.coalesce import Coalescer
+from eagercache.errors import StoreUnavailable
+from eagercache.item import Entry
+from eagercache.lru import LRU
+
+from .conftest import AppFactory
+from .helpers import Counter
+
+
+def test_lru_keeps_a_hot_key_however_many_cold_ones_pass() -> None:
+    """An insertion-order FIFO would evict the key inserted first after `max_entries` insertions."""
+    cache: LRU[str, int] = LRU(100)
+    cache.put("hot", 0)
+    for i in range(10_000):
+        cache.put(f"cold{i}", i)
+        assert cache.get("hot") == 0  # read as often as the cold ones arrive
+    assert len(cache) == 100
+    assert cache.get("cold0") is None  # the least recently used went
+
+
+async def test_coalescer_answers_each_caller_its_own_value_in_one_call_per_iteration() -> None:
+    batches: list[list[int]] = []
+
+    async def run(keys: list[int]) -> list[int]:
+        batches.append(keys)
+        return [k * 10 for k in keys]
+
+    coalescer: Coalescer[int, int] = Coalescer(run, max_batch=8)
+    answers = await asyncio.gather(*(coalescer.get(k) for k in range(20)))
+    assert answers == [k * 10 for k in range(20)]
+    assert [len(b) for b in batches] == [8, 8, 4]  # one iteration's 20 callers, in batches of at most 8
+
+
+async def test_coalescer_failure_reaches_its_batch_and_a_cancelled_caller_does_not_stop_the_others() -> None:
+    release = asyncio.Event()
+
+    async def run(keys: list[str]) -> list[str]:
+        await release.wait()
+        if "bad" in keys:
+            raise StoreUnavailable("down")
+        return keys
+
+    coalescer: Coalescer[str, str] = Coalescer(run, max_batch=64)
+    leaving = asyncio.create_task(coalescer.get("a"))
+    staying = asyncio.create_task(coalescer.get("b"))
+    await asyncio.sleep(0)  # both asked in this iteration: one batch
+    leaving.cancel()
+    release.set()
+    assert await staying == "b"
+    assert leaving.cancelled()
+    failing = [asyncio.create_task(coalescer.get(k)) for k in ("bad", "c")]
+    results = await asyncio.gather(*failing, return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    ok = await coalescer.get("d")  # the next batch is unaffected
+    assert ok == "d"
+
+
+@pytest.mark.parametrize("store_url", ["redis"], indirect=True)
+async def test_concurrent_reads_of_many_entries_share_round_trips_and_get_their_own_bodies(
+    make_app: AppFactory,
+) -> None:
+    @fetcher(ttl=3600, jitter=0)
+    async def item(i: int) -> dict[str, int]:
+        return {"i": i}
+
+    app, client = await make_app([item])
+    for i in range(40):
+        assert (await client.get(f"/data/item?i={i}")).status_code == 200
+    engine = app.state.engine
+    for i in range(40):
+        engine._forget_near(f"item?i={i}")  # the next reads go to Redis
+    store = app.state.store
+    calls = Counter()
+    real = store._get_many
+
+    async def counted(ids: list[str]) -> Any:
+        calls.hit()
+        return await real(ids)
+
+    store._reads._run = counted
+    responses = await asyncio.gather(*(client.get(f"/data/item?i={i}") for i in range(40)))
+    assert [r.json()["data"] for r in responses] == [{"i": i} for i in range(40)]
+    assert all(r.headers["x-cache"] == "HIT" for r in responses)
+    assert calls.count < 40  # shared: without coalescing, one MGET per read
+
+
+@pytest.mark.parametrize("store_url", ["redis"], indirect=True)
+async def test_pipelined_refresh_writes_lose_nothing_and_write_nothing_twice(
+    make_app: AppFactory, redis_sync: redis.Redis
+) -> None:
+    """300 entries refreshed every 0.5 s, their writes pipelined together: each fetch is written once
+    (writes per entry = fetches per entry), each stored value is its entry's latest fetch, and a value
+    is never replaced by an older one."""
+    fetched: dict[int, int] = {}
+    written: dict[str, int] = {}
+    every_entry_refreshed = asyncio.Event()
+
+    @fetcher(ttl=0.5, jitter=0, max_idle=3600)
+    async def tick(i: int) -> dict[str, int]:
+        fetched[i] = fetched.get(i, 0) + 1
+        if len(fetched) == 300 and min(fetched.values()) >= 4:
+            every_entry_refreshed.set()
+        return {"i": i, "run": fetched[i]}
+
+    def wrote(entry_id: str, _due: int) -> None:
+        written[entry_id] = written.get(entry_id, 0) + 1
+
+    app, client = await make_app([tick])
+    app.state.engine.on_write(wrote)
+    for i in range(300):
+        assert (await client.get(f"/data/tick?i={i}")).status_code == 200
+    seen: dict[int, int] = {}
+    async with asyncio.timeout(30):
+        while not every_entry_refreshed.is_set():
+            for i in range(0, 300, 7):  # meanwhile: what is stored only ever moves forward
+                raw = redis_sync.get(f"eagercache:{{b0}}:item:tick?i={i}")
+                assert isinstance(raw, bytes)
+                retrieved = Entry.parse(raw).last_retrieved_ms
+                assert retrieved >= seen.get(i, 0)
+                seen[i] = retrieved
+            await asyncio.sleep(0.05)
+    for i in range(300):
+        raw = redis_sync.get(f"eagercache:{{b0}}:item:tick?i={i}")
+        assert isinstance(raw, bytes)
+        run = json.loads(Entry.parse(raw).body)["data"]["run"]
+        assert fetched[i] - 1 <= run <= fetched[i]  # its latest fetch, or the one before while that is written
+        assert fetched[i] - 1 <= written[f"tick?i={i}"] <= fetched[i]  # one write per fetch, none twice
+
+
+async def test_process_caches_are_bounded_and_reported(make_app: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "QUERY_CACHE_ENTRIES", 5)
+    monkeypatch.setattr(engine_module, "NEAR_CACHE_ENTRIES", 3)
+
+    @fetcher(ttl=3600, jitter=0)
+    async def item(i: int, note: str = "") -> int:
+        return i
+
+    _, client = await make_app([item])
+    for i in range(12):
+        assert (await client.get(f"/data/item?i={i}")).status_code == 200
+    long_query = "i=1&note=" + "x" * engine_module.QUERY_CACHE_MAX_BYTES
+    assert (await client.get(f"/data/item?{long_query}")).status_code == 200
+    text = (await client.get("/metrics")).text
+
+    def sample(cache: str, kind: str = "entries") -> float:
+        found = re.search(rf'eagercache_process_cache_{kind}{{cache="{cache}"}} (\S+)', text)
+        assert found is not None, (cache, kind)
+        return float(found.group(1))
+
+    assert sample("queries") == 5  # bounded, and the long query string was not kept
+    assert sample("near") == 3
+    assert sample("near", "bytes") > 0
+    assert sample("representations") >= 3
+    assert sample("representations", "bytes") > 0
