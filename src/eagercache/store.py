@@ -59,6 +59,8 @@ WARM_CONNECTIONS = 16
 # (coalesce.py).
 READ_BATCH = 64
 WRITE_BATCH = 64
+# Read times recorded per command (Store.touch): small enough that Redis serves others between them.
+TOUCH_CHUNK = 1000
 # A budget's check that runs this much later than planned means the event loop was busy: it looks again.
 LOOP_LATE_S = 0.05
 # Loop iterations a budget's check waits, once the budget is spent, for replies already received.
@@ -751,16 +753,22 @@ class Store:
         with self._errors(write=True):
             return sum(self._all(await self._pipelined(calls)))
 
-    async def touch(self, entry_ids: list[str]) -> None:
-        """Record reads, in one command per bucket: only for entries that exist, never moving a time back."""
-        if not entry_ids:
-            return
+    async def touch(self, entry_ids: Iterable[str]) -> None:
+        """Record reads: only for entries that exist, never moving a time back.
+
+        At most TOUCH_CHUNK entries per command, one round trip each: one ZADD of the 40,000 entries a busy
+        process reads in an interval held Redis (and every reader waiting on it) for tens of ms.
+        """
         now = self.clock.now_ms()
-        pipe = self.client.pipeline(transaction=False)
-        for b, ids in self._by_bucket(entry_ids).items():
-            pipe.zadd(b.read, dict.fromkeys(ids, now), xx=True, gt=True)
-        with self._errors(write=True):
-            await pipe.execute()
+
+        async def record(bucket: Bucket, ids: list[str]) -> None:
+            for start in range(0, len(ids), TOUCH_CHUNK):
+                with self._errors(write=True):
+                    await self.client.zadd(
+                        bucket.read, dict.fromkeys(ids[start : start + TOUCH_CHUNK], now), xx=True, gt=True
+                    )
+
+        await asyncio.gather(*(record(b, ids) for b, ids in self._by_bucket(entry_ids).items()))
 
     async def repair(self, entry_ids: list[str]) -> list[str]:
         """Put stored entries that are missing from the schedule back on it (due now); returns those."""
