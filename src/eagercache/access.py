@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from . import scripts
+from .changes import CHANNEL_SUFFIX
 from .errors import ConfigurationError, StoreUnavailable
 from .store import Store, redact, store_errors
 
@@ -56,9 +57,11 @@ REQUIRED_COMMANDS = (
 # What redis-py's cluster client runs to learn the slot map and command keys, and to follow an ASK
 # redirection during a reshard; only on a cluster.
 CLUSTER_COMMANDS = ("cluster|slots", "cluster|shards", "cluster|nodes", "command", "asking", "readonly")
-# Used when allowed: expiry events (subscribe). (redis-py also sends CLIENT SETINFO on connect and
-# ignores a refusal; Redis before 7.2 does not know it, so the rule leaves it out.)
-OPTIONAL_COMMANDS = ("subscribe", "unsubscribe")
+# Used when allowed: expiry events (subscribe), and the change channel of /watch (publish, subscribe;
+# without them a watcher hears of another replica's change at the hub's next check, within a second).
+# (redis-py also sends CLIENT SETINFO on connect and ignores a refusal; Redis before 7.2 does not know it,
+# so the rule leaves it out.)
+OPTIONAL_COMMANDS = ("subscribe", "unsubscribe", "publish")
 # Opt-in: lets eagercache turn expiry events on itself and warn about an eviction policy. CONFIG cannot
 # be limited to one parameter, so it gives the user the whole server's configuration (masterauth,
 # requirepass, maxmemory-policy): left out unless asked for.
@@ -77,7 +80,8 @@ def acl_rule(namespace: str, db: int = 0, *, config: bool = False, cluster: bool
         *(CONFIG_COMMANDS if config else ()),
     )
     commands = " ".join(f"+{c}" for c in granted)
-    return f"on resetkeys ~{namespace}* resetchannels &__keyevent@{db}__:expired -@all {commands}"
+    channels = f"&__keyevent@{db}__:expired &{namespace}{CHANNEL_SUFFIX}"
+    return f"on resetkeys ~{namespace}* resetchannels {channels} -@all {commands}"
 
 
 async def check_access(store: Store) -> None:

@@ -13,12 +13,13 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from redis.exceptions import OutOfMemoryError
 
+from .changes import Change
 from .errors import (
     DataTooStale,
     EagerCacheError,
@@ -125,6 +126,7 @@ class Engine:
         self._abandoned: dict[asyncio.Task[Any], str] = {}  # fetcher runs that outlived their timeout -> fetcher
         self._on_write: list[Callable[[str, int], None]] = []
         self._on_done: list[Callable[[], None]] = []
+        self._on_change: list[Callable[[Change, str, str], None]] = []
         self._fetch_slots = asyncio.Semaphore(self.max_concurrent)
         self._fetcher_slots = {
             f.name: asyncio.Semaphore(f.max_concurrency) for f in registry.values() if f.max_concurrency is not None
@@ -133,6 +135,8 @@ class Engine:
         # and entries read while overdue (their schedule may be lost: the refresher repairs it).
         self.reads: set[str] = set()
         self.overdue: set[str] = set()
+        # Entries someone watches in this process (watch.py): read by definition, so never removed as idle.
+        self.watched: Collection[str] = ()
         self._over_limit_logged: dict[str, float] = {}
         self._refresh_errors = Throttle(log, 60.0)
         # The entry a query string names, by fetcher and query string, as validated (least recently used go).
@@ -146,6 +150,11 @@ class Engine:
     def on_write(self, callback: Callable[[str, int], None]) -> None:
         """Call `callback(entry_id, next_due_ms)` after every stored entry (the refresher may need to wake sooner)."""
         self._on_write.append(callback)
+
+    def on_change(self, callback: Callable[[Change, str, str], None]) -> None:
+        """Call `callback(change, entry_id, etag)` when this process stores an entry's new data (`etag` is
+        the new one), marks it stale, or removes it (`etag` is "" for those two)."""
+        self._on_change.append(callback)
 
     def on_fetch_done(self, callback: Callable[[], None]) -> None:
         """Call `callback()` whenever a fetch ends (a slot is free again)."""
@@ -190,6 +199,17 @@ class Engine:
                 f"over its max_stale of {fetcher.max_stale:g} s"
             )
         return Read(fetcher, entry_id, entry, "STALE", now)
+
+    async def reread(self, entry_id: str) -> Read:
+        """The entry as stored now, past this process's near cache (filled as a cold read if it is
+        missing): what a watcher is sent after a change elsewhere."""
+        self._forget_near(entry_id)
+        name, query = split_entry_id(entry_id)
+        return await self.read(name, query)
+
+    def is_stale(self, fetcher: Fetcher, entry: Entry, stale: Stale | None) -> bool:
+        """Whether a read of this entry now is STALE (its refreshes fail, or its refresh is overdue)."""
+        return stale is not None or self.clock.now_ms() - entry.due_ms > _allowed_lateness_ms(fetcher)
 
     async def _fill(self, fetcher: Fetcher, call: Call) -> Read:
         """A missing entry: join the fetch in flight for it, or start one (single flight)."""
@@ -253,7 +273,14 @@ class Engine:
     async def forget(self, entry_id: str, fetcher_name: str) -> bool:
         """Remove an entry (it is no longer served here at once; other replicas within the near-cache ttl)."""
         self._forget_near(entry_id)
-        return await self.store.forget(entry_id, fetcher_name)
+        existed = await self.store.forget(entry_id, fetcher_name)
+        if existed:
+            self._changed("gone", entry_id, "")
+        return existed
+
+    def _changed(self, change: Change, entry_id: str, etag: str) -> None:
+        for callback in self._on_change:
+            callback(change, entry_id, etag)
 
     # -- refreshes -----------------------------------------------------------------------------------
 
@@ -343,7 +370,7 @@ class Engine:
         return await self._join_or_fetch(fetcher, call, "admin")
 
     def _idle(self, fetcher: Fetcher, entry_id: str, last_read_ms: int | None) -> bool:
-        if last_read_ms is None or entry_id in self.reads:
+        if last_read_ms is None or entry_id in self.reads or entry_id in self.watched:
             return False
         return self.clock.now_ms() - last_read_ms > fetcher.max_idle * 1000
 
@@ -358,6 +385,8 @@ class Engine:
         delay_ms = min(int(fetcher.ttl * 1000), RETRY_BASE_MS * 2 ** min(stale.failures - 1, 30))
         self._forget_near(entry_id)  # readers here see the stale marker at once
         await self.store.postpone(entry_id, fetcher.name, delay_ms, stale)
+        if previous is None:  # fresh until now
+            self._changed("stale", entry_id, "")
 
     # -- fetching ------------------------------------------------------------------------------------
 
@@ -457,6 +486,8 @@ class Engine:
             metrics.plain_histogram(metrics.refresh_lag, fetcher.name).observe(lag_s)
         if outcome == STORED:
             self._remember(call.entry_id, entry, None)
+            if changed:
+                self._changed("data", call.entry_id, entry.etag)
         else:
             self._forget_near(call.entry_id)
         if outcome == OVER_LIMIT:

@@ -610,6 +610,13 @@ class Store:
         assert body is None or isinstance(body, bytes)
         return body, lock is not None
 
+    async def publish(self, channel: str, message: bytes) -> int:
+        """PUBLISH (changes.py); how many subscribers got it. On a cluster any node takes it: the cluster
+        bus carries it to the subscribers of every node."""
+        with self._errors():
+            received: int = await self.client.publish(channel, message)
+        return received
+
     async def stale(self, entry_id: str) -> Stale | None:
         with self._errors():
             return Stale.parse(await self.client.get(self.keys.stale(entry_id)))

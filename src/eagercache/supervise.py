@@ -112,6 +112,14 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def check_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled and a library swallowed it (a redis-py or fakeredis
+    call inside `asyncio.wait_for` whose result came with the cancellation: redis/redis-py#2028). A loop
+    that runs until cancelled calls this on each turn, or it runs on for ever."""
+    if _being_cancelled():
+        raise asyncio.CancelledError
+
+
 class Outage:
     """Logs a failing background loop once per outage, and paces its retries with exponential backoff."""
 
