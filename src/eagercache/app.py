@@ -39,6 +39,8 @@ from .refresher import Refresher
 from .representation import Representer, http_date, request_headers
 from .settings import Settings, load_settings
 from .store import Store, redact
+from .stream import watch_endpoint
+from .watch import WatchHub
 
 log = logging.getLogger(__name__)
 # /readyz answers within this, whatever Redis does (an orchestrator's probe has a timeout of its own).
@@ -160,6 +162,7 @@ def create_app(
     )
     engine = Engine(registry, store, metrics, settings)
     refresher = Refresher(engine, store, settings)
+    hub = WatchHub(engine, store, settings)
     kind = "in-memory store: this process only, lost on exit" if store.is_memory else "Redis"
     log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
 
@@ -210,7 +213,7 @@ def create_app(
             await store.ping(READY_PROBE_TIMEOUT_S)
         except StoreUnavailable as exc:
             reasons.append(exc.detail)
-        reasons += refresher.problems()
+        reasons += refresher.problems() + hub.problems()
         if reasons:
             raise StoreUnavailable("; ".join(reasons))
         return Response(
@@ -219,6 +222,10 @@ def create_app(
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def shutting_down() -> None:
+        engine.begin_shutdown()
+        hub.close()  # streams end now, or the server would wait for them (its graceful shutdown)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -234,12 +241,16 @@ def create_app(
             log.info("store ready", extra=refresher.store_status())
             await store.warm()
             await refresher.start()
+            await hub.start()
             if handle_signals:
-                _on_shutdown_signals(engine.begin_shutdown)
+                _on_shutdown_signals(shutting_down)
             yield
         finally:
             try:
-                await refresher.stop()
+                try:
+                    await hub.stop()
+                finally:
+                    await refresher.stop()
             finally:
                 await store.aclose()
 
@@ -248,6 +259,7 @@ def create_app(
         routes=[
             *admin,
             Route("/data/{fetcher:path}", _AsgiEndpoint(data), methods=["GET", "HEAD"]),
+            Route("/watch/{fetcher:path}", _AsgiEndpoint(watch_endpoint(hub, settings.watch_ping)), methods=["GET"]),
             Route("/openapi.json", openapi),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -268,6 +280,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.store = store
+    app.state.watch = hub
     return app
 
 

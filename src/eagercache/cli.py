@@ -104,6 +104,8 @@ _TUNING = {
     "near_cache_ttl": ("S", "serve entries from process memory for S seconds"),
     "shutdown_timeout": ("S", "seconds from SIGTERM that readers and fetches get before exiting"),
     "read_budget": ("S", "seconds a reader waits for Redis before grace or 503"),
+    "max_watchers": ("N", "open /watch streams per process; more get a 503"),
+    "watch_ping": ("S", "seconds between pings on a /watch stream"),
 }
 
 

@@ -140,6 +140,14 @@ class ShuttingDown(EagerCacheError):
     title = "Shutting down"
 
 
+class TooManyWatchers(EagerCacheError):
+    """This process has `max_watchers` /watch streams open; another replica, or a later try, takes the watch."""
+
+    status = 503
+    slug = "too-many-watchers"
+    title = "Too many watchers"
+
+
 def problem_response(error: EagerCacheError) -> Response:
     """The problem+json response for an error, with its headers (Retry-After, WWW-Authenticate)."""
     doc = error.problem()

@@ -297,6 +297,32 @@ class Metrics:
             "Changes of the store's primaries seen (failover, primary added or removed).",
             registry=self.registry,
         )
+        self.watchers = Gauge(
+            "eagercache_watchers",
+            "Open /watch streams.",
+            registry=self.registry,
+            multiprocess_mode="livesum",  # each worker has its own streams: the server's are the sum
+        )
+        self.watch_events = Counter(
+            "eagercache_watch_events",
+            "Events sent to watchers, by event (snapshot, patch, status).",
+            ["event"],
+            registry=self.registry,
+        )
+        self.watch_lag = Histogram(
+            "eagercache_watch_delivery_lag_seconds",
+            "From the write of changed data (its last_modified, by the store's clock) to its event sent to a watcher.",
+            ["fetcher"],
+            buckets=LAG_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.watch_slow = Counter(
+            "eagercache_watch_slow_clients",
+            "Watchers that fell behind: their buffer filled up (sent a snapshot instead of the backlog), or a send "
+            "stalled past the send timeout (disconnected; the client reconnects).",
+            ["action"],
+            registry=self.registry,
+        )
 
         self._counters: dict[tuple[str, tuple[str, ...]], PlainCounter] = {}
         self._histograms: dict[tuple[str, tuple[str, ...]], PlainHistogram] = {}

@@ -22,6 +22,11 @@ _ERRORS = {
     "503": "The store is unreachable, or the data is staler than the fetcher's max_stale",
     "504": "The fetcher exceeded its timeout (only when the entry was missing)",
 }
+_WATCH_STREAM = (
+    "`retry:` once; `event: snapshot` (`id:` the ETag, `data:` the /data body); `event: patch` (`id:` the new ETag, "
+    '`data:` {"base": previous ETag, "patch": RFC 6902 operations}); `event: status` (`data:` {"state": "stale" '
+    'or "fresh"}); a `: ping` comment every watch_ping seconds'
+)
 _HEADERS = {
     "ETag": "Strong validator of the data; the same data has the same tag on every replica",
     "Last-Modified": "When the data last changed (HTTP-date)",
@@ -58,6 +63,7 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
             "get": _operation(f, "get", summary, params, item_name),
             "head": _operation(f, "head", summary, params, None),
         }
+        paths[f"/watch/{f.name}"] = {"get": _watch_operation(f, summary, params)}
     components["Problem"] = _problem_schema()
     for path, what in [("/healthz", "The process is alive"), ("/readyz", "The store and the refresher are ready")]:
         paths[path] = {"get": {"summary": what, "responses": {
@@ -90,6 +96,33 @@ def _operation(f: Fetcher, method: str, summary: str, params: list[Any], item: s
         "description": f"Refreshed every {f.ttl:g} s (+ up to {f.jitter:g} s); cache keys hold at most "
         f"{MAX_ENTRY_ID_CHARS} characters.",
         "parameters": params,
+        "responses": responses,
+    }
+
+
+def _watch_operation(f: Fetcher, summary: str, params: list[Any]) -> dict[str, Any]:
+    last_event_id = {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "The id of the last event received: equal to the entry's current ETag, no snapshot is sent",
+        "schema": {"type": "string"},
+    }
+    stream = {
+        "description": _WATCH_STREAM,
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    responses: dict[str, Any] = {"200": stream}
+    for status, what in _ERRORS.items():
+        if status == "503":
+            what += ", or this process has --max-watchers streams open (with Retry-After)"
+        responses[status] = {"description": what, "content": {"application/problem+json": {"schema": _PROBLEM}}}
+    return {
+        "operationId": f"watch_{f.name}",
+        "summary": f"Watch: {summary}",
+        "description": "The entry of the same query as /data, as Server-Sent Events: a snapshot, then a patch (or a "
+        "snapshot) for each change of its data, whichever replica refreshed it, and its stale/fresh status.",
+        "parameters": [*params, last_event_id],
         "responses": responses,
     }
 

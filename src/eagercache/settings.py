@@ -72,6 +72,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Seconds from SIGTERM that readers and in-flight fetches get; then readers get a 503 and the process exits."""
     read_budget: float = DEFAULT_READ_BUDGET_S
     """Seconds a reader waits for Redis; past it a recently served entry is answered from memory (STALE), else 503."""
+    max_watchers: int = 10_000
+    """Open /watch streams per process; past it a 503 `too-many-watchers` with Retry-After."""
+    watch_ping: float = 15.0
+    """Seconds between `: ping` comments on a /watch stream, so that proxies keep it open."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: LogFormat = "text"
     access_log: bool = False
@@ -112,6 +116,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ValueError(f"near_cache_ttl must be >= 0 and <= 60 seconds, got {self.near_cache_ttl}")
         if not 0.01 <= self.read_budget <= 10:
             raise ValueError(f"read_budget must be >= 0.01 and <= 10 seconds, got {self.read_budget}")
+        if self.max_watchers < 0:
+            raise ValueError(f"max_watchers must be >= 0, got {self.max_watchers}")
+        if not 0 < self.watch_ping <= 300:
+            raise ValueError(f"watch_ping must be > 0 and <= 300 seconds, got {self.watch_ping}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if not self.redis_url.startswith(URL_SCHEMES):
