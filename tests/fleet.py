@@ -76,3 +76,23 @@ async def held(k: str) -> str:
     await _redis().rpush("fleet:held", str(os.getpid()))
     await asyncio.sleep(60)
     return k
+
+
+# What no version of `ticking` changes: its body outweighs a patch, so the server sends patches, not snapshots.
+_TEXT = "Text that stays the same from one version to the next. " * 12
+
+
+@fetcher(ttl=0.3, jitter=0, timeout=5)
+async def ticking(k: str) -> dict[str, object]:
+    """Data that changes on every fetch (a counter, fleet:tick:<k>) until a test sets fleet:tick:<k>:frozen.
+
+    Its list grows and shrinks and a member comes and goes, so the patches between versions add, remove and
+    replace, in arrays and objects; a key with '/' and '~' needs JSON Pointer's escapes (RFC 6901, section 3).
+    """
+    client = _redis()
+    if await client.exists(f"fleet:tick:{k}:frozen"):
+        n = int(await client.get(f"fleet:tick:{k}") or 0)
+    else:
+        n = int(await client.incr(f"fleet:tick:{k}"))
+    odd = {"odd": True} if n % 2 else {}
+    return {"k": k, "n": n, "items": [f"i{j}" for j in range(n % 4)], "nested": {"a/b~c": n, **odd}, "text": _TEXT}

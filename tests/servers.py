@@ -20,8 +20,8 @@ EAGERCACHE = str(Path(sys.executable).parent / "eagercache")
 
 
 class ServeProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()  # a port of its own, or the one a stopped server had (a restart)
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         # A file, not a pipe: a server logging more than a pipe holds must never block on it.
