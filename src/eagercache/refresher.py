@@ -171,7 +171,7 @@ class Refresher:
         await self.engine.drain()
         # Each step on its own: one that fails must not skip the others.
         try:
-            await self.store.touch(sorted(self._take_reads()))
+            await self.store.touch(self._take_reads())
         except Exception as exc:
             log.warning("could not record the last reads", extra={"error": _error(exc)})
         if self._claims:
@@ -312,7 +312,7 @@ class Refresher:
             await asyncio.sleep(self.read_flush_s)
             reads, overdue = self._take_reads(), self._take_overdue()
             try:
-                await self.store.touch(sorted(reads.union(self.engine.watched)))  # a watched entry is read
+                await self.store.touch(reads.union(self.engine.watched))  # a watched entry is read
                 if repaired := await self.store.repair(sorted(overdue)):
                     self.metrics.repaired.labels("read").inc(len(repaired))
                     log.info("entries off the schedule put back on it", extra={"entries": len(repaired)})
