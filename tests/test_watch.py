@@ -86,6 +86,17 @@ async def test_errors_are_problems_before_any_stream() -> None:
         assert app.state.watch.count == 0
 
 
+async def test_a_process_that_is_shutting_down_takes_no_new_watcher() -> None:
+    app = create_app([item_fetcher(Source())], settings=settings())
+    async with running(app) as client:
+        app.state.watch.close()  # what SIGTERM does (with the engine's shutdown)
+        answer = await client.get("/watch/item")
+        assert (answer.status_code, answer.headers["retry-after"]) == (503, "1")
+        assert answer.json()["type"] == "urn:eagercache:problem:shutting-down"
+        assert (await client.get("/watch/nope")).status_code == 404  # bad input is still told as such
+        assert app.state.watch.count == 0
+
+
 async def test_a_watcher_gets_the_snapshot_then_a_patch_for_each_change() -> None:
     source = Source({"a": 1})
     app = create_app([item_fetcher(source)], settings=settings())

@@ -69,7 +69,7 @@ CONFIG_COMMANDS = ("config|get", "config|set")
 
 
 def acl_rule(namespace: str, db: int = 0, *, config: bool = False, cluster: bool = False) -> str:
-    """The ACL rule for eagercache's user: its keys, its channel, its commands, nothing else (and SELECT
+    """The ACL rule for eagercache's user: its keys, its channels, its commands, nothing else (and SELECT
     for a database other than 0, which the client sends on every new connection; the cluster client's
     commands on a cluster; CONFIG if asked for)."""
     granted = (

@@ -229,9 +229,7 @@ class WatchHub:
         current event id skips the snapshot."""
         self.engine.registry.call(fetcher_name, query)  # bad input is refused before anything else
         if self.closing:
-            raise ShuttingDown(
-                "the server is shutting down; watch again", headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
-            )
+            raise _shutting_down()
         if self.count >= self.max_watchers:
             raise TooManyWatchers(
                 f"this process has {self.max_watchers} watchers, its --max-watchers",
@@ -240,13 +238,13 @@ class WatchHub:
         self._count(+1)
         try:
             watched = await self._watched(await self.engine.read(fetcher_name, query))
+            if self.closing:  # the shutdown began while the entry was read
+                raise _shutting_down()
         except BaseException:
             self._count(-1)
             raise
         watcher = Watcher(watched, resumed=last_event_id == watched.version.event_id)
         watched.watchers.add(watcher)
-        if self.closing:
-            watcher.close()
         return watcher
 
     async def _watched(self, read: Read) -> _Watched:
@@ -398,6 +396,12 @@ class WatchHub:
             if entry.etag != watched.version.entry.etag:
                 self._update(watched)
             self._set_state(watched, "stale" if self.engine.is_stale(watched.fetcher, entry, stale) else "fresh")
+
+
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown(
+        "the server is shutting down; watch again", headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
+    )
 
 
 async def _diff(old: _Version, new: _Version) -> bytes | None:
