@@ -62,6 +62,11 @@ class Config:
     engine_lag_window_seconds: float
     engine_cold_seconds: float
     engine_cold_connections: int
+    # 8. watchers: SSE streams on one serve process, the versions written by another (issue 11's figures)
+    # (watchers, entries they spread over, ttl s: each entry gets a new version this often)
+    watch_runs: tuple[tuple[int, int, float], ...]
+    watch_window_seconds: float
+    watch_clients: int  # client processes holding the streams, on the load core
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +74,7 @@ class Config:
 
 def load_config() -> Config:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7").split(",") if s.strip())
+    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7,8").split(",") if s.strip())
     return Config(
         quick=quick,
         sections=sections,
@@ -120,4 +125,9 @@ def load_config() -> Config:
         engine_lag_window_seconds=5 if quick else 20,
         engine_cold_seconds=3 if quick else 8,
         engine_cold_connections=32,
+        # Over 1,000 entries a version each 5 s: 200 versions/s. The watched process spends 1-2 ms of CPU on a
+        # version of 10 watchers (re-read, diff, sends): a version each 1 s would saturate it with that alone.
+        watch_runs=((1_000, 1, 1.0), (1_000, 100, 1.0)) if quick else ((10_000, 1, 1.0), (10_000, 1_000, 5.0)),
+        watch_window_seconds=6 if quick else 20,
+        watch_clients=2 if quick else 4,
     )

@@ -35,6 +35,7 @@ from .procs import ROOT, Cores
 from .report import write_report
 from .scaling import run_scaling
 from .stampede import run_stampede
+from .watchers import run_watchers
 
 DOCS = ROOT / "docs"
 RESULTS = DOCS / "benchmarks.json"
@@ -151,6 +152,7 @@ def main() -> int:
             (5, "scaling", lambda c, k, u, w: run_scaling(c, k, u, w)),
             (6, "many_keys", lambda c, k, u, w: run_many_keys(c, k, u, w)),
             (7, "engine", lambda c, k, u, w: run_engine(c, k, u, w)),
+            (8, "watchers", lambda c, k, u, w: run_watchers(c, k, u, w)),
         ]
         for number, name, section in sections:
             if number not in cfg.sections:
