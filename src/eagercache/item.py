@@ -98,14 +98,14 @@ def new_entry(
     same ETag, the data is unchanged and keeps its `last_modified`.
     """
     etag = etag_of(data_json)
-    previous = _header(previous_header)
+    previous = parse_header(previous_header)
     changed = previous is None or previous.etag != etag
     last_modified_ms = now_ms if changed or previous is None else previous.last_modified_ms
     body = _encoder.encode(_Body(msgspec.Raw(data_json), rfc3339(now_ms), rfc3339(last_modified_ms)))
     return Entry(etag, now_ms, last_modified_ms, due_at_ms, body), changed
 
 
-def _header(raw: bytes | None) -> Entry | None:
+def parse_header(raw: bytes | None) -> Entry | None:
     """The validators in a stored value's header line (no body needed); None if there is none to read."""
     if raw is None:
         return None

@@ -30,7 +30,7 @@ from .changes import Announced, ChangeChannel
 from .engine import Engine, Read
 from .errors import DataTooStale, EagerCacheError, ShuttingDown, StoreUnavailable, TooManyWatchers
 from .fetchers import Fetcher
-from .item import Entry
+from .item import Entry, parse_header
 from .logs import Throttle
 from .settings import Settings
 from .store import Store
@@ -387,7 +387,7 @@ class WatchHub:
         for watched, (header, _, stale) in zip(batch, described, strict=True):
             if self.entries.get(watched.entry_id) is not watched:
                 continue  # nobody watches it any more
-            entry = _header(header)
+            entry = parse_header(header)
             if entry is None:  # removed (or replaced by a value eagercache did not write)
                 if now >= watched.retry_at:
                     watched.refill = True
@@ -409,12 +409,3 @@ async def _diff(old: _Version, new: _Version) -> bytes | None:
     if max(len(old.entry.body), len(new.entry.body)) > patches.PATCH_IN_THREAD_BYTES:
         return await asyncio.to_thread(patches.diff, *args)
     return patches.diff(*args)
-
-
-def _header(raw: bytes | None) -> Entry | None:
-    if raw is None:
-        return None
-    try:
-        return Entry.parse(raw.split(b"\n", 1)[0] + b"\n")
-    except ValueError:
-        return None
