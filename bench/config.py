@@ -1,4 +1,4 @@
-"""Durations and sizes of a run: the full run (`make bench`, under 15 minutes on 2 cores) or BENCH_QUICK=1.
+"""Durations and sizes of a run: the full run (`make bench`, about 21 minutes on 2 cores) or BENCH_QUICK=1.
 
 BENCH_SECTIONS=1,3 runs only those sections (the report marks the others as not run).
 """

@@ -1126,7 +1126,7 @@ def write_report(results: Doc, docs: Path) -> Path:
         "## How to run",
         "",
         "```console",
-        "$ make bench                    # full run, about 15 minutes on 2 cores; rewrites this file",
+        "$ make bench                    # full run, about 21 minutes on 2 cores; rewrites this file",
         "$ BENCH_QUICK=1 make bench      # ~3-minute smoke run with short rounds (and 10,000 entries only)",
         "$ BENCH_SECTIONS=1,3 make bench # only some sections",
         "$ BENCH_LOADGEN=python make bench  # force the Python load generator instead of wrk",

@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark sections, keep their raw results, and write docs/benchmarks.md from them.
 
-.venv/bin/python -m bench.run              # full run (~15 minutes on 2 cores)
+.venv/bin/python -m bench.run              # full run (~21 minutes on 2 cores)
 BENCH_QUICK=1 .venv/bin/python -m bench.run   # smoke run (~3 minutes)
 """
 
