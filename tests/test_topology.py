@@ -7,11 +7,11 @@ import zlib
 import pytest
 from redis.crc import key_slot
 
-from eagercache.errors import ConfigurationError
+from eagercache.errors import ConfigurationError, StoreUnavailable
 from eagercache.keys import Keys
 from eagercache.settings import Settings
 from eagercache.store import Store
-from eagercache.topology import SentinelTarget
+from eagercache.topology import SentinelTarget, store_errors
 
 
 def test_every_key_of_an_entry_shares_its_buckets_slot() -> None:
@@ -110,3 +110,13 @@ def test_a_sentinel_url_is_a_valid_setting_and_its_password_is_never_shown() -> 
     assert "hunter2" not in repr(settings)
     with pytest.raises(ValueError, match="redis_url must start with"):
         Settings(redis_url="sentinel://h:26379/mymaster")
+
+
+def test_a_write_to_a_connection_uvloop_closed_is_the_store_unreachable() -> None:
+    """uvloop raises RuntimeError, not ConnectionError, for a write to a closed socket (seen in the reshard
+    fault test as a 500): it is the store being unreachable, and readers get grace or a 503 problem."""
+    closed = RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+    with pytest.raises(StoreUnavailable, match="connection was closed"), store_errors("redis://h:1"):
+        raise closed
+    with pytest.raises(RuntimeError, match="something else"), store_errors("redis://h:1"):
+        raise RuntimeError("something else")  # any other RuntimeError is a bug to see, not an outage

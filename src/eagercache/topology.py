@@ -76,6 +76,7 @@ def redact(url: str) -> str:
 # Errors a client raises while a server restarts, fails over or moves slots: the store is unavailable
 # for now, not broken. RedisClusterException is not a RedisError (no slot owner known, too many redirects).
 CLIENT_ERRORS = (RedisError, RedisClusterException, OSError)
+_UVLOOP_CLOSED = "the handler is closed"
 
 
 @contextmanager
@@ -93,6 +94,13 @@ def store_errors(url: str) -> Iterator[None]:
         raise StoreUnavailable(f"cannot reach the store at {redact(url)}: {exc}{hint}") from exc
     except (RedisError, RedisClusterException) as exc:
         raise StoreUnavailable(f"store error at {redact(url)}: {type(exc).__name__}: {exc}") from exc
+    except RuntimeError as exc:
+        # uvloop's transports raise this for a write to a connection already closed (a node restarting, a
+        # slot moving), where asyncio's raise ConnectionError (MagicStack/uvloop#506); redis-py lets it through
+        # after dropping the connection, so it is the store being unreachable, not a bug here.
+        if _UVLOOP_CLOSED not in str(exc):
+            raise
+        raise StoreUnavailable(f"cannot reach the store at {redact(url)}: the connection was closed") from exc
 
 
 @dataclass(frozen=True, slots=True)
