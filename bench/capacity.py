@@ -30,7 +30,7 @@ from eagercache.keys import Keys
 from eagercache.store import Store
 
 from .hitpath import summarize_profile
-from .procs import BIN, Cores, Proc, bench_env
+from .procs import BIN, Cores, Proc, bench_env, pyspy_record
 
 NAMESPACE = "cap:"
 SEED_BATCH = 512
@@ -167,24 +167,9 @@ def _size(n: int, cfg: Any, cores: Cores, redis_url: str, client: redis.Redis, w
 
 
 def _profile(pid: int, cores: Cores, raw: Path, seconds: int) -> dict[str, Any]:
-    pyspy = BIN / "py-spy"
-    if not pyspy.exists():
+    cmd = pyspy_record(pid, seconds, raw)
+    if cmd is None:
         return {"error": "py-spy is not installed in the venv"}
-    cmd = [
-        str(pyspy),
-        "record",
-        "--pid",
-        str(pid),
-        "--function",
-        "--rate",
-        "250",
-        "--duration",
-        str(seconds),
-        "--format",
-        "raw",
-        "--output",
-        str(raw),
-    ]
     spy = Proc("py-spy", cmd, core=cores.load, env=bench_env())
     try:
         spy.process.wait(seconds + 30)

@@ -70,7 +70,7 @@ from .engine_fetchers import NAME as FETCHER
 from .engine_fetchers import TTL_ENV
 from .hitpath import eagercache_cmd, summarize_profile
 from .loadgen import run_load
-from .procs import BIN, Cores, Proc, bench_env, free_port
+from .procs import Cores, Proc, bench_env, free_port, pyspy_record
 
 NAMESPACE = "engine:"
 FETCHER_SPEC = "bench.engine_fetchers:engine"
@@ -608,24 +608,9 @@ def _profile(
 ) -> dict[str, Any]:
     """py-spy samples the process for `seconds` while `meanwhile(deadline)` runs (it returns how many rounds
     it made the process drain); with the process's refreshes and CPU time over the same time."""
-    pyspy = BIN / "py-spy"
-    if not pyspy.exists():
+    cmd = pyspy_record(proc.pid, seconds, raw, PROFILE_RATE_HZ)
+    if cmd is None:
         return {"error": "py-spy is not installed in the venv"}
-    cmd = [
-        str(pyspy),
-        "record",
-        "--pid",
-        str(proc.pid),
-        "--function",
-        "--rate",
-        str(PROFILE_RATE_HZ),
-        "--duration",
-        str(round(seconds)),
-        "--format",
-        "raw",
-        "--output",
-        str(raw),
-    ]
     before = scrape(port)
     cpu0 = cpu_s(proc.pid)
     spy = Proc("py-spy", cmd, core=cores.load, env=bench_env())

@@ -17,7 +17,7 @@ import httpx
 
 from .config import Config
 from .loadgen import LoadResult, run_load
-from .procs import BIN, Cores, Proc, bench_env, free_port
+from .procs import BIN, Cores, Proc, bench_env, free_port, pyspy_record
 
 PATH = "/data/quote"
 # Headers that differ per answer or that Starlette sets itself.
@@ -229,24 +229,9 @@ def profile_during(
     load: Callable[[float], LoadResult],
 ) -> dict[str, Any]:
     """`py-spy record --function --format raw` on a running server for `seconds`, while `load(seconds + 1)` runs."""
-    pyspy = BIN / "py-spy"
-    if not pyspy.exists():
+    cmd = pyspy_record(pid, seconds, raw, PROFILE_RATE_HZ)
+    if cmd is None:
         return {"error": "py-spy is not installed in the venv"}
-    cmd = [
-        str(pyspy),
-        "record",
-        "--pid",
-        str(pid),
-        "--function",
-        "--rate",
-        str(PROFILE_RATE_HZ),
-        "--duration",
-        str(round(seconds)),
-        "--format",
-        "raw",
-        "--output",
-        str(raw),
-    ]
     spy = Proc("py-spy", cmd, core=cores.load, env=env)
     try:
         result = load(seconds + 1)

@@ -105,3 +105,26 @@ def free_port() -> int:
     from tests.redis_server import free_port as _free_port
 
     return _free_port()
+
+
+def pyspy_record(pid: int, seconds: float, output: Path, rate_hz: int = 250) -> list[str] | None:
+    """The command that samples process `pid` for `seconds` into `output` (py-spy's raw format, one line per
+    stack, functions not lines); None if py-spy is not installed in the venv."""
+    pyspy = BIN / "py-spy"
+    if not pyspy.exists():
+        return None
+    return [
+        str(pyspy),
+        "record",
+        "--pid",
+        str(pid),
+        "--function",
+        "--rate",
+        str(rate_hz),
+        "--duration",
+        str(round(seconds)),
+        "--format",
+        "raw",
+        "--output",
+        str(output),
+    ]
