@@ -21,7 +21,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .access import check_access
 from .admin import admin_routes
-from .clock import ServerClock
 from .engine import Engine
 from .errors import (
     DataTooStale,
@@ -61,17 +60,9 @@ class DateHeader:
     """Adds `Date` (RFC 9110, 6.6.1) from the store's clock, the one Last-Modified and Age come from, so a
     replica whose own clock is off never sends a Last-Modified later than its Date."""
 
-    def __init__(self, app: ASGIApp, clock: ServerClock) -> None:
+    def __init__(self, app: ASGIApp, date: Callable[[], bytes]) -> None:
         self.app = app
-        self.clock = clock
-        self._second = -1
-        self._value = b""
-
-    def date(self) -> bytes:
-        second = self.clock.now_ms() // 1000
-        if second != self._second:
-            self._second, self._value = second, http_date(second)
-        return self._value
+        self.date = date  # the header's value now (app.create_app: the store clock's second, formatted once)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -268,12 +259,12 @@ def create_app(
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
-    if date_header:
-        app.add_middleware(DateHeader, clock=store.clock)
 
     def date() -> bytes:
-        return http_date(store.clock.now_ms() // 1000)
+        return http_date(store.clock.now_ms() // 1000)  # cached per second
 
+    if date_header:
+        app.add_middleware(DateHeader, date=date)
     app.add_middleware(DataFastPath, answer=answer, date=date if date_header else None)  # the outermost
     app.state.engine = engine
     app.state.refresher = refresher
