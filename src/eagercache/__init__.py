@@ -14,6 +14,7 @@ from .errors import (
 )
 from .fetchers import Fetcher, Registry, fetcher
 from .item import DataItem, decode_item
+from .results import Keep, NotModified, Previous, Result
 from .settings import Settings, load_settings
 
 __all__ = [
@@ -25,8 +26,12 @@ __all__ = [
     "FetchTimeout",
     "Fetcher",
     "InvalidParameters",
+    "Keep",
+    "NotModified",
+    "Previous",
     "QueryTooLong",
     "Registry",
+    "Result",
     "Settings",
     "StoreUnavailable",
     "UnknownFetcher",

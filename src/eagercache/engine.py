@@ -31,12 +31,13 @@ from .errors import (
     UnknownFetcher,
 )
 from .fetchers import Fetcher, Registry
-from .item import Entry, encode_data, new_entry
+from .item import Entry, new_entry, parse_header
 from .keys import split_entry_id
 from .logs import Throttle
 from .lru import LRU
 from .metrics import Metrics
 from .params import Call
+from .results import Outcome, Previous, outcome_of
 from .settings import Settings
 from .store import GONE, NOT_OURS, OVER_LIMIT, STORED, Claim, Stale, Store, WriteMode
 
@@ -84,6 +85,8 @@ QUERY_CACHE_ENTRIES = 100_000
 QUERY_CACHE_MAX_BYTES = 200
 
 Cause = Literal["cold", "schedule", "event", "admin"]
+# The `result` label of a successful fetch, by what the fetcher returned (results.py).
+_RESULT_LABELS = {"data": "ok", "not-modified": "not_modified", "keep": "kept"}
 CacheState = Literal["HIT", "MISS", "STALE"]
 
 
@@ -451,22 +454,30 @@ class Engine:
 
     async def _fetch_and_store_here(self, fetcher: Fetcher, call: Call, cause: Cause, claim: Claim | None) -> bytes:
         metrics = self.metrics
-        async with self._slot(fetcher):
-            metrics.fetching += 1
-            started = time.perf_counter()
-            try:
-                data_json = await self._run_fetcher(fetcher, call, cause)
-            finally:
-                metrics.fetching -= 1
-        metrics.plain_counter(metrics.fetches, fetcher.name, cause, "ok").inc()
-        metrics.plain_histogram(metrics.fetch_seconds, fetcher.name).observe(time.perf_counter() - started)
         previous = None
         if cause != "cold":  # the stored header says whether these are the same data (and since when)
             # A claim brings the header, unless its script could not read it (a key mid-reshard): read it here.
             previous = claim.header if claim is not None and claim.header else await self.store.header(call.entry_id)
+        async with self._slot(fetcher):
+            metrics.fetching += 1
+            started = time.perf_counter()
+            try:
+                result = await self._run_fetcher(fetcher, call, cause, parse_header(previous))
+            finally:
+                metrics.fetching -= 1
+        metrics.plain_counter(metrics.fetches, fetcher.name, cause, _RESULT_LABELS[result.kind]).inc()
+        metrics.plain_histogram(metrics.fetch_seconds, fetcher.name).observe(time.perf_counter() - started)
         now = self.clock.now_ms()
-        due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms)
-        entry, changed = new_entry(data_json, now, due_at, previous_header=previous)
+        due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms, result.ttl)
+        if result.kind == "data" and (result.store or cause == "cold"):
+            entry, changed = new_entry(result.data_json, now, due_at, previous_header=previous, meta=result.meta or b"")
+            if not result.store:  # the reader's answer, never stored: the next read fetches again
+                if not self.store.is_memory:
+                    with contextlib.suppress(EagerCacheError):
+                        await self.store.end_fill(call.entry_id)  # other replicas fetch now, not at the lock's end
+                return entry.encode()
+        else:  # the stored value stays: kept as it is, or retrieved now (not modified)
+            entry, changed = await self._kept(fetcher, call.entry_id, result, now, due_at), False
         value = entry.encode()
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
         try:
@@ -505,6 +516,18 @@ class Engine:
             callback(call.entry_id, due_at)
         return value
 
+    async def _kept(self, fetcher: Fetcher, entry_id: str, result: Outcome, now: int, due_at: int) -> Entry:
+        """The stored entry, due again at `due_at`: as it is (Keep, or a refresh's unstored Result), or
+        retrieved `now` with its data unchanged (NotModified)."""
+        raw, _ = await self.store.get(entry_id)
+        stored = _parse(raw)
+        if stored is None:  # removed since the refresh began: nothing to keep (and nothing to write)
+            raise FetchFailed(f"the entry of fetcher {fetcher.name!r} was removed while it was being fetched")
+        meta = stored.meta if result.meta is None else result.meta
+        if result.kind == "not-modified":
+            return new_entry(stored.data_json, now, due_at, previous_header=raw, meta=meta)[0]
+        return Entry(stored.etag, stored.last_retrieved_ms, stored.last_modified_ms, due_at, stored.body, meta)
+
     async def _write(
         self, entry_id: str, fetcher: Fetcher, value: bytes, due_at: int, mode: WriteMode, claim: Claim | None
     ) -> int:
@@ -541,11 +564,13 @@ class Engine:
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, WRITE_RETRY_MAX_S)
 
-    async def _run_fetcher(self, fetcher: Fetcher, call: Call, cause: Cause) -> bytes:
-        """The fetcher's result as JSON, or FetchFailed / FetchTimeout (only eagercache's own deadline)."""
+    async def _run_fetcher(self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None) -> Outcome:
+        """What the fetcher returned, checked, or FetchFailed / FetchTimeout (only eagercache's own deadline)."""
         extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
         # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
         kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
+        if fetcher.signature.previous is not None:
+            kwargs[fetcher.signature.previous] = None if previous is None else Previous.of(previous)
         if sum(1 for name in self._abandoned.values() if name == fetcher.name) >= MAX_ABANDONED_PER_FETCHER:
             # Its earlier runs ignored their cancellation and still run: starting more would pile them up.
             self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
@@ -567,7 +592,13 @@ class Engine:
             log.warning("fetch timed out", extra={**extra, "timeout_s": fetcher.timeout})
             raise FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout:g} s")
         try:
-            return encode_data(inner.result(), fetcher.name)
+            result = outcome_of(inner.result(), fetcher.name)
+            if result.kind != "data" and previous is None:
+                raise FetchFailed(
+                    f"fetcher {fetcher.name!r} returned {type(inner.result()).__name__}, but this entry has no "
+                    "stored value to keep"
+                )
+            return result
         except FetchFailed as exc:
             self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
             log.warning("fetch failed", extra={**extra, "error": exc.detail})
@@ -717,10 +748,13 @@ def _allowed_lateness_ms(fetcher: Fetcher) -> float:
     return min(fetcher.timeout, fetcher.ttl) * 1000 + OVERDUE_GRACE_MS
 
 
-def _next_due(fetcher: Fetcher, now: int, due_ms: int | None) -> int:
+def _next_due(fetcher: Fetcher, now: int, due_ms: int | None, ttl: float | None = None) -> int:
     """When to refresh next: one interval after the refresh was due, so that an entry costs one fetch per
-    ttl however long fetches take; one interval from now for a new entry, or one that fell behind."""
-    interval = int((fetcher.ttl + random.uniform(0, fetcher.jitter)) * 1000)
+    ttl however long fetches take; one interval from now for a new entry, or one that fell behind.
+    `ttl` is the fetcher's result's own (results.Result), at most max_idle: an idle entry is removed when
+    its refresh comes, so a longer one would keep it past its max_idle."""
+    ttl = fetcher.ttl if ttl is None else min(ttl, fetcher.max_idle)
+    interval = int((ttl + random.uniform(0, fetcher.jitter)) * 1000)
     if due_ms is not None and due_ms + interval > now:
         return due_ms + interval
     return now + interval

@@ -2,10 +2,12 @@
 
 The stored value is a one-line header, then the exact response body:
 
-    <etag> <last_retrieved ms> <last_modified ms> <due ms>\\n{"data":...,"last_retrieved":...,"last_modified":...}
+    <etag> <last_retrieved ms> <last_modified ms> <due ms>[ <meta>]\\n{"data":...,"last_retrieved":...}
 
 so a read sends bytes from Redis without decoding or re-encoding them, and has the ETag, the
-Last-Modified date and the time of the next refresh at hand for HTTP caching headers.
+Last-Modified date and the time of the next refresh at hand for HTTP caching headers. `meta`, present
+only when the fetcher returned any, is what the fetcher asked to keep with the entry (the upstream's
+validators, results.py), as base64url of its JSON: no space or newline can end it early.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _encoder = msgspec.json.Encoder()
 # a different ETag, found by hashing, with no decoding and no structural diff on the event loop.
 _canonical = msgspec.json.Encoder(order="sorted")
 _item_decoder = msgspec.json.Decoder(DataItem)
+_body_decoder = msgspec.json.Decoder(_Body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,20 +58,52 @@ class Entry:
     last_modified_ms: int
     due_ms: int
     body: bytes
+    meta: bytes = b""  # encoded (see `Meta`); decoded only by a refresh that needs it
 
     @classmethod
     def parse(cls, raw: bytes) -> Entry:
         """The entry in a stored value; ValueError for anything eagercache did not write."""
         head, _, body = raw.partition(b"\n")
-        etag, retrieved, modified, due = head.split(b" ")
+        etag, retrieved, modified, due, *meta = head.split(b" ")
         times = int(retrieved), int(modified), int(due)
-        if not all(0 <= t < MAX_TIME_MS for t in times):
-            raise ValueError(f"times out of range in a stored header: {times}")
-        return cls(etag.decode("ascii"), *times, body)
+        if not all(0 <= t < MAX_TIME_MS for t in times) or len(meta) > 1:
+            raise ValueError(f"not a stored header: {head[:100]!r}")
+        return cls(etag.decode("ascii"), *times, body, meta[0] if meta else b"")
 
     def encode(self) -> bytes:
-        head = f"{self.etag} {self.last_retrieved_ms} {self.last_modified_ms} {self.due_ms}\n"
+        meta = f" {self.meta.decode('ascii')}" if self.meta else ""
+        head = f"{self.etag} {self.last_retrieved_ms} {self.last_modified_ms} {self.due_ms}{meta}\n"
         return head.encode() + self.body
+
+    @property
+    def data_json(self) -> bytes:
+        """The data's canonical JSON, as it was fetched (the body's `data` member)."""
+        return bytes(_body_decoder.decode(self.body).data)
+
+
+class Meta(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a fetcher's results keep with the entry, beyond its data (results.py)."""
+
+    validators: dict[str, str] = {}
+
+    def encode(self) -> bytes:
+        if self == _NO_META:
+            return b""
+        return base64.urlsafe_b64encode(_canonical.encode(self)).rstrip(b"=")
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Meta:
+        """The meta in a stored header; empty for none, or for one cut short (a header read in part)."""
+        if not raw:
+            return _NO_META
+        try:
+            return _meta_decoder.decode(base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4)))
+        except (ValueError, msgspec.DecodeError):
+            return _NO_META
+
+
+_NO_META = Meta()
+_meta_decoder = msgspec.json.Decoder(Meta)
 
 
 def encode_data(data: Any, fetcher_name: str) -> bytes:
@@ -90,7 +125,7 @@ def build_entry(
 
 
 def new_entry(
-    data_json: bytes, now_ms: int, due_at_ms: int, *, previous_header: bytes | None = None
+    data_json: bytes, now_ms: int, due_at_ms: int, *, previous_header: bytes | None = None, meta: bytes = b""
 ) -> tuple[Entry, bool]:
     """The new entry and whether its data changed since the previous one.
 
@@ -102,7 +137,7 @@ def new_entry(
     changed = previous is None or previous.etag != etag
     last_modified_ms = now_ms if changed or previous is None else previous.last_modified_ms
     body = _encoder.encode(_Body(msgspec.Raw(data_json), rfc3339(now_ms), rfc3339(last_modified_ms)))
-    return Entry(etag, now_ms, last_modified_ms, due_at_ms, body), changed
+    return Entry(etag, now_ms, last_modified_ms, due_at_ms, body, meta), changed
 
 
 def parse_header(raw: bytes | None) -> Entry | None:
@@ -123,6 +158,10 @@ def etag_of(data_json: bytes) -> str:
 def decode_item(raw: bytes) -> DataItem:
     """The DataItem in a stored value (or in a response body)."""
     return _item_decoder.decode(Entry.parse(raw).body if not raw.startswith(b"{") else raw)
+
+
+def utc(moment_ms: int) -> datetime:
+    return datetime.fromtimestamp(moment_ms / 1000, UTC)
 
 
 def rfc3339(moment_ms: int) -> str:

@@ -151,7 +151,8 @@ class Metrics:
         )
         self.fetches = Counter(
             "eagercache_fetches",
-            "Fetcher runs by cause (cold, schedule, event, admin) and outcome (ok, error, timeout).",
+            "Fetcher runs by cause (cold, schedule, event, admin) and outcome "
+            "(ok, not_modified, kept, error, timeout).",
             ["fetcher", "cause", "outcome"],
             registry=self.registry,
         )

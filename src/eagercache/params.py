@@ -23,6 +23,7 @@ from urllib.parse import quote, unquote_to_bytes
 import msgspec
 
 from .errors import ConfigurationError, InvalidParameters, QueryTooLong
+from .results import Previous
 
 _SCALARS = (str, int, float, bool)
 # Longer query strings are refused with 414 (RFC 9110, 15.5.15): no legitimate call needs them.
@@ -75,12 +76,13 @@ class Call:
 
 
 class Signature:
-    """The query-facing signature of a fetcher function."""
+    """The query-facing signature of a fetcher function. `previous` names the parameter that is given the
+    previous result (results.Previous), not taken from the query; None if the function has none."""
 
     def __init__(self, func: Callable[..., Any], fetcher_name: str, *, ignore_unknown: bool = False) -> None:
         self.fetcher_name = fetcher_name
         self.ignore_unknown = ignore_unknown
-        self.params = _params_of(func, fetcher_name)
+        self.params, self.previous = _params_of(func, fetcher_name)
         self._by_name = {p.name: p for p in self.params}
 
     def call_from_query(self, query: bytes | str) -> Call:
@@ -187,12 +189,13 @@ def _describe(exc: msgspec.ValidationError, element: Any, text: str) -> str:
     return f"expected {names.get(element, getattr(element, '__name__', str(element)))}, got {text!r}"
 
 
-def _params_of(func: Callable[..., Any], fetcher_name: str) -> tuple[Param, ...]:
+def _params_of(func: Callable[..., Any], fetcher_name: str) -> tuple[tuple[Param, ...], str | None]:
     try:
         hints = typing.get_type_hints(func)
     except Exception as exc:
         raise ConfigurationError(f"fetcher {fetcher_name!r}: cannot resolve type hints: {exc}") from exc
     params = []
+    previous: str | None = None
     for p in inspect.signature(func).parameters.values():
         if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             raise ConfigurationError(
@@ -200,6 +203,14 @@ def _params_of(func: Callable[..., Any], fetcher_name: str) -> tuple[Param, ...]
                 "positional-only)"
             )
         annotation = hints.get(p.name, str)
+        if _mentions_previous(annotation):
+            if annotation != Previous | None or previous is not None:
+                raise ConfigurationError(
+                    f"fetcher {fetcher_name!r}: parameter {p.name!r} must be typed `Previous | None` (a new "
+                    "entry has no previous result), and only one parameter may take it"
+                )
+            previous = p.name
+            continue
         element, many = _shape(annotation, fetcher_name, p.name)
         required = p.default is inspect.Parameter.empty
         param = Param(p.name, annotation, element, many, required, None if required else p.default)
@@ -215,7 +226,11 @@ def _params_of(func: Callable[..., Any], fetcher_name: str) -> tuple[Param, ...]
                 ) from exc
             param = dataclasses.replace(param, default=default, default_spelling=spelling)
         params.append(param)
-    return tuple(sorted(params, key=lambda param: param.name))
+    return tuple(sorted(params, key=lambda param: param.name)), previous
+
+
+def _mentions_previous(annotation: Any) -> bool:
+    return annotation is Previous or Previous in typing.get_args(annotation)
 
 
 def _shape(annotation: Any, fetcher_name: str, name: str) -> tuple[Any, bool]:

@@ -18,11 +18,13 @@ from __future__ import annotations
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- The header of an entry's item; '' if there is none, or if the key is not a string (not eagercache's):
--- one odd key must not stop a claim half-way through its batch.
+-- The header line of an entry's item (without the body after it); '' if there is none, or if the key is
+-- not a string (not eagercache's): one odd key must not stop a claim half-way through its batch.
 local function header_of(key, last_byte)
   local header = redis.pcall('GETRANGE', key, 0, last_byte)
   if type(header) ~= 'string' then return '' end
+  local line_end = string.find(header, '\\n', 1, true)
+  if line_end then return string.sub(header, 1, line_end) end
   return header
 end
 """

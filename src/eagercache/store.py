@@ -65,8 +65,9 @@ TOUCH_CHUNK = 1000
 LOOP_LATE_S = 0.05
 # Loop iterations a budget's check waits, once the budget is spent, for replies already received.
 CONFIRM_ROUNDS = 2
-# The header line of a stored value (item.Entry) fits in this many bytes; claims and listings read only these.
-HEADER_MAX_BYTES = 128
+# The header line of a stored value (item.Entry) fits in this many bytes, validators included (results.py
+# bounds them); claims and listings read no more, and get back only the line (scripts.header_of).
+HEADER_MAX_BYTES = 1024
 # Eviction policies that may delete keys without a TTL: the schedule, the read times, the counts.
 UNSAFE_EVICTION = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 # Buckets when neither the operator nor the store says: one on a single server (one claim per round, as
@@ -528,7 +529,7 @@ class Store:
         with self._errors():
             head = await self.client.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES - 1)
         assert head is None or isinstance(head, bytes)
-        return head or None
+        return _header_line(head) or None
 
     async def write(
         self,
@@ -689,7 +690,7 @@ class Store:
             pipe.get(bucket.stale(entry_id))
         with self._errors():
             flat = await pipe.execute() if entry_ids else []
-        return [(flat[i] or None, flat[i + 1], Stale.parse(flat[i + 2])) for i in range(0, len(flat), 3)]
+        return [(_header_line(flat[i]) or None, flat[i + 1], Stale.parse(flat[i + 2])) for i in range(0, len(flat), 3)]
 
     @staticmethod
     def _entry_keys(bucket: Bucket, entry_id: str) -> list[str]:
@@ -899,6 +900,12 @@ def _entry_ids(raw: Iterable[object]) -> list[str]:
         if (entry_id := entry_id_of(value)) is not None:
             ids.append(entry_id)
     return ids
+
+
+def _header_line(start: bytes) -> bytes:
+    """The header line (with its newline) at the start of a stored value, without the body that follows."""
+    end = start.find(b"\n")
+    return start if end < 0 else start[: end + 1]
 
 
 def _ms(raw: bytes | str) -> int | None:
