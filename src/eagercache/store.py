@@ -529,7 +529,7 @@ class Store:
         with self._errors():
             head = await self.client.getrange(self.keys.item(entry_id), 0, HEADER_MAX_BYTES - 1)
         assert head is None or isinstance(head, bytes)
-        return _header_line(head) or None
+        return _header_line(head) if head else None
 
     async def write(
         self,
