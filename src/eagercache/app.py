@@ -36,7 +36,9 @@ from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
 from .openapi import openapi_document
 from .refresher import Refresher
 from .representation import Representer, http_date, request_headers
+from .sampler import Sampler
 from .settings import Settings, load_settings
+from .status import StatusPage
 from .store import Store, redact
 from .stream import watch_endpoint
 from .watch import WatchHub
@@ -154,6 +156,7 @@ def create_app(
     engine = Engine(registry, store, metrics, settings)
     refresher = Refresher(engine, store, settings)
     hub = WatchHub(engine, store, settings)
+    sampler = Sampler(engine, store, lambda: refresher.problems() + hub.problems())  # the status page's
     kind = "in-memory store: this process only, lost on exit" if store.is_memory else "Redis"
     log.info("eagercache", extra={"store": redact(settings.redis_url), "kind": kind, "fetchers": ",".join(registry)})
 
@@ -220,7 +223,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with metrics.flushing(), serving(app):  # metrics last out: their final flush sees everything
+        # metrics last out: their final flush sees everything
+        async with metrics.flushing(), serving(app), sampler.running():
             yield
 
     @asynccontextmanager
@@ -246,6 +250,7 @@ def create_app(
                 await store.aclose()
 
     admin = [] if settings.admin_token is None else admin_routes(engine, settings.admin_token)
+    status = StatusPage(engine, store, refresher, hub, sampler, settings)
     app = Starlette(
         routes=[
             *admin,
@@ -255,6 +260,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
+            *status.routes(),
         ],
         exception_handlers=exception_handlers(),
         lifespan=lifespan,

@@ -11,6 +11,7 @@ import msgspec
 
 from .fetchers import Fetcher, Registry
 from .params import MAX_ENTRY_ID_CHARS, MAX_QUERY_BYTES
+from .status_spec import status_paths
 
 _REF = "#/components/schemas/{name}"
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
@@ -73,6 +74,7 @@ def openapi_document(registry: Registry) -> dict[str, Any]:
     paths["/metrics"] = {"get": {"summary": "Prometheus metrics", "responses": {
         "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     }}}  # fmt: skip
+    paths.update(status_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "eagercache", "version": _version(), "description": "Refresh-ahead cache of fetchers."},
