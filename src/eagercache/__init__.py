@@ -13,6 +13,7 @@ from .errors import (
     UnknownFetcher,
 )
 from .fetchers import Fetcher, Registry, fetcher
+from .invalidation import invalidate, refresh
 from .item import DataItem, decode_item
 from .results import Keep, NotModified, Previous, Result
 from .settings import Settings, load_settings
@@ -38,5 +39,7 @@ __all__ = [
     "create_app",
     "decode_item",
     "fetcher",
+    "invalidate",
     "load_settings",
+    "refresh",
 ]

@@ -4,7 +4,11 @@ GET    /admin/fetchers                              fetchers, their options and 
 GET    /admin/fetchers/{name}/entries?cursor=&limit= one page of entries (age, next refresh, stale, last error)
 POST   /admin/fetchers/{name}/refresh?{query}       fetch one stored entry now; answers with the new item
 DELETE /admin/fetchers/{name}/entry?{query}         invalidate one entry (the next read fetches it again)
-DELETE /admin/fetchers/{name}/entries               invalidate every entry of the fetcher
+DELETE /admin/fetchers/{name}/entries?{params}      invalidate the fetcher's entries with these parameter
+                                                     values (any others; none given: every entry)
+POST   /admin/fetchers/{name}/entries/refresh?{params} make the same entries due now (fetched again at once)
+DELETE /admin/tags/{tag}                            invalidate every entry that carries the tag
+POST   /admin/tags/{tag}/refresh                    make them due now
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from starlette.routing import Route
 
 from .engine import Engine
 from .errors import Problem
+from .invalidation import act
 from .item import Entry
 from .keys import split_entry_id
+from .params import parse_query
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
@@ -109,21 +115,39 @@ def admin_routes(engine: Engine, token: str) -> list[Route]:
             raise Problem(404, "no-such-entry", "No such entry", "that entry is not stored")
         return Response(status_code=204)
 
-    async def invalidate_all(request: Request) -> Response:
+    async def invalidate_matching(request: Request) -> Response:
         name = _known(engine, request)
-        removed = 0
-        async for ids in engine.store.stored_entries(name, INVALIDATE_BATCH):
-            for entry_id in ids:
-                removed += await engine.forget(entry_id, name)
+        removed = await act(engine, "forget", fetcher=name, where=_where(request))
         return _json({"removed": removed})
+
+    async def refresh_matching(request: Request) -> Response:
+        name = _known(engine, request)
+        return _json({"refreshing": await act(engine, "refresh", fetcher=name, where=_where(request))})
+
+    async def invalidate_tagged(request: Request) -> Response:
+        return _json({"removed": await act(engine, "forget", tag=request.path_params["tag"])})
+
+    async def refresh_tagged(request: Request) -> Response:
+        return _json({"refreshing": await act(engine, "refresh", tag=request.path_params["tag"])})
 
     return [
         Route("/admin/fetchers", guarded(fetchers), methods=["GET"]),
         Route("/admin/fetchers/{name}/entries", guarded(entries), methods=["GET"]),
-        Route("/admin/fetchers/{name}/entries", guarded(invalidate_all), methods=["DELETE"]),
+        Route("/admin/fetchers/{name}/entries", guarded(invalidate_matching), methods=["DELETE"]),
+        Route("/admin/fetchers/{name}/entries/refresh", guarded(refresh_matching), methods=["POST"]),
+        Route("/admin/tags/{tag:path}", guarded(invalidate_tagged), methods=["DELETE"]),
+        Route("/admin/tags/{tag:path}/refresh", guarded(refresh_tagged), methods=["POST"]),
         Route("/admin/fetchers/{name}/refresh", guarded(refresh), methods=["POST"]),
         Route("/admin/fetchers/{name}/entry", guarded(invalidate_one), methods=["DELETE"]),
     ]
+
+
+def _where(request: Request) -> dict[str, list[str]]:
+    """The query's parameters, each with its values (checked against the fetcher's signature by `act`)."""
+    where: dict[str, list[str]] = {}
+    for name, value in parse_query(request.scope["query_string"]):
+        where.setdefault(name, []).append(value)
+    return where
 
 
 def _json(doc: Any) -> Response:

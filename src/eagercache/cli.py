@@ -245,12 +245,20 @@ def _list_fetchers(specs: Sequence[str], config: str | None) -> int:
             for p in f.signature.params
         )
         options = " ".join(
-            option if value is True else f"{option}={value:g}{'' if option in COUNT_OPTIONS else 's'}"
+            _option(option, value)
             for option, value in f.options.as_dict().items()
-            if value is not None and value is not False
+            if value is not None and value is not False and value != ()
         )
         print(f"{f.name}({params})  {options}  [{f.source}]")
     return 0
+
+
+def _option(option: str, value: object) -> str:
+    if value is True:
+        return option
+    if isinstance(value, tuple):
+        return f"{option}={','.join(value)}"
+    return f"{option}={value:g}{'' if option in COUNT_OPTIONS else 's'}"
 
 
 def _type_name(annotation: object) -> str:

@@ -31,7 +31,7 @@ from .errors import (
     UnknownFetcher,
 )
 from .fetchers import Fetcher, Registry
-from .item import Entry, new_entry, parse_header
+from .item import Entry, encode_tags, new_entry, parse_header
 from .keys import split_entry_id
 from .logs import Throttle
 from .lru import LRU
@@ -281,6 +281,19 @@ class Engine:
             self._changed("gone", entry_id, "")
         return existed
 
+    def forgotten(self, entry_ids: list[str]) -> None:
+        """Entries removed from the store by a targeted invalidation (invalidation.py)."""
+        for entry_id in entry_ids:
+            self._forget_near(entry_id)
+            self._changed("gone", entry_id, "")
+
+    def made_due(self, entry_ids: list[str]) -> None:
+        """Entries made due now by a targeted refresh (invalidation.py): the refresher wakes for them."""
+        now = self.clock.now_ms()
+        for entry_id in entry_ids:
+            for callback in self._on_write:
+                callback(entry_id, now)
+
     def _changed(self, change: Change, entry_id: str, etag: str) -> None:
         for callback in self._on_change:
             callback(change, entry_id, etag)
@@ -470,7 +483,10 @@ class Engine:
         now = self.clock.now_ms()
         due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms, result.ttl)
         if result.kind == "data" and (result.store or cause == "cold"):
-            entry, changed = new_entry(result.data_json, now, due_at, previous_header=previous, meta=result.meta or b"")
+            tags = encode_tags(fetcher.tags_of(call, result.tags or ()))
+            entry, changed = new_entry(
+                result.data_json, now, due_at, previous_header=previous, meta=result.meta or b"", tags=tags
+            )
             if not result.store:  # the reader's answer, never stored: the next read fetches again
                 if not self.store.is_memory:
                     with contextlib.suppress(EagerCacheError):
@@ -525,8 +541,10 @@ class Engine:
             raise FetchFailed(f"the entry of fetcher {fetcher.name!r} was removed while it was being fetched")
         meta = stored.meta if result.meta is None else result.meta
         if result.kind == "not-modified":
-            return new_entry(stored.data_json, now, due_at, previous_header=raw, meta=meta)[0]
-        return Entry(stored.etag, stored.last_retrieved_ms, stored.last_modified_ms, due_at, stored.body, meta)
+            return new_entry(stored.data_json, now, due_at, previous_header=raw, meta=meta, tags=stored.tags)[0]
+        return Entry(
+            stored.etag, stored.last_retrieved_ms, stored.last_modified_ms, due_at, stored.body, meta, stored.tags
+        )
 
     async def _write(
         self, entry_id: str, fetcher: Fetcher, value: bytes, due_at: int, mode: WriteMode, claim: Claim | None

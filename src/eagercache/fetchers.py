@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import math
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from .errors import ConfigurationError, UnknownFetcher
 from .params import Call, Signature
@@ -48,6 +49,9 @@ class FetcherOptions:
     """Fetches of this fetcher running at once in one process (None: only the process-wide limit)."""
     ignore_unknown: bool = False
     """Ignore query parameters the function does not take, instead of answering 400."""
+    indexed: tuple[str, ...] = ()
+    """Parameters whose values are indexed, so that entries can be invalidated or refreshed by them
+    (e.g. every entry with city=Oslo, whatever its other parameters) without a scan."""
 
     def check(self, where: str) -> None:
         """Raise ConfigurationError naming `where` for an option that cannot work."""
@@ -77,12 +81,18 @@ class FetcherOptions:
             raise ConfigurationError(f"{where}: max_concurrency must be >= 1 or None, got {self.max_concurrency}")
         if type(self.ignore_unknown) is not bool:
             raise ConfigurationError(f"{where}: ignore_unknown must be true or false, got {self.ignore_unknown!r}")
+        if not isinstance(self.indexed, tuple) or not all(isinstance(n, str) for n in self.indexed):
+            raise ConfigurationError(f"{where}: indexed must be a list of parameter names, got {self.indexed!r}")
+        if len(self.indexed) > MAX_INDEXED:
+            raise ConfigurationError(f"{where}: at most {MAX_INDEXED} parameters may be indexed")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(FetcherOptions)}
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(FetcherOptions))
+# Each indexed parameter adds a tag to every entry's stored header (item.py), which is bounded.
+MAX_INDEXED = 8
 _DEFAULT = FetcherOptions()
 
 
@@ -100,6 +110,7 @@ def fetcher(
     max_entries: int = ...,
     max_concurrency: int | None = ...,
     ignore_unknown: bool = ...,
+    indexed: Sequence[str] = ...,
 ) -> Callable[[F], F]: ...
 def fetcher(
     func: F | None = None,
@@ -114,6 +125,7 @@ def fetcher(
     max_entries: int = _DEFAULT.max_entries,
     max_concurrency: int | None = _DEFAULT.max_concurrency,
     ignore_unknown: bool = _DEFAULT.ignore_unknown,
+    indexed: Sequence[str] = _DEFAULT.indexed,
 ) -> F | Callable[[F], F]:
     """Mark an async function as a fetcher; each option is described on `FetcherOptions`.
 
@@ -128,6 +140,8 @@ def fetcher(
         max_entries=max_entries,
         max_concurrency=max_concurrency,
         ignore_unknown=ignore_unknown,
+        # a str is refused by check(), not split into one-letter names
+        indexed=cast(tuple[str, ...], indexed) if isinstance(indexed, str) else tuple(indexed),
     )
 
     def mark(f: F) -> F:
@@ -164,6 +178,8 @@ class Fetcher(FetcherOptions):
             unknown = set(overrides) - OPTION_NAMES
             if unknown:
                 raise ConfigurationError(f"{where}: unknown option {sorted(unknown)[0]!r}")
+            if isinstance(overrides.get("indexed"), list):  # a TOML array
+                overrides = {**overrides, "indexed": tuple(overrides["indexed"])}
             options = dataclasses.replace(options, **overrides)
         if not inspect.iscoroutinefunction(func):
             raise ConfigurationError(f"{where}: must be an async function (async def), got {func!r}")
@@ -171,7 +187,26 @@ class Fetcher(FetcherOptions):
             raise ConfigurationError(f"{where}: name must match {_NAME.pattern}")
         options.check(where)
         signature = Signature(func, name, ignore_unknown=options.ignore_unknown)
+        taken = {p.name for p in signature.params}
+        for param in options.indexed:
+            if param not in taken:
+                raise ConfigurationError(f"{where}: indexed names {param!r}, which is not one of its parameters")
         return cls(name=name, func=func, signature=signature, source=source, **options.as_dict())
+
+    def tags_of(self, call: Call, result_tags: tuple[str, ...]) -> list[str]:
+        """An entry's tags: its result's, and one per indexed parameter (`param_tag`)."""
+        tags = list(result_tags)
+        for param in self.signature.params:
+            if param.name in self.indexed:
+                value = call.kwargs[param.name]
+                tags.append(param_tag(self.name, param.name, None if value is None else param.canonical(value)))
+        return tags
+
+
+def param_tag(fetcher_name: str, param: str, spelled: list[str] | None) -> str:
+    """The tag an indexed parameter's value gives an entry: of fixed length, whatever the value's."""
+    value = "-" if spelled is None else hashlib.blake2b("\0".join(spelled).encode(), digest_size=8).hexdigest()
+    return f"{fetcher_name}?{param}={value}"
 
 
 class Registry(Mapping[str, Fetcher]):

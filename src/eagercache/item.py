@@ -2,12 +2,13 @@
 
 The stored value is a one-line header, then the exact response body:
 
-    <etag> <last_retrieved ms> <last_modified ms> <due ms>[ <meta>]\\n{"data":...,"last_retrieved":...}
+    <etag> <last_retrieved ms> <last_modified ms> <due ms>[ <meta>][ #<tags>]\\n{"data":...,"last_retrieved":...}
 
 so a read sends bytes from Redis without decoding or re-encoding them, and has the ETag, the
 Last-Modified date and the time of the next refresh at hand for HTTP caching headers. `meta`, present
 only when the fetcher returned any, is what the fetcher asked to keep with the entry (the upstream's
-validators, results.py), as base64url of its JSON: no space or newline can end it early.
+validators, results.py), as base64url of its JSON: no space or newline can end it early. `tags`,
+present only when the entry has any, are its tags (`encode_tags`), which the tag index follows.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, unquote
 
 import msgspec
 
@@ -59,20 +62,28 @@ class Entry:
     due_ms: int
     body: bytes
     meta: bytes = b""  # encoded (see `Meta`); decoded only by a refresh that needs it
+    tags: bytes = b""  # encoded (see `encode_tags`); read by the scripts that keep the tag index
 
     @classmethod
     def parse(cls, raw: bytes) -> Entry:
         """The entry in a stored value; ValueError for anything eagercache did not write."""
         head, _, body = raw.partition(b"\n")
-        etag, retrieved, modified, due, *meta = head.split(b" ")
+        etag, retrieved, modified, due, *extra = head.split(b" ")
         times = int(retrieved), int(modified), int(due)
-        if not all(0 <= t < MAX_TIME_MS for t in times) or len(meta) > 1:
+        if not all(0 <= t < MAX_TIME_MS for t in times) or len(extra) > 2:
             raise ValueError(f"not a stored header: {head[:100]!r}")
-        return cls(etag.decode("ascii"), *times, body, meta[0] if meta else b"")
+        meta = tags = b""
+        for field in extra:  # meta is base64url; tags start with '#', which base64url never has
+            if field.startswith(b"#"):
+                tags = field[1:]
+            else:
+                meta = field
+        return cls(etag.decode("ascii"), *times, body, meta, tags)
 
     def encode(self) -> bytes:
         meta = f" {self.meta.decode('ascii')}" if self.meta else ""
-        head = f"{self.etag} {self.last_retrieved_ms} {self.last_modified_ms} {self.due_ms}{meta}\n"
+        tags = f" #{self.tags.decode('ascii')}" if self.tags else ""
+        head = f"{self.etag} {self.last_retrieved_ms} {self.last_modified_ms} {self.due_ms}{meta}{tags}\n"
         return head.encode() + self.body
 
     @property
@@ -103,6 +114,18 @@ class Meta(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 _NO_META = Meta()
+
+
+def encode_tags(tags: Iterable[str]) -> bytes:
+    """Tags as the header carries them: each percent-encoded (no ',', '#', space or newline left), sorted,
+    joined by ','. The scripts split them without decoding, and name each tag's index key by it."""
+    return ",".join(sorted({quote(tag, safe="") for tag in tags})).encode("ascii")
+
+
+def decode_tags(raw: bytes) -> list[str]:
+    return [unquote(tag) for tag in raw.decode("ascii").split(",")] if raw else []
+
+
 _meta_decoder = msgspec.json.Decoder(Meta)
 
 
@@ -125,7 +148,13 @@ def build_entry(
 
 
 def new_entry(
-    data_json: bytes, now_ms: int, due_at_ms: int, *, previous_header: bytes | None = None, meta: bytes = b""
+    data_json: bytes,
+    now_ms: int,
+    due_at_ms: int,
+    *,
+    previous_header: bytes | None = None,
+    meta: bytes = b"",
+    tags: bytes = b"",
 ) -> tuple[Entry, bool]:
     """The new entry and whether its data changed since the previous one.
 
@@ -137,7 +166,7 @@ def new_entry(
     changed = previous is None or previous.etag != etag
     last_modified_ms = now_ms if changed or previous is None else previous.last_modified_ms
     body = _encoder.encode(_Body(msgspec.Raw(data_json), rfc3339(now_ms), rfc3339(last_modified_ms)))
-    return Entry(etag, now_ms, last_modified_ms, due_at_ms, body, meta), changed
+    return Entry(etag, now_ms, last_modified_ms, due_at_ms, body, meta, tags), changed
 
 
 def parse_header(raw: bytes | None) -> Entry | None:

@@ -12,6 +12,7 @@ id. Per bucket `b`:
 - `{ns}{bN}:due`            sorted set: entry id -> due time (ms since the epoch); the schedule and the claim
 - `{ns}{bN}:read`           sorted set: entry id -> last read (ms), written in batches; for max_idle
 - `{ns}{bN}:counts`         hash: fetcher name -> number of entries in the bucket; for max_entries
+- `{ns}{bN}:tag:{tag}`      set: the bucket's entries that carry the tag (percent-encoded, item.encode_tags)
 
 And once per namespace (anywhere in a cluster: no script touches them with other keys):
 
@@ -34,7 +35,17 @@ _BUCKET_KEY = re.compile(rb"\{b(\d+)\}:(item|shadow):")
 class Bucket:
     """The key names of one bucket: all in one hash slot."""
 
-    __slots__ = ("counts", "due", "fill_prefix", "index", "item_prefix", "read", "shadow_prefix", "stale_prefix")
+    __slots__ = (
+        "counts",
+        "due",
+        "fill_prefix",
+        "index",
+        "item_prefix",
+        "read",
+        "shadow_prefix",
+        "stale_prefix",
+        "tag_prefix",
+    )
 
     def __init__(self, namespace: str, index: int) -> None:
         base = f"{namespace}{{b{index}}}:"
@@ -43,6 +54,7 @@ class Bucket:
         self.shadow_prefix = f"{base}shadow:"
         self.stale_prefix = f"{base}stale:"
         self.fill_prefix = f"{base}fill:"
+        self.tag_prefix = f"{base}tag:"
         self.due = f"{base}due"
         self.read = f"{base}read"
         self.counts = f"{base}counts"

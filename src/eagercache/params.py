@@ -15,7 +15,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 from urllib.parse import quote, unquote_to_bytes
@@ -120,6 +120,36 @@ class Signature:
                 }
             )
         return Call(self.fetcher_name, kwargs, entry_id)
+
+    def spellings(self, given: Mapping[str, Any]) -> dict[str, list[str] | None]:
+        """Canonical spellings of some parameters' values, as an entry id has them: values as text (from a
+        query string) or typed (from Python), a list for a repeated parameter. InvalidParameters names
+        each unknown parameter or bad value."""
+        errors: dict[str, str] = {}
+        spelled: dict[str, list[str] | None] = {}
+        for name, value in given.items():
+            param = self._by_name.get(name)
+            if param is None:
+                errors[name] = "unknown parameter"
+                continue
+            if value is None:
+                spelled[name] = None  # only a default can be None: entries that left it out
+                continue
+            texts = [v if isinstance(v, str) else _spell(v) for v in (value if isinstance(value, list) else [value])]
+            try:
+                spelled[name] = param.canonical(param.convert(texts))
+            except ValueError as exc:
+                errors[name] = str(exc)
+        if errors:
+            raise InvalidParameters(errors)
+        return spelled
+
+    def spellings_of(self, canonical_query: str) -> dict[str, list[str] | None]:
+        """Every parameter's spelling in a stored entry's canonical query (its default's where it is left out)."""
+        grouped: dict[str, list[str]] = {}
+        for name, value in parse_query(canonical_query):
+            grouped.setdefault(name, []).append(value)
+        return {p.name: grouped.get(p.name, p.default_spelling) for p in self.params}
 
     def _canonical(self, kwargs: dict[str, Any]) -> str:
         parts: list[str] = []

@@ -18,17 +18,20 @@ and times there (None for a new entry); that parameter is not a query parameter.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from .errors import FetchFailed
-from .item import Entry, Meta, encode_data, utc
+from .item import Entry, Meta, encode_data, encode_tags, utc
 
 T = TypeVar("T")
-# Validators are kept in the entry's stored header, which a refresh's claim reads in full: bounded.
+# Validators and tags are kept in the entry's stored header, which a refresh's claim reads in full: bounded.
 MAX_VALIDATORS_BYTES = 512
+MAX_TAGS = 16
+MAX_TAG_CHARS = 100
+MAX_TAGS_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,9 @@ class Result(Generic[T]):
     validators: Mapping[str, str] = field(default_factory=dict)
     """Kept with the entry and given back in `Previous.validators` on its next fetch (e.g. the upstream's
     ETag and Last-Modified for a conditional request)."""
+    tags: Collection[str] = ()
+    """Names to invalidate or refresh this entry by, with others of any fetcher (e.g. "user:42"); the
+    fetcher's `indexed` parameters are added to them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,7 @@ class Outcome:
     ttl: float | None = None
     store: bool = True
     meta: bytes | None = None  # None: keep the stored entry's (a Result always brings its own, maybe b"")
+    tags: tuple[str, ...] | None = None  # None: keep the stored entry's
 
 
 def outcome_of(returned: Any, fetcher_name: str) -> Outcome:
@@ -97,13 +104,26 @@ def outcome_of(returned: Any, fetcher_name: str) -> Outcome:
         if type(returned.store) is not bool:
             raise _returned(fetcher_name, f"Result(store=...) must be True or False, got {returned.store!r}")
         meta = _meta(returned.validators, fetcher_name)
-        return Outcome("data", encode_data(returned.data, fetcher_name), ttl, returned.store, meta)
+        tags = _tags(returned.tags, fetcher_name)
+        return Outcome("data", encode_data(returned.data, fetcher_name), ttl, returned.store, meta, tags)
     if isinstance(returned, NotModified):
         kept = None if returned.validators is None else _meta(returned.validators, fetcher_name)
         return Outcome("not-modified", b"", _ttl(returned.ttl, fetcher_name), meta=kept)
     if isinstance(returned, Keep):
         return Outcome("keep", b"", _ttl(returned.ttl, fetcher_name))
-    return Outcome("data", encode_data(returned, fetcher_name), meta=b"")
+    return Outcome("data", encode_data(returned, fetcher_name), meta=b"", tags=())
+
+
+def _tags(tags: Any, fetcher_name: str) -> tuple[str, ...]:
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, Collection):
+        raise _returned(fetcher_name, f"tags must be a collection of strings, got {type(tags).__name__}")
+    if len(tags) > MAX_TAGS or not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_CHARS for t in tags):
+        raise _returned(
+            fetcher_name, f"tags must be at most {MAX_TAGS} non-empty strings of at most {MAX_TAG_CHARS} characters"
+        )
+    if len(encode_tags(tags)) > MAX_TAGS_BYTES:
+        raise _returned(fetcher_name, f"tags take over {MAX_TAGS_BYTES} bytes percent-encoded")
+    return tuple(tags)
 
 
 def _ttl(ttl: Any, fetcher_name: str) -> float | None:

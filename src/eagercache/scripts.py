@@ -15,9 +15,13 @@ clocks disagree still agree on what is due (see clock.py). Scores come back from
 from __future__ import annotations
 
 # Milliseconds since the epoch by the server's clock. Lua numbers are doubles: exact for these values.
-_NOW = """
+_TIME = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Reading stored headers (item.Entry), and the tag index that follows their tags.
+_HEADER = """
 -- The header line of an entry's item (without the body after it); '' if there is none, or if the key is
 -- not a string (not eagercache's): one odd key must not stop a claim half-way through its batch.
 local function header_of(key, last_byte)
@@ -27,7 +31,23 @@ local function header_of(key, last_byte)
   if line_end then return string.sub(header, 1, line_end) end
   return header
 end
+-- A header line's tags, as stored: percent-encoded, joined by ',' ('' for none).
+local function tags_of(line)
+  return string.match(line, ' #([^ \\n]*)') or ''
+end
+-- Add (SADD) or remove (SREM) the entry `id` to or from the index set of each tag in `tags` but not in
+-- `except`. The set's key is derived (prefix .. tag), in the entry's slot: pcall'ed, as item keys are.
+local function index(command, prefix, id, tags, except)
+  if tags == except then return end
+  local skip = {}
+  for tag in string.gmatch(except, '[^,]+') do skip[tag] = true end
+  for tag in string.gmatch(tags, '[^,]+') do
+    if not skip[tag] then redis.pcall(command, prefix .. tag, id) end
+  end
+end
 """
+
+_NOW = _TIME + _HEADER
 
 # Claim up to ARGV[2] entries due now by moving their score to now + ARGV[1], the lease end: whoever moved
 # an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
@@ -117,6 +137,8 @@ return released
 # shows the due time this write sets, an earlier try of the same write was applied and its reply lost:
 # done already. Any other score is someone else's claim or write since: not ours to overwrite.
 # ARGV[8]: '1' to set the shadow key (expiry events on), '' for none.
+# ARGV[9], ARGV[10]: the bucket's tag key prefix, the last byte of a header: the entry leaves the index
+# sets of the tags the stored value had and the new one has not, and joins those of its new tags.
 # Returns 1 stored, 0 not stored (fetcher at max entries), -1 not stored (entry gone), -2 not stored
 # (no longer this refresh's).
 WRITE = (
@@ -143,6 +165,11 @@ if is_new then
     redis.call('HINCRBY', KEYS[6], ARGV[4], 1)
   end
 end
+local old_tags = ''
+if not is_new then old_tags = tags_of(header_of(KEYS[1], tonumber(ARGV[10]))) end
+local new_tags = tags_of(string.match(ARGV[2], '^[^\\n]*'))
+index('SREM', ARGV[9], ARGV[1], old_tags, new_tags)
+index('SADD', ARGV[9], ARGV[1], new_tags, old_tags)
 redis.call('SET', KEYS[1], ARGV[2])
 if ARGV[8] == '1' then redis.call('SET', KEYS[2], '', 'PX', math.max(1, tonumber(ARGV[3]) - now)) end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
@@ -172,9 +199,12 @@ return 1
 """
 )
 
-# Remove an entry and everything about it. KEYS: item, shadow, due, read, stale, counts. ARGV: id, fetcher.
-# Returns 1 if the entry had a stored item.
-FORGET = """
+# Remove an entry and everything about it. KEYS: item, shadow, due, read, stale, counts. ARGV: id, fetcher,
+# the bucket's tag key prefix, the last byte of a header. Returns 1 if the entry had a stored item.
+FORGET = (
+    _HEADER
+    + """
+index('SREM', ARGV[3], ARGV[1], tags_of(header_of(KEYS[1], tonumber(ARGV[4]))), '')
 local existed = redis.call('DEL', KEYS[1])
 local scheduled = redis.call('ZREM', KEYS[3], ARGV[1])
 if existed == 1 or scheduled == 1 then redis.call('HINCRBY', KEYS[6], ARGV[2], -1) end
@@ -182,6 +212,39 @@ redis.call('DEL', KEYS[2], KEYS[5])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return existed
 """
+)
+
+# Remove the entries ARGV[8..] (ARGV[1] 'forget'), or make them due now (ARGV[1] 'refresh': a claim of
+# one in flight is overtaken, its write dropped, and the entry fetched again), if they carry the tag
+# ARGV[2] (percent-encoded; '' for no tag check). An id whose item is gone, or that no longer carries
+# the tag, leaves that tag's index set. KEYS: due, read, counts. ARGV[3..7]: the bucket's item, shadow,
+# stale and tag key prefixes, the last byte of a header. Returns the ids removed or made due.
+TARGET = (
+    _NOW
+    + """
+local out = {}
+for i = 8, #ARGV do
+  local id = ARGV[i]
+  local item = ARGV[3] .. id
+  local header = header_of(item, tonumber(ARGV[7]))
+  local tags = tags_of(header)
+  if header == '' or (ARGV[2] ~= '' and not string.find(',' .. tags .. ',', ',' .. ARGV[2] .. ',', 1, true)) then
+    if ARGV[2] ~= '' then redis.pcall('SREM', ARGV[6] .. ARGV[2], id) end
+  elseif ARGV[1] == 'forget' then
+    index('SREM', ARGV[6], id, tags, '')
+    redis.pcall('DEL', item, ARGV[4] .. id, ARGV[5] .. id)
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('HINCRBY', KEYS[3], string.match(id, '^[^?]*'), -1)  -- it had an item: it was counted
+    out[#out + 1] = id
+  else
+    redis.call('ZADD', KEYS[1], now, id)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+)
 
 # Drop schedule members whose item is gone (deleted by hand, evicted), with their shadow, stale marker and
 # read time, and count them out, as a refresh that found the item gone would (a later WRITE or POSTPONE
@@ -246,6 +309,7 @@ FLAGS = {
     WRITE: "#!lua",
     POSTPONE: "#!lua",
     FORGET: "#!lua flags=allow-oom",
+    TARGET: "#!lua flags=allow-oom",
     PRUNE: "#!lua flags=allow-oom",
     RECOUNT: "#!lua",
     REPAIR: "#!lua",

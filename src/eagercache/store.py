@@ -32,7 +32,8 @@ from . import scripts
 from .clock import ServerClock
 from .coalesce import Coalescer
 from .errors import ConfigurationError, StoreTimeout, StoreUnavailable
-from .keys import DEFAULT_NAMESPACE, Bucket, Keys, entry_id_of, glob_escape
+from .item import encode_tags
+from .keys import DEFAULT_NAMESPACE, Bucket, Keys, entry_id_of, glob_escape, split_entry_id
 from .topology import (
     CLIENT_ERRORS,
     COMMAND_TIMEOUT_S,
@@ -65,9 +66,10 @@ TOUCH_CHUNK = 1000
 LOOP_LATE_S = 0.05
 # Loop iterations a budget's check waits, once the budget is spent, for replies already received.
 CONFIRM_ROUNDS = 2
-# The header line of a stored value (item.Entry) fits in this many bytes, validators included (results.py
-# bounds them); claims and listings read no more, and get back only the line (scripts.header_of).
-HEADER_MAX_BYTES = 1024
+# The header line of a stored value (item.Entry) fits in this many bytes, validators and tags included
+# (results.py and fetchers.py bound them); claims and listings read no more, and get back only the line
+# (scripts.header_of).
+HEADER_MAX_BYTES = 4096
 # Eviction policies that may delete keys without a TTL: the schedule, the read times, the counts.
 UNSAFE_EVICTION = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 # Buckets when neither the operator nor the store says: one on a single server (one claim per round, as
@@ -83,6 +85,7 @@ _SCRIPTS = (
     scripts.WRITE,
     scripts.POSTPONE,
     scripts.FORGET,
+    scripts.TARGET,
     scripts.REPAIR,
     scripts.PRUNE,
     scripts.RECOUNT,
@@ -216,6 +219,7 @@ class Store:
         self._write = self._scripts[scripts.WRITE]
         self._postpone = self._scripts[scripts.POSTPONE]
         self._forget = self._scripts[scripts.FORGET]
+        self._target = self._scripts[scripts.TARGET]
         self._repair = self._scripts[scripts.REPAIR]
         self._prune = self._scripts[scripts.PRUNE]
         self._recount = self._scripts[scripts.RECOUNT]
@@ -557,6 +561,7 @@ class Store:
         lease = "" if lease_end_ms is None else lease_end_ms
         shadow = "1" if self.shadow_keys else ""
         args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode, lease, shadow]
+        args += (bucket.tag_prefix, HEADER_MAX_BYTES - 1)
         pending = (bucket.index, fetcher)
         if mode == "cold":  # counted as taken while in flight, so this process's other cold writes see it
             self._pending[pending] += 1
@@ -636,10 +641,47 @@ class Store:
         """Remove an entry and everything about it; False if it had no stored item."""
         bucket = self.keys.bucket_of(entry_id)
         with self._errors(write=True):
-            existed = await self._forget(keys=self._entry_keys(bucket, entry_id), args=[entry_id, fetcher])
+            existed = await self._forget(
+                keys=self._entry_keys(bucket, entry_id),
+                args=[entry_id, fetcher, bucket.tag_prefix, HEADER_MAX_BYTES - 1],
+            )
         if existed:
             self._count(bucket, fetcher, -1)
         return bool(existed)
+
+    async def tagged(self, tag: str, count: int) -> AsyncGenerator[tuple[int, list[str]], None]:
+        """The entries in each bucket's index set of `tag`, as (bucket, ids) batches of about `count`
+        (SSCAN: an id may come twice; one removed meanwhile may not come at all)."""
+        encoded = encode_tags([tag]).decode("ascii")
+        with self._errors():
+            for bucket in self.keys.buckets:
+                batch: list[str] = []
+                async for member in self.client.sscan_iter(bucket.tag_prefix + encoded, count=count):
+                    if (entry_id := entry_id_of(member)) is not None:
+                        batch.append(entry_id)
+                    if len(batch) >= count:
+                        yield bucket.index, batch
+                        batch = []
+                if batch:
+                    yield bucket.index, batch
+
+    async def target(
+        self, bucket_index: int, entry_ids: list[str], action: Literal["forget", "refresh"], tag: str | None
+    ) -> list[str]:
+        """Remove the entries of one bucket, or make them due now, if they carry `tag` (any, for None); the
+        ids acted on. One script call: atomic per bucket, a few ms of the server's time per 1,000 ids."""
+        b = self.keys.buckets[bucket_index]
+        encoded = "" if tag is None else encode_tags([tag]).decode("ascii")
+        prefixes = (b.item_prefix, b.shadow_prefix, b.stale_prefix, b.tag_prefix)
+        with self._errors(write=True):
+            done = await self._target(
+                keys=[b.due, b.read, b.counts], args=[action, encoded, *prefixes, HEADER_MAX_BYTES - 1, *entry_ids]
+            )
+        acted = _entry_ids(done)
+        if action == "forget":
+            for entry_id in acted:
+                self._count(b, split_entry_id(entry_id)[0], -1)
+        return acted
 
     async def list_entries(self, fetcher: str, cursor: str, count: int) -> tuple[str, list[str]]:
         """One page of a fetcher's entries, from the buckets' schedules in bucket order; the next cursor
