@@ -1,6 +1,7 @@
 """eagercache: a refresh-ahead cache server. Fetchers run before entries expire, so readers never wait."""
 
 from .app import create_app
+from .embed import lifespan
 from .errors import (
     ConfigurationError,
     DataTooStale,
@@ -40,6 +41,7 @@ __all__ = [
     "decode_item",
     "fetcher",
     "invalidate",
+    "lifespan",
     "load_settings",
     "refresh",
 ]

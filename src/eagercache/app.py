@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .access import check_access
 from .admin import admin_routes
+from .embed import Lifecycle, OpenAPISpec
 from .engine import Engine
 from .errors import (
     DataTooStale,
@@ -83,27 +84,34 @@ class DataFastPath:
     """GET and HEAD of /data/... go straight to their endpoint, past Starlette's exception middleware and
     router and the Date middleware (together ~13 % of a warm hit's CPU in a profile); every other request
     goes the usual way. Placed just inside ServerErrorMiddleware, which still turns anything unexpected into
-    the app's 500 problem."""
+    the app's 500 problem. Any request while the app's lifespan does not run (a mount whose host never
+    entered it) is answered 503 here (embed.py)."""
 
     def __init__(
         self,
         app: ASGIApp,
         answer: Callable[[str, Scope], Awaitable[Response]],
         date: Callable[[], bytes] | None,
+        lifecycle: Lifecycle,
     ) -> None:
         self.app = app
         self.answer = answer
         self.date = date
+        self.lifecycle = lifecycle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            path = _route_path(scope)
-            if path.startswith("/data/"):
-                response = await self.answer(path[len("/data/") :], scope)
-                if self.date is not None:
-                    response.raw_headers.append((b"date", self.date()))
-                await response(scope, receive, send)
+        if scope["type"] == "http":
+            if not self.lifecycle.running:
+                await self.lifecycle.refuse(scope, receive, send)
                 return
+            if scope["method"] in ("GET", "HEAD"):
+                path = _route_path(scope)
+                if path.startswith("/data/"):
+                    response = await self.answer(path[len("/data/") :], scope)
+                    if self.date is not None:
+                        response.raw_headers.append((b"date", self.date()))
+                    await response(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -191,10 +199,10 @@ def create_app(
         served(name, read.cache).record(max(0, read.now_ms - read.entry.last_retrieved_ms) / 1000)
         return await representer.respond(read, request_headers(scope))
 
-    spec = msgspec.json.encode(openapi_document(registry))
+    spec = OpenAPISpec(openapi_document(registry))
 
     async def openapi(request: Request) -> Response:
-        return Response(spec, media_type="application/json")
+        return Response(spec.at(request.scope.get("root_path", "")), media_type="application/json")
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -249,6 +257,7 @@ def create_app(
             finally:
                 await store.aclose()
 
+    lifecycle = Lifecycle()
     admin = [] if settings.admin_token is None else admin_routes(engine, settings.admin_token)
     status = StatusPage(engine, store, refresher, hub, sampler, settings)
     app = Starlette(
@@ -263,7 +272,7 @@ def create_app(
             *status.routes(),
         ],
         exception_handlers=exception_handlers(),
-        lifespan=lifespan,
+        lifespan=lifecycle.wrap(lifespan),
     )
 
     def date() -> bytes:
@@ -271,8 +280,10 @@ def create_app(
 
     if date_header:
         app.add_middleware(DateHeader, date=date)
-    app.add_middleware(DataFastPath, answer=answer, date=date if date_header else None)  # the outermost
+    # the outermost
+    app.add_middleware(DataFastPath, answer=answer, date=date if date_header else None, lifecycle=lifecycle)
     app.state.engine = engine
+    app.state.lifecycle = lifecycle  # eagercache.lifespan(app) knows the app by it
     app.state.refresher = refresher
     app.state.metrics = metrics
     app.state.registry = registry

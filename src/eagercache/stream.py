@@ -13,7 +13,9 @@ watcher (errors are problem documents, before any stream starts), sends its even
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
+import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
@@ -27,7 +29,7 @@ RETRY_MS = 1000
 # connection does not hold a watcher (and its share of --max-watchers) for ever.
 SEND_TIMEOUT_S = 30.0
 # When sse-starlette sees the server shut down (an embedder's uvicorn; the CLI's SIGTERM closes the hub at
-# once), streams get this long to end on their own before they are cancelled.
+# once), it tells _ServerStopping, which ends every stream; they get this long before they are cancelled.
 SHUTDOWN_GRACE_S = 1.0
 _RETRY = f"retry: {RETRY_MS}\n\n".encode()
 _SEP = "\n"
@@ -35,9 +37,24 @@ _PING = ServerSentEvent(comment="ping", sep=_SEP)
 _LAST_EVENT_ID = b"last-event-id"
 
 
+class _ServerStopping:
+    """Every stream's `shutdown_event`, which sse-starlette sets when it sees the server shut down (a host
+    app's uvicorn at SIGTERM: eagercache mounted in another app). Setting it closes the hub, as the CLI's
+    SIGTERM handler does: streams end with their response complete, rather than being cancelled after the
+    grace period (uvicorn: "ASGI callable returned without completing response"). One object for all
+    streams: no event, no task per watcher; sse-starlette only calls its `set()`."""
+
+    def __init__(self, hub: WatchHub) -> None:
+        self.hub = hub
+
+    def set(self) -> None:
+        self.hub.close()
+
+
 def watch_endpoint(hub: WatchHub, ping_s: float) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The ASGI endpoint of /watch/{fetcher}."""
     metrics, clock = hub.metrics, hub.store.clock
+    stopping = cast(anyio.Event, _ServerStopping(hub))
     sent: dict[EventKind, PlainCounter] = {
         kind: metrics.plain_counter(metrics.watch_events, kind) for kind in ("snapshot", "patch", "status")
     }
@@ -61,6 +78,7 @@ def watch_endpoint(hub: WatchHub, ping_s: float) -> Callable[[Scope, Receive, Se
                 sep=_SEP,
                 ping_message_factory=lambda: _PING,
                 send_timeout=SEND_TIMEOUT_S,
+                shutdown_event=stopping,
                 shutdown_grace_period=SHUTDOWN_GRACE_S,
             )
             await response(scope, receive, send)
