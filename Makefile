@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format clean bench
+.PHONY: install run test lint format clean bench screenshots
 
 $(STAMP): pyproject.toml examples/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,6 @@ clean:
 bench: install  ## benchmarks -> docs/benchmarks.md (BENCH_QUICK=1: ~2-minute smoke run); see bench/config.py
 	bench/setup.sh $(BIN)
 	$(BIN)/python -m bench.run
+
+screenshots: install  ## docs/status-page.png and docs/status-page-phone.png: the status page in headless Chromium
+	$(BIN)/python -m tests.screenshots

@@ -147,11 +147,11 @@
       ['Admin API', service.admin_api ? 'on' : 'off'],
     ];
     const dl = $('service');
-    if (dl.children.length !== facts.length * 2) {
-      dl.replaceChildren(...facts.flatMap(([k]) => [el('dt', {text: k}), el('dd')]));
+    if (dl.children.length !== facts.length) {
+      dl.replaceChildren(...facts.map(([k]) => el('div', {}, el('dt', {text: k}), el('dd'))));
     }
-    facts.forEach(([, v], i) => setText(dl.children[i * 2 + 1], v));
-    dl.children[1].className = service.ready ? 'ok' : 'bad';
+    facts.forEach(([, v], i) => setText(dl.children[i].lastChild, v));
+    dl.children[0].lastChild.className = service.ready ? 'ok' : 'bad';
   }
 
   function options(o) {
@@ -300,9 +300,9 @@
   function updateEntry(row, entry) {
     const [, , age, modified, next, stateCell, error] = cells(row, 8);
     if (row.dataset.modified && row.dataset.modified !== `${entry.last_modified_ms}`) {
-      row.classList.remove('flash');
-      void row.offsetWidth; // restart the animation
-      row.classList.add('flash');
+      modified.classList.remove('flash');
+      void modified.offsetWidth; // restart the animation
+      modified.classList.add('flash');
     }
     row.dataset.modified = `${entry.last_modified_ms}`;
     setText(age, seconds(entry.age_s));
@@ -411,9 +411,11 @@
     setText($('watch-state'), 'Connecting…');
     $('watch-data').textContent = '';
     source.addEventListener('snapshot', (e) => {
+      // The first is the entry as it is; a later one is a change sent whole (smaller than its patch).
+      const changed = watch.doc !== null && e.lastEventId !== watch.id;
       watch.doc = JSON.parse(e.data);
       watch.id = e.lastEventId;
-      showWatched(watch, 'Snapshot');
+      showWatched(watch, changed ? 'Changed' : 'Snapshot');
     });
     source.addEventListener('patch', (e) => {
       const {base: from, patch} = JSON.parse(e.data);
