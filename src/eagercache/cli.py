@@ -258,6 +258,8 @@ def _option(option: str, value: object) -> str:
         return option
     if isinstance(value, tuple):
         return f"{option}={','.join(value)}"
+    if option == "max_rate":
+        return f"{option}={value:g}/s"
     return f"{option}={value:g}{'' if option in COUNT_OPTIONS else 's'}"
 
 

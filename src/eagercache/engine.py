@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from redis.exceptions import OutOfMemoryError
 
+from .budget import Budget
 from .changes import Change
 from .errors import (
     DataTooStale,
@@ -130,6 +131,8 @@ class Engine:
         self._on_write: list[Callable[[str, int], None]] = []
         self._on_done: list[Callable[[], None]] = []
         self._on_change: list[Callable[[Change, str, str], None]] = []
+        rates = {f.name: f.max_rate for f in registry.values() if f.max_rate is not None}
+        self.budget = Budget(store, rates, metrics)
         self._fetch_slots = asyncio.Semaphore(self.max_concurrent)
         self._fetcher_slots = {
             f.name: asyncio.Semaphore(f.max_concurrency) for f in registry.values() if f.max_concurrency is not None
@@ -471,6 +474,8 @@ class Engine:
         if cause != "cold":  # the stored header says whether these are the same data (and since when)
             # A claim brings the header, unless its script could not read it (a key mid-reshard): read it here.
             previous = claim.header if claim is not None and claim.header else await self.store.header(call.entry_id)
+        if cause in ("cold", "admin"):
+            self.budget.owe(fetcher.name)  # never waits for the budget: a reader (or an admin) is waiting
         async with self._slot(fetcher):
             metrics.fetching += 1
             started = time.perf_counter()

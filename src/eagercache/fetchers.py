@@ -49,13 +49,17 @@ class FetcherOptions:
     """Fetches of this fetcher running at once in one process (None: only the process-wide limit)."""
     ignore_unknown: bool = False
     """Ignore query parameters the function does not take, instead of answering 400."""
+    max_rate: float | None = None
+    """The upstream budget: fetches per second of this fetcher across every replica (None: no budget).
+    Past it, refreshes wait (the most recently read entries first) and their entries are served STALE
+    within max_stale; a reader's fetch of a missing entry never waits, but counts."""
     indexed: tuple[str, ...] = ()
     """Parameters whose values are indexed, so that entries can be invalidated or refreshed by them
     (e.g. every entry with city=Oslo, whatever its other parameters) without a scan."""
 
     def check(self, where: str) -> None:
         """Raise ConfigurationError naming `where` for an option that cannot work."""
-        for option in ("ttl", "jitter", "timeout", "max_idle", "max_stale"):
+        for option in ("ttl", "jitter", "timeout", "max_idle", "max_stale", "max_rate"):
             value = getattr(self, option)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ConfigurationError(f"{where}: {option} must be a number of seconds, got {value!r}")
@@ -69,6 +73,8 @@ class FetcherOptions:
             raise ConfigurationError(f"{where}: timeout must be > 0 seconds, got {self.timeout}")
         if self.max_stale is not None and not self.max_stale >= 0:
             raise ConfigurationError(f"{where}: max_stale must be >= 0 seconds or None, got {self.max_stale}")
+        if self.max_rate is not None and not self.max_rate > 0:
+            raise ConfigurationError(f"{where}: max_rate must be > 0 fetches per second or None, got {self.max_rate}")
         if not self.max_idle > 0:
             raise ConfigurationError(f"{where}: max_idle must be > 0 seconds, got {self.max_idle}")
         for option in ("max_entries", "max_concurrency"):
@@ -110,6 +116,7 @@ def fetcher(
     max_entries: int = ...,
     max_concurrency: int | None = ...,
     ignore_unknown: bool = ...,
+    max_rate: float | None = ...,
     indexed: Sequence[str] = ...,
 ) -> Callable[[F], F]: ...
 def fetcher(
@@ -125,6 +132,7 @@ def fetcher(
     max_entries: int = _DEFAULT.max_entries,
     max_concurrency: int | None = _DEFAULT.max_concurrency,
     ignore_unknown: bool = _DEFAULT.ignore_unknown,
+    max_rate: float | None = _DEFAULT.max_rate,
     indexed: Sequence[str] = _DEFAULT.indexed,
 ) -> F | Callable[[F], F]:
     """Mark an async function as a fetcher; each option is described on `FetcherOptions`.
@@ -140,6 +148,7 @@ def fetcher(
         max_entries=max_entries,
         max_concurrency=max_concurrency,
         ignore_unknown=ignore_unknown,
+        max_rate=max_rate,
         # a str is refused by check(), not split into one-letter names
         indexed=cast(tuple[str, ...], indexed) if isinstance(indexed, str) else tuple(indexed),
     )

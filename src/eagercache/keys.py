@@ -19,6 +19,7 @@ And once per namespace (anywhere in a cluster: no script touches them with other
 - `{ns}layout`              the bucket count, written by the first process; the others check theirs against it
 - `{ns}sweep`               held (SET NX PX) by the replica that sweeps the store for entries off the schedule
 - `{ns}probe:{uuid}`        short-lived, only at start-up (access check; servers that refuse CONFIG)
+- `{ns}budget:{fetcher}`    hash: the fetcher's max_rate token bucket (tokens, at), shared by the replicas
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Bucket:
 
 
 class Keys:
-    __slots__ = ("buckets", "layout", "namespace", "namespace_bytes", "probe_prefix", "sweep")
+    __slots__ = ("buckets", "budget_prefix", "layout", "namespace", "namespace_bytes", "probe_prefix", "sweep")
 
     def __init__(self, namespace: str = DEFAULT_NAMESPACE, buckets: int = 1) -> None:
         check_namespace(namespace)
@@ -85,6 +86,10 @@ class Keys:
         self.layout = f"{namespace}layout"
         self.sweep = f"{namespace}sweep"
         self.probe_prefix = f"{namespace}probe:"
+        self.budget_prefix = f"{namespace}budget:"
+
+    def budget(self, fetcher: str) -> str:
+        return self.budget_prefix + fetcher
 
     def bucket_of(self, entry_id: str) -> Bucket:
         """The entry's bucket: a hash of its id (crc32: stable across processes, versions and platforms)."""

@@ -165,6 +165,12 @@ class Metrics:
             ["fetcher"],
             registry=self.registry,
         )
+        self.budget_deferred = Counter(
+            "eagercache_budget_deferred",
+            "Refreshes put off because their fetcher's max_rate budget was spent (each time one is put off).",
+            ["fetcher"],
+            registry=self.registry,
+        )
         self.background_errors = Counter(
             "eagercache_background_errors",
             "Failures in background work, by component (a loop's name for a loop that failed and restarted).",

@@ -254,7 +254,7 @@ class Refresher:
                     continue
                 written, self._written_during_claim = self._written_during_claim, {}
                 outage.over()
-                self._refresh(claimed.claims, "schedule")
+                self._refresh(await self.engine.budget.admit(claimed.claims), "schedule")
                 now = self.store.clock.now_ms()
                 for b in take:
                     if b in claimed.failed:
@@ -300,7 +300,7 @@ class Refresher:
                     continue  # still due in the schedule: nothing is lost
                 if claimed.failed:  # those buckets' entries are still due in the schedule
                     self.metrics.background_errors.labels("event-claim").inc(len(claimed.failed))
-                self._refresh(claimed.claims, "event")
+                self._refresh(await self.engine.budget.admit(claimed.claims), "event")
 
     async def _record_reads(self) -> None:
         """Write the entries read lately to the store in one command per interval, not one per hit; put

@@ -105,20 +105,41 @@ return out
 """
 )
 
-# Give claims back (ARGV: id, lease end, id, lease end, ...) where they are still ours: due again at
-# once, for anyone. KEYS: due. Returns how many were given back.
+# Give claims back (ARGV: id, lease end, delay ms, id, lease end, delay ms, ...) where they are still ours:
+# due again, for anyone, after the delay (0: at once). KEYS: due. Returns how many were given back.
 RELEASE = (
-    _NOW
+    _TIME
     + """
 local released = 0
-for i = 1, #ARGV, 2 do
+for i = 1, #ARGV, 3 do
   local due = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if due and tonumber(due) == tonumber(ARGV[i + 1]) then
-    redis.call('ZADD', KEYS[1], now, ARGV[i])
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[i + 2]), ARGV[i])
     released = released + 1
   end
 end
 return released
+"""
+)
+
+# A fetcher's upstream budget (max_rate), shared by every replica: a token bucket in the hash KEYS[1]
+# (tokens, at: ms), refilled at ARGV[1] tokens per second up to ARGV[2]. Takes up to ARGV[3] tokens, or
+# all of them with ARGV[4] '1' (a fetch that does not wait: its cost is owed, and later refreshes wait
+# for it). Returns how many were taken.
+TAKE_BUDGET = (
+    _TIME
+    + """
+local rate, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+local taken = wanted
+if ARGV[4] ~= '1' then taken = math.max(0, math.min(wanted, math.floor(tokens))) end
+tokens = tokens - taken
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+-- gone once full again: an idle fetcher's budget costs nothing
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return taken
 """
 )
 
@@ -309,6 +330,7 @@ FLAGS = {
     WRITE: "#!lua",
     POSTPONE: "#!lua",
     FORGET: "#!lua flags=allow-oom",
+    TAKE_BUDGET: "#!lua",
     TARGET: "#!lua flags=allow-oom",
     PRUNE: "#!lua flags=allow-oom",
     RECOUNT: "#!lua",

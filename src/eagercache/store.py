@@ -82,6 +82,7 @@ _SCRIPTS = (
     scripts.CLAIM_DUE,
     scripts.CLAIM_MANY,
     scripts.RELEASE,
+    scripts.TAKE_BUDGET,
     scripts.WRITE,
     scripts.POSTPONE,
     scripts.FORGET,
@@ -216,6 +217,7 @@ class Store:
         self._claim_due = self._scripts[scripts.CLAIM_DUE]
         self._claim_many = self._scripts[scripts.CLAIM_MANY]
         self._release = self._scripts[scripts.RELEASE]
+        self._take_budget = self._scripts[scripts.TAKE_BUDGET]
         self._write = self._scripts[scripts.WRITE]
         self._postpone = self._scripts[scripts.POSTPONE]
         self._forget = self._scripts[scripts.FORGET]
@@ -795,13 +797,26 @@ class Store:
             for i in range(3, len(flat), 4)
         ]
 
-    async def release(self, claims: dict[str, int]) -> int:
-        """Give back claims still held (shutdown): those entries are due again at once, for any replica."""
+    async def release(self, claims: dict[str, int], delays_ms: dict[str, int] | None = None) -> int:
+        """Give back claims still held (id -> lease end): those entries are due again, for any replica, at
+        once (shutdown) or after their delay (deferred by a budget)."""
+        delays_ms = delays_ms or {}
         calls = []
         for b, ids in self._by_bucket(claims).items():
-            calls.append((self._release, [b.due], [value for i in ids for value in (i, claims[i])]))
+            args = [value for i in ids for value in (i, claims[i], delays_ms.get(i, 0))]
+            calls.append((self._release, [b.due], args))
         with self._errors(write=True):
             return sum(self._all(await self._pipelined(calls)))
+
+    async def take_budget(self, fetcher: str, rate: float, wanted: int, *, owe: bool = False) -> int:
+        """Take up to `wanted` of the fetcher's budget tokens (every replica shares them); how many were
+        taken. `owe`: take them all even if the budget is spent (scripts.TAKE_BUDGET)."""
+        burst = max(1.0, rate)  # one second's worth
+        with self._errors(write=True):
+            taken: int = await self._take_budget(
+                keys=[self.keys.budget(fetcher)], args=[rate, burst, wanted, "1" if owe else ""]
+            )
+        return taken
 
     async def touch(self, entry_ids: Iterable[str]) -> None:
         """Record reads: only for entries that exist, never moving a time back.
