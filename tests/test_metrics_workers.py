@@ -4,6 +4,7 @@ prometheus children did, and one scrape of `serve --workers 2` reports the whole
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -16,8 +17,11 @@ import httpx
 import pytest
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from eagercache.item import Entry
+from eagercache.keys import Keys
 from eagercache.metrics import Metrics
 
 from .servers import ServeProcess
@@ -200,3 +204,59 @@ def test_a_killed_worker_neither_rewinds_counters_nor_stays_in_live_gauges(
     _await_scrape(workers.url, lambda s: _total(s, REQUESTS) == reads + more, seen)
     assert all(_total(s, REQUESTS) >= reads for s in seen)  # never back: the dead worker's counts stay
     assert all(s[IN_FLIGHT] <= 1 for s in seen)
+
+
+STALE_OVERDUE = "eagercache_stale_overdue_seconds"
+
+
+def _per_process(directory: Path, name: str) -> dict[int, float]:
+    """One gauge's value in each process's file (what the scrape merges by the gauge's multiprocess mode)."""
+    found = {}
+    for path in directory.glob("gauge_*.db"):
+        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            if json.loads(key)[0] == name:
+                found[int(path.stem.rsplit("_", 1)[1])] = value
+    return found
+
+
+def test_stale_overdue_is_the_most_overdue_worker_not_the_sum(
+    redis_url: str, redis_sync: redis.Redis, tmp_path: Path
+) -> None:
+    env = {"FLEET_REDIS_URL": redis_url, "TMPDIR": str(tmp_path)}
+    server = ServeProcess(
+        "--redis-url", redis_url, "--fetchers", "tests.failing_fleet:failing", "--workers", "2", env=env
+    )
+    try:
+        server.wait_ready()
+        (directory,) = tmp_path.glob("eagercache-metrics-*")
+        assert httpx.get(f"{server.url}/data/failing", timeout=5).status_code == 200
+        redis_sync.set("fleet:failing", 1)
+        deadline = time.monotonic() + 15
+        while len(values := _per_process(directory, STALE_OVERDUE)) < 2 or not all(values.values()):
+            # Stale reads on new connections (the kernel picks the worker) until both workers have served one
+            # and flushed it (every second).
+            assert time.monotonic() < deadline, values
+            httpx.get(f"{server.url}/data/failing", timeout=5)
+            time.sleep(0.05)  # another process's state: no event to await
+        # No more reads: each worker's value stays (it is the max of the last minute), once flushed.
+        seen: list[Scrape] = []
+        scrape = _await_scrape(
+            server.url,
+            lambda s: (
+                s[f'{STALE_OVERDUE}{{fetcher="failing"}}'] == max(_per_process(directory, STALE_OVERDUE).values())
+            ),
+            seen,
+        )
+        values = _per_process(directory, STALE_OVERDUE)
+        raw = redis_sync.get(Keys().item("failing?"))
+        assert isinstance(raw, bytes)
+        seconds, micros = redis_sync.time()
+        overdue = (seconds * 1000 + micros // 1000 - Entry.parse(raw).due_ms) / 1000
+        merged = scrape[f'{STALE_OVERDUE}{{fetcher="failing"}}']
+        assert not [series for series in scrape if series.startswith(STALE_OVERDUE) and "pid=" in series]
+        # The most overdue read of any worker, within the entry's overdue time now; not the workers' sum.
+        assert len(values) == 2 and 0 < merged == max(values.values()) < sum(values.values())
+        assert merged <= overdue
+        assert server.terminate() == 0
+    finally:
+        server.close()

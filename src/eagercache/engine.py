@@ -199,6 +199,7 @@ class Engine:
             self.overdue.add(entry_id)  # its refresh should have happened: make sure it is on the schedule
         if stale is None and not late and not grace:
             return Read(fetcher, entry_id, entry, "HIT", now)
+        self.metrics.stale_read(fetcher.name, overdue_ms)  # after the HIT return: a fresh read records nothing
         if fetcher.max_stale is not None and overdue_ms > fetcher.max_stale * 1000:
             raise DataTooStale(
                 f"this entry's refresh is {overdue_ms / 1000:.1f} s overdue, "

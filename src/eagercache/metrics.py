@@ -15,6 +15,7 @@ import contextlib
 import glob
 import logging
 import os
+import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable
 
@@ -28,6 +29,10 @@ MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_INTERVAL_S = 1.0
 AGE_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 LAG_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# eagercache_stale_overdue_seconds is the largest overdue time of the stale reads of the last STALE_WINDOW_S,
+# kept in STALE_SLOTS slots: a fetcher whose reads are no longer stale is back to 0 within that window.
+STALE_WINDOW_S = 60.0
+STALE_SLOTS = 6
 log = logging.getLogger(__name__)
 
 
@@ -101,6 +106,31 @@ class ServedRead:
     def record(self, age_s: float) -> None:
         self._count.n += 1
         self._ages.observe(age_s)
+
+
+class StaleOverdue:
+    """The largest overdue time of one fetcher's stale reads in the last window, in slots of window / N
+    seconds: a stale read costs a clock reading and a comparison, no lock; a fresh read costs nothing."""
+
+    __slots__ = ("_child", "ids", "maxima", "slot_s")
+
+    def __init__(self, child: Gauge, window_s: float) -> None:
+        self.slot_s = window_s / STALE_SLOTS
+        self.ids = [-1] * STALE_SLOTS  # the slot number (monotonic time / slot_s) each maximum is of
+        self.maxima = [0.0] * STALE_SLOTS
+        self._child = child
+
+    def record(self, overdue_s: float) -> None:
+        slot = int(time.monotonic() / self.slot_s)
+        i = slot % STALE_SLOTS
+        if self.ids[i] != slot:
+            self.ids[i], self.maxima[i] = slot, overdue_s
+        elif overdue_s > self.maxima[i]:
+            self.maxima[i] = overdue_s
+
+    def flush(self) -> None:
+        oldest = int(time.monotonic() / self.slot_s) - STALE_SLOTS + 1
+        self._child.set(max((m for n, m in zip(self.ids, self.maxima, strict=True) if n >= oldest), default=0.0))
 
 
 def _forget_dead_processes(path: str) -> None:
@@ -323,6 +353,15 @@ class Metrics:
             buckets=LAG_BUCKETS_S,
             registry=self.registry,
         )
+        self.stale_overdue = Gauge(
+            "eagercache_stale_overdue_seconds",
+            "Per fetcher, how far past its due time (what max_stale is measured against) the most overdue entry "
+            f"read as stale in the last {STALE_WINDOW_S:g} s was: answered STALE, or 503 data-too-stale past "
+            f"max_stale. 0 once its reads have not been stale for {STALE_WINDOW_S:g} s.",
+            ["fetcher"],
+            registry=self.registry,
+            multiprocess_mode="livemax",  # the most overdue any live worker served (a sum would add workers)
+        )
         self.watch_slow = Counter(
             "eagercache_watch_slow_clients",
             "Watchers that fell behind: their buffer filled up (sent a snapshot instead of the backlog), or a send "
@@ -334,6 +373,8 @@ class Metrics:
         self._counters: dict[tuple[str, tuple[str, ...]], PlainCounter] = {}
         self._histograms: dict[tuple[str, tuple[str, ...]], PlainHistogram] = {}
         self._served: dict[tuple[str, str], ServedRead] = {}
+        self._stale: dict[str, StaleOverdue] = {}
+        self.stale_window_s = STALE_WINDOW_S  # for the fetchers' first stale reads from now on (tests shorten it)
         self.fetching = 0  # fetcher runs in progress: the in-flight gauge, set at each flush
         self._on_flush: list[Callable[[], None]] = []
 
@@ -365,6 +406,14 @@ class Metrics:
             served = self._served[fetcher, result] = ServedRead(self.request_count(fetcher, result), ages)
         return served
 
+    def stale_read(self, fetcher: str, overdue_ms: float) -> None:
+        """A read of a stale entry of `fetcher`, `overdue_ms` past its due time (served STALE, or refused as
+        too stale), for eagercache_stale_overdue_seconds. Fresh reads do not call this."""
+        overdue = self._stale.get(fetcher)
+        if overdue is None:
+            overdue = self._stale[fetcher] = StaleOverdue(self.stale_overdue.labels(fetcher), self.stale_window_s)
+        overdue.record(max(0.0, overdue_ms / 1000))  # a grace read of an entry not yet due: 0
+
     def on_flush(self, callback: Callable[[], None]) -> None:
         """Call `callback()` at every flush (before a scrape): for gauges read from live state."""
         self._on_flush.append(callback)
@@ -377,6 +426,8 @@ class Metrics:
             counter.flush()
         for histogram in self._histograms.values():
             histogram.flush()
+        for overdue in self._stale.values():
+            overdue.flush()
         self.inflight.set(self.fetching)
 
     @contextlib.asynccontextmanager
