@@ -211,9 +211,10 @@ STALE_OVERDUE = "eagercache_stale_overdue_seconds"
 
 def _per_process(directory: Path, name: str) -> dict[int, float]:
     """One gauge's value in each process's file (what the scrape merges by the gauge's multiprocess mode)."""
-    found = {}
+    found: dict[int, float] = {}
     for path in directory.glob("gauge_*.db"):
-        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+        values = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+        for key, value, _, _ in values:
             if json.loads(key)[0] == name:
                 found[int(path.stem.rsplit("_", 1)[1])] = value
     return found
