@@ -77,6 +77,9 @@ async def test_the_example_serves_the_cache_under_its_prefix_next_to_its_own_rou
         # The rest of eagercache's HTTP surface, under the prefix too.
         assert (await client.get("/cache/readyz")).json()["status"] == "ready"
         assert b"eagercache_requests_total" in (await client.get("/cache/metrics")).content
+        page = await client.get("/cache/", headers={"Accept": "text/html"})  # the status page: relative links
+        assert page.status_code == 200 and 'src="status/static/status.js"' in page.text
+        assert (await client.get("/cache/status")).status_code == 200
         unknown = await client.get("/cache/data/nope")
         assert (unknown.status_code, unknown.json()["type"]) == (404, "urn:eagercache:problem:unknown-fetcher")
         admin = await client.get("/cache/admin/fetchers", headers={"Authorization": f"Bearer {TOKEN}"})
