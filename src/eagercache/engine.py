@@ -489,7 +489,7 @@ class Engine:
         now = self.clock.now_ms()
         due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms, result.ttl)
         if result.kind == "data" and (result.store or cause == "cold"):
-            tags = encode_tags(fetcher.tags_of(call, result.tags or ()))
+            tags = encode_tags(fetcher.tags_of(call, result.tags or ())) if result.tags or fetcher.indexed else b""
             entry, changed = new_entry(
                 result.data_json, now, due_at, previous_header=previous, meta=result.meta or b"", tags=tags
             )
