@@ -21,6 +21,9 @@ class LRU(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: K) -> bool:
+        return key in self._items  # without making it recent
+
     def get(self, key: K) -> V | None:
         value = self._items.get(key)
         if value is not None:
