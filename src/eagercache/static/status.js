@@ -158,6 +158,8 @@
     const parts = [`ttl ${o.ttl} s`, `jitter ${o.jitter} s`, `timeout ${o.timeout} s`,
       `max_stale ${o.max_stale === null ? 'none' : `${o.max_stale} s`}`, `max_idle ${o.max_idle} s`,
       `max_entries ${count(o.max_entries)}`];
+    if (o.max_rate !== null && o.max_rate !== undefined) parts.push(`max_rate ${o.max_rate}/s`);
+    if (o.indexed && o.indexed.length) parts.push(`indexed ${o.indexed.join(', ')}`);
     return parts.join(' · ');
   }
 
