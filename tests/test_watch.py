@@ -135,6 +135,18 @@ async def test_a_watcher_gets_the_snapshot_then_a_patch_for_each_change() -> Non
     assert patches == kinds.count("patch")
 
 
+async def test_head_answers_the_stream_headers_without_a_stream() -> None:
+    app = create_app([item_fetcher(Source())], settings=settings())
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+        answer = await client.head("/watch/item", timeout=5)
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert answer.headers["cache-control"] == "no-store"
+        assert answer.content == b""
+        assert (await client.head("/watch/nope")).status_code == 404
+    assert app.state.watch.count == 0
+
+
 async def test_refreshes_that_bring_the_same_data_send_nothing() -> None:
     source = Source("same")
     app = create_app([item_fetcher(source, ttl=0.05)], settings=settings())

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import Literal
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -34,7 +34,7 @@ from .item import Entry, parse_header
 from .logs import Throttle
 from .settings import Settings
 from .store import Store
-from .supervise import Outage, Supervisor, check_cancelled
+from .supervise import LoopFactory, Outage, Supervisor, check_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +109,25 @@ class _Watched:
         self.retry_at = 0.0  # time.monotonic() before which a failed refill is not tried again
 
 
+class Outlet(Protocol):
+    """Where a watcher's events go: its stream (stream.py), which takes them with `Watcher.take()`."""
+
+    def ready(self) -> None:
+        """Events are waiting: take and send what can be sent now (called by the hub, never blocks)."""
+
+    def close(self) -> None:
+        """The hub ends the stream (shutdown)."""
+
+
 class Watcher:
     """One open stream: a bounded buffer of events, and what its client has been sent."""
 
-    __slots__ = ("_buffer", "_wake", "behind", "closed", "etag", "first", "state", "watched")
+    __slots__ = ("_buffer", "behind", "closed", "etag", "first", "outlet", "state", "watched")
 
     def __init__(self, watched: _Watched, resumed: bool) -> None:
         self.watched = watched
         self._buffer: deque[Event] = deque()
-        self._wake = asyncio.Event()
+        self.outlet: Outlet | None = None  # set once its response has started
         self.behind = not resumed  # a snapshot of the newest version is due, instead of the buffer
         self.first = True  # its first snapshot is no change's delivery
         self.closed = False
@@ -128,53 +138,63 @@ class Watcher:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    async def next(self) -> Event | None:
-        """The next event to send, or None once the stream is over (closed by the hub)."""
-        while not self.closed:
-            watched = self.watched
-            if self.behind:
-                self.behind = False
-                self._buffer.clear()
-                version = watched.version
-                self.etag = version.entry.etag
-                written = None if self.first else version.entry.last_modified_ms
-                self.first = False
-                return version.snapshot(written)
+    def attach(self, outlet: Outlet) -> None:
+        """Send this watcher's events to `outlet` from now on, starting with what is due."""
+        self.outlet = outlet
+        if self.closed:
+            outlet.close()
+        else:
+            outlet.ready()
+
+    def take(self) -> Event | None:
+        """The next event to send, or None: nothing is due until the hub pushes more (or the stream is over)."""
+        if self.closed:
+            return None
+        watched = self.watched
+        if self.behind:
+            self.behind = False
+            self._buffer.clear()
+            version = watched.version
+            self.etag = version.entry.etag
+            written = None if self.first else version.entry.last_modified_ms
             self.first = False
-            if self._buffer:
-                return self._buffer.popleft()
-            if self.state != watched.state:
-                self.state = watched.state
-                return STATUS[self.state]
-            self._wake.clear()
-            await self._wake.wait()
+            return version.snapshot(written)
+        self.first = False
+        if self._buffer:
+            return self._buffer.popleft()
+        if self.state != watched.state:
+            self.state = watched.state
+            return STATUS[self.state]
         return None
 
     def push(self, event: Event, base: str | None, etag: str) -> bool:
-        """Buffer an event that takes the client from version `base` (None: any, a snapshot) to `etag`.
-        False if the watcher fell behind here (its buffer is full): it gets a snapshot instead."""
+        """Buffer an event that takes the client from version `base` (None: any, a snapshot) to `etag`, and
+        tell the outlet. False if the watcher fell behind here (its buffer is full): it gets a snapshot
+        instead."""
         if self.behind:
             return True  # its snapshot, still to come, is of the newest version: this one or later
         if base is not None and base != self.etag:  # it has another version than the patch's base
             self.behind = True
-            self._wake.set()
+            self.wake()
             return True
         if len(self._buffer) >= BUFFER_EVENTS:
             self.behind = True
             self._buffer.clear()  # let go of the backlog now, not once the stalled send is through
-            self._wake.set()
+            self.wake()
             return False
         self._buffer.append(event)
         self.etag = etag
-        self._wake.set()
+        self.wake()
         return True
 
     def wake(self) -> None:
-        self._wake.set()
+        if self.outlet is not None:
+            self.outlet.ready()
 
     def close(self) -> None:
         self.closed = True
-        self._wake.set()
+        if self.outlet is not None:
+            self.outlet.close()
 
 
 class WatchHub:
@@ -194,6 +214,7 @@ class WatchHub:
         self._check_now = asyncio.Event()
         self._errors = Throttle(log, 60.0)
         self._following: set[asyncio.Task[None]] = set()  # every entry's read of a new version under way
+        self._loops: list[tuple[str, LoopFactory]] = []  # the streams' own (stream.py: pings, the host's stop)
         engine.watched = self.entries  # watched entries are read by definition (never idle)
         engine.on_change(self.channel.announce)
 
@@ -201,6 +222,12 @@ class WatchHub:
         self.supervisor.start("watch publish", self.channel.publish)
         self.supervisor.start("watch changes", lambda: self.channel.listen(self._heard, self._check_now.set))
         self.supervisor.start("watch check", self._check_every)
+        for name, loop in self._loops:
+            self.supervisor.start(name, loop)
+
+    def run_also(self, name: str, loop: LoopFactory) -> None:
+        """Supervise another loop from start() to stop() (the streams' timer)."""
+        self._loops.append((name, loop))
 
     def close(self) -> None:
         """End every stream (at SIGTERM: they must not hold the server's shutdown); refuse new ones."""
