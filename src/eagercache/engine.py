@@ -485,11 +485,12 @@ class Engine:
             previous = claim.header if claim is not None and claim.header else await self.store.header(call.entry_id)
         if cause in ("cold", "admin"):
             self.budget.owe(fetcher.name)  # never waits for the budget: a reader (or an admin) is waiting
+        previous_entry = parse_header(previous)
         per_fetcher = await self._slot(fetcher)
         metrics.fetching += 1
         started = time.perf_counter()
         try:
-            result = await self._run_fetcher(fetcher, call, cause, parse_header(previous))
+            result = await self._run_fetcher(fetcher, call, cause, previous_entry)
         finally:
             metrics.fetching -= 1
             self._free(per_fetcher)
@@ -500,7 +501,7 @@ class Engine:
         if result.kind == "data" and (result.store or cause == "cold"):
             tags = encode_tags(fetcher.tags_of(call, result.tags or ())) if result.tags or fetcher.indexed else b""
             entry, changed = new_entry(
-                result.data_json, now, due_at, previous_header=previous, meta=result.meta or b"", tags=tags
+                result.data_json, now, due_at, previous=previous_entry, meta=result.meta or b"", tags=tags
             )
             if not result.store:  # the reader's answer, never stored: the next read fetches again
                 if not self.store.is_memory:

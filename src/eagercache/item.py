@@ -153,16 +153,18 @@ def new_entry(
     due_at_ms: int,
     *,
     previous_header: bytes | None = None,
+    previous: Entry | None = None,
     meta: bytes = b"",
     tags: bytes = b"",
 ) -> tuple[Entry, bool]:
     """The new entry and whether its data changed since the previous one.
 
-    `previous_header` is the start of the stored value (its header line is enough): if it carries the
-    same ETag, the data is unchanged and keeps its `last_modified`.
+    `previous_header` is the start of the stored value (its header line is enough), or `previous` that
+    header parsed: if it carries the same ETag, the data is unchanged and keeps its `last_modified`.
     """
     etag = etag_of(data_json)
-    previous = parse_header(previous_header)
+    if previous is None:
+        previous = parse_header(previous_header)
     changed = previous is None or previous.etag != etag
     last_modified_ms = now_ms if changed or previous is None else previous.last_modified_ms
     body = _encoder.encode(_Body(msgspec.Raw(data_json), rfc3339(now_ms), rfc3339(last_modified_ms)))
