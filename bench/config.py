@@ -67,6 +67,8 @@ class Config:
     watch_runs: tuple[tuple[int, int, float], ...]
     watch_window_seconds: float
     watch_clients: int  # client processes holding the streams, on the load core
+    # 9. targeted invalidation (issue 13's figures)
+    invalidation_entries: int
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +76,7 @@ class Config:
 
 def load_config() -> Config:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7,8").split(",") if s.strip())
+    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7,8,9").split(",") if s.strip())
     return Config(
         quick=quick,
         sections=sections,
@@ -130,4 +132,5 @@ def load_config() -> Config:
         watch_runs=((1_000, 1, 1.0), (1_000, 100, 1.0)) if quick else ((10_000, 1, 1.0), (10_000, 1_000, 5.0)),
         watch_window_seconds=6 if quick else 20,
         watch_clients=2 if quick else 4,
+        invalidation_entries=20_000 if quick else 100_000,
     )

@@ -1089,7 +1089,12 @@ def _scaling_arithmetic(s5: Doc, cluster: Doc) -> str:
 
 
 def write_report(results: Doc, docs: Path) -> Path:
-    from . import report_engine, report_manykeys, report_watchers  # they import this module's helpers
+    from . import (  # they import this module's helpers
+        report_engine,
+        report_invalidation,
+        report_manykeys,
+        report_watchers,
+    )
 
     sections = results["sections"]
     targets: list[list[str]] = []
@@ -1103,6 +1108,7 @@ def write_report(results: Doc, docs: Path) -> Path:
         ("many_keys", lambda s: report_manykeys.section_many_keys(s, docs, targets)),
         ("engine", lambda s: report_engine.section_engine(s, docs, targets)),
         ("watchers", lambda s: report_watchers.section_watchers(s, docs, targets)),
+        ("invalidation", lambda s: report_invalidation.section_invalidation(s, targets)),
     ]
     for key, render in renderers:
         if key in sections and set(sections[key]) != {"elapsed_s"}:

@@ -29,6 +29,7 @@ from .config import Config, load_config
 from .engine import run_engine
 from .expiry import run_expiry
 from .hitpath import run_hit_path
+from .invalidation import run_invalidation
 from .loadgen import loadgen_name, wrk_version
 from .manykeys import run_many_keys
 from .procs import ROOT, Cores
@@ -153,6 +154,7 @@ def main() -> int:
             (6, "many_keys", lambda c, k, u, w: run_many_keys(c, k, u, w)),
             (7, "engine", lambda c, k, u, w: run_engine(c, k, u, w)),
             (8, "watchers", lambda c, k, u, w: run_watchers(c, k, u, w)),
+            (9, "invalidation", lambda c, k, u, w: run_invalidation(c, k, u, w)),
         ]
         for number, name, section in sections:
             if number not in cfg.sections:
