@@ -83,8 +83,10 @@ async def test_the_index_follows_a_results_tags(make_app: AppFactory) -> None:
     app, client = await make_app(fetchers(calls, tags_of))
     await fill(client, "/data/profile?user=7")
     tags_of["7"] = ["new"]
+    written = Counter()
+    app.state.engine.on_write(written.hit)
     assert await refresh(app, tag="old") == 1
-    await calls.reach(2)
+    await written.reach(2)  # made due, then stored with its new tag (not only fetched)
     refreshed = await app.state.engine.reread("profile?user=7")
     assert refreshed.cache == "HIT"  # refreshed, not removed
     assert await invalidate(app, tag="old") == 0  # the refresh took it out of the old tag's index

@@ -33,6 +33,7 @@ from .errors import (
     problem_response,
 )
 from .fetchers import build_registry
+from .memstore import build_store
 from .metrics import UNKNOWN_FETCHER_LABEL, Metrics
 from .openapi import openapi_document
 from .refresher import Refresher
@@ -40,7 +41,7 @@ from .representation import Representer, http_date, request_headers
 from .sampler import Sampler
 from .settings import Settings, load_settings
 from .status import StatusPage
-from .store import Store, redact
+from .store import redact
 from .stream import WatchStreams
 from .watch import WatchHub
 
@@ -159,7 +160,7 @@ def create_app(
         fetchers, specs=settings.fetchers, use_entry_points=use_entry_points, overrides=settings.fetcher_overrides
     )
     metrics = Metrics()
-    store = Store(
+    store = build_store(
         settings.redis_url,
         namespace=settings.namespace,
         buckets=settings.buckets,

@@ -22,9 +22,10 @@ from .app import create_app
 from .errors import ConfigurationError, EagerCacheError
 from .fetchers import build_registry
 from .logs import configure
+from .memstore import build_store
 from .metrics import MULTIPROC_DIR_ENV
 from .settings import ENV_PREFIX, Settings, from_env, load_settings, read_config, to_environ
-from .store import MEMORY_URL, Store
+from .store import MEMORY_URL
 
 # Seconds past --shutdown-timeout after which uvicorn cancels requests still running (none should be).
 SHUTDOWN_BACKSTOP_S = 2.0
@@ -219,7 +220,7 @@ async def _preflight(settings: Settings) -> None:
 
     (A server without expiry events is not an error: the refresher then runs on the schedule alone.)
     """
-    store = Store(
+    store = build_store(
         settings.redis_url, namespace=settings.namespace, buckets=settings.buckets, auth=settings.redis_auth()
     )
     try:

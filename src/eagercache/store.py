@@ -1,8 +1,9 @@
 """Every Redis command and Lua script the service runs, behind one class for every topology.
 
-`memory://` is fakeredis in this process: the same commands and scripts, no server, nothing shared or
-kept. It publishes no `expired` events, which is why the schedule (the `due` sorted sets) and not
-the events is what the refresher trusts. Key names and buckets are in keys.py, scripts in scripts.py,
+`memory://fakeredis` is fakeredis in this process: the same commands and scripts, no server, nothing
+shared or kept (`memory://` is memstore.py's native store, a subclass of this one). It publishes no
+`expired` events, which is why the schedule (the `due` sorted sets) and not the events is what the
+refresher trusts. Key names and buckets are in keys.py, scripts in scripts.py,
 connecting to a standalone server, a cluster or a sentinel-managed primary in topology.py, the
 expiry-event subscription in events.py.
 
@@ -163,7 +164,7 @@ class Store:
         self.topology: Topology | None = None
         self.client: Any = None
         if self.is_memory:  # nothing to wait for: usable before open(), as tests and embedders expect
-            self._use(Topology(url, fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), "memory"))
+            self._use(self._memory_topology())
         self._answered_at = time.monotonic()  # when a call last got its answer: the store is answering
         self._wrote_at = self._answered_at  # when a write last got its answer
         # A miss's own calls (fill lock, write) come after Redis has answered its read, and its reader
@@ -184,6 +185,10 @@ class Store:
             "refresh": Coalescer(functools.partial(self._write_many, COMMAND_TIMEOUT_S), max_batch=WRITE_BATCH),
             "cold": Coalescer(functools.partial(self._write_many, self.fill_budget_s), max_batch=WRITE_BATCH),
         }
+
+    def _memory_topology(self) -> Topology:
+        """`memory://fakeredis`: fakeredis in this process, running the same scripts (memstore.py is `memory://`)."""
+        return Topology(self.url, fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), "memory")
 
     @classmethod
     def from_url(

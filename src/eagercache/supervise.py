@@ -47,7 +47,9 @@ class Supervisor:
         self._loops: dict[str, _LoopState] = {}
 
     def start(self, name: str, loop: LoopFactory) -> None:
-        state = _LoopState(name)
+        # Running from now: a loop whose task has not had its first turn yet is not down (on memory:// a
+        # lifespan can finish, and /readyz be asked, before the loop gets one).
+        state = _LoopState(name, running=True)
         self._loops[name] = state
         state.task = asyncio.create_task(self._run(state, loop), name=f"eagercache: {name}")
 
@@ -70,7 +72,6 @@ class Supervisor:
 
     async def _run(self, state: _LoopState, loop: LoopFactory) -> None:
         delay = 0.0
-        state.running = True
         while not self.stopping:
             started = time.monotonic()
             try:
