@@ -104,6 +104,7 @@ class MemoryStore(Store):
         self._totals_here: dict[str, int] = {}
         self._fills: dict[str, int] = {}  # entry -> lock end (ms): fill locks (engine.py takes none on memory://)
         self._budgets: dict[str, tuple[float, int, int]] = {}  # fetcher -> tokens, at, gone at (ms)
+        self._last_now = 0
 
     def _memory_topology(self) -> Topology:
         return Topology(self.url, self._bus, "memory")
@@ -138,7 +139,11 @@ class MemoryStore(Store):
         await self._bus.aclose()
 
     def _now(self) -> int:
-        return self.clock.now_ms()
+        # One int object per ms, shared by every record written in it (read times): 32 B less per entry.
+        now = self.clock.now_ms()
+        if now != self._last_now:
+            self._last_now = now
+        return self._last_now
 
     def _bucket(self, entry_id: str) -> _Bucket:
         buckets = self._buckets
