@@ -138,6 +138,12 @@ class _Stream:
             if not self._write(event.chunk, event):
                 return
 
+    def offer(self, event: Event) -> bool:
+        if self._parked is not None or self.done:
+            return False
+        self._write(event.chunk, event)
+        return True
+
     def close(self) -> None:
         """End the stream: its last chunk, which completes the response (the endpoint's receive() returns)."""
         if self.done:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 BUFFER_EVENTS = 16
 # Every watched entry's header and stale marker are read this often (a lost announcement costs this long).
 CHECK_INTERVAL_S = 1.0
-CHECK_BATCH = 500
+CHECK_BATCH = 100  # entries per pipeline: its replies are parsed in one go, holding the loop (~10 us each)
 # A watched entry that was removed and could not be filled again is tried again this much later (at most).
 REFILL_RETRY_MAX_S = 10.0
 # What a client is told to wait before asking again when this process has max_watchers streams open.
@@ -115,6 +115,9 @@ class Outlet(Protocol):
     def ready(self) -> None:
         """Events are waiting: take and send what can be sent now (called by the hub, never blocks)."""
 
+    def offer(self, event: Event) -> bool:
+        """Send this event now, if nothing is waiting to be sent before it; False: it must be buffered."""
+
     def close(self) -> None:
         """The hub ends the stream (shutdown)."""
 
@@ -176,6 +179,10 @@ class Watcher:
         if base is not None and base != self.etag:  # it has another version than the patch's base
             self.behind = True
             self.wake()
+            return True
+        if not self._buffer and (outlet := self.outlet) is not None and outlet.offer(event):
+            self.first = False  # the fan-out's common case: straight to the socket, no buffer, no take()
+            self.etag = etag
             return True
         if len(self._buffer) >= BUFFER_EVENTS:
             self.behind = True
