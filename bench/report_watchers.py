@@ -78,10 +78,20 @@ def _row(run: Doc) -> list[str]:
     ]
 
 
-def _causes(runs: dict[str, Doc], goal: float) -> list[str]:
+def _causes(runs: dict[str, Doc], goal: float, floor: Doc | None) -> list[str]:
     """Where the lag of each run that missed the goal went, from its own figures: Redis's pub/sub hop, the
-    watched process before its first send, and the fan-out from the first watcher to the last."""
+    watched process before its first send, and the fan-out from the first watcher to the last; the machine's
+    floor (bench/watch_floor.py) and the watched process's profile when the run has them."""
     lines = ["**Where the lag goes, from this run's figures** (p99 of each part over the versions):", ""]
+    if floor and "error" not in floor:
+        lines += [
+            f"- This machine's floor, with no server at all (`bench/watch_floor.py`): one {floor['bytes']}-byte "
+            f"write to each of {floor['count']:,} loopback connections (uvloop, the server core; a reader "
+            f"process on the load core) takes {num(floor['median_round_ms'], 1)} ms (median of "
+            f"{len(floor['round_ms'])} rounds: " + ", ".join(num(ms, 1) for ms in floor["round_ms"]) + " ms), "
+            f"{num(floor['median_round_ms'] * 1000 / floor['count'], 1)} µs a write(2): the least one version's "
+            "fan-out to that many watchers can take in one process here.",
+        ]
     for run in runs.values():
         last = run.get("last_watcher_lag_ms", {})
         if "error" in run or not last.get("99", math.nan) > goal:
@@ -107,6 +117,10 @@ def _causes(runs: dict[str, Doc], goal: float) -> list[str]:
             f"{num(fanout_cpu_ms, 1)} ms of its one core to send; the clients share the load core with the "
             "refresher and Redis, so part of the spread is their own reading." + late_text
         )
+        profile = run.get("profile")
+        if profile and profile.get("self"):
+            top = "; ".join(f"{name} {share * 100:.1f} %" for name, share in profile["self"][:6])
+            lines.append(f"  The watched process's profile over the window (py-spy, own time): {top}.")
     return [*lines, ""]
 
 
@@ -207,7 +221,7 @@ def section_watchers(s8: Doc, docs: Path, targets: list[list[str]]) -> str:
             )
     parts.append("")
     if any(ok is False for ok in verdicts):
-        parts += _causes(runs, goal)
+        parts += _causes(runs, goal, s8.get("floor"))
     if "elapsed_s" in s8:
         parts += [f"Time taken by this section: {s8['elapsed_s']:.0f} s.", ""]
     return "\n".join(parts)

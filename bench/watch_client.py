@@ -33,6 +33,11 @@ CONNECT_TIMEOUT_S = 60.0
 
 _decode = msgspec.json.decode
 _times: dict[str, float] = {}
+# What each distinct event says (its type, id, write time and writer, or None: unparsed), by its bytes: every
+# watcher of a version gets the same bytes, so a version is parsed once per client process, not per watcher
+# (10,000 JSON parses of one version would hold the load core longer than the server takes to send them).
+Parsed = tuple[bytes, str, float, str | None]
+_parsed: dict[bytes, Parsed | None] = {}
 
 
 def epoch_ms(rfc3339: str) -> float:
@@ -144,41 +149,22 @@ class Watcher(asyncio.Protocol):
         return b"".join(out)
 
     def _event(self, event: bytes, recv_ms: float) -> None:
-        kind, event_id, data = b"message", "", b""
-        for line in event.splitlines():
-            if line.startswith(b"data:"):
-                data += line[6:] if line[5:6] == b" " else line[5:]
-            elif line.startswith(b"event:"):
-                kind = line[6:].strip()
-            elif line.startswith(b"id:"):
-                event_id = line[3:].strip().decode()
+        try:
+            parsed = _parsed[event]
+        except KeyError:
+            parsed = _parsed[event] = parse(event)
         results = self.results
+        if parsed is None:
+            results.unparsed += 1
+            return
+        kind, event_id, write_ms, by = parsed
         if kind == b"status":
             results.status += 1
             return
         if kind not in (b"snapshot", b"patch"):
             return  # a comment (": ping") or retry: only
-        try:
-            doc = _decode(data)
-            if kind == b"snapshot":
-                self.by = doc["data"]["by"]
-                write_ms = epoch_ms(doc["last_modified"])
-            else:
-                write_ms = 0.0
-                for op in doc["patch"]:
-                    path = op["path"]
-                    if path == "/last_modified":
-                        write_ms = epoch_ms(op["value"])
-                    elif path == "/data/by":
-                        self.by = op["value"]
-                    elif path in ("", "/data"):  # the whole document or its data replaced
-                        value = op["value"]
-                        self.by = (value.get("data", value) or {}).get("by", self.by)
-                        if "last_modified" in value:
-                            write_ms = epoch_ms(value["last_modified"])
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
-            results.unparsed += 1
-            return
+        if by is not None:
+            self.by = by
         if not self.got_first:
             self.got_first = True
             results.initial += 1
@@ -192,11 +178,46 @@ class Watcher(asyncio.Protocol):
         results.delivered(self.entry, event_id, write_ms, self.by, recv_ms, kind == b"snapshot")
 
 
+def parse(event: bytes) -> Parsed | None:
+    """An event's type, id, and for a snapshot or patch the write time and writer of the version it brings (the
+    writer None if a patch does not change it); None if its data cannot be read."""
+    kind, event_id, data = b"message", "", b""
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            data += line[6:] if line[5:6] == b" " else line[5:]
+        elif line.startswith(b"event:"):
+            kind = line[6:].strip()
+        elif line.startswith(b"id:"):
+            event_id = line[3:].strip().decode()
+    if kind not in (b"snapshot", b"patch"):
+        return kind, event_id, 0.0, None
+    by: str | None = None
+    try:
+        doc = _decode(data)
+        if kind == b"snapshot":
+            return kind, event_id, epoch_ms(doc["last_modified"]), doc["data"]["by"]
+        write_ms = 0.0
+        for op in doc["patch"]:
+            path = op["path"]
+            if path == "/last_modified":
+                write_ms = epoch_ms(op["value"])
+            elif path == "/data/by":
+                by = op["value"]
+            elif path in ("", "/data"):  # the whole document or its data replaced
+                value = op["value"]
+                by = (value.get("data", value) or {}).get("by", by)
+                if "last_modified" in value:
+                    write_ms = epoch_ms(value["last_modified"])
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return kind, event_id, write_ms, by
+
+
 async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     results = Results()
     gate = asyncio.Semaphore(CONNECTING_AT_ONCE)
-    transports: list[asyncio.BaseTransport] = []
+    transports: list[asyncio.Transport] = []
 
     async def connect(j: int) -> None:
         entry = j % args.entries

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import select
 import subprocess
 import tempfile
@@ -43,8 +44,8 @@ import redis
 from .capacity import percentiles
 from .config import Config
 from .engine import Samples, cpu_s, histogram_quantile, scrape, total
-from .hitpath import eagercache_cmd
-from .procs import BIN, ROOT, Cores, Proc, bench_env, free_port, pinned
+from .hitpath import eagercache_cmd, summarize_profile
+from .procs import BIN, ROOT, Cores, Proc, bench_env, free_port, pinned, pyspy_record
 from .watch_client import raise_open_files
 from .watch_fetchers import JITTER_ENV, NAME, ROLE_ENV, TTL_ENV
 
@@ -60,6 +61,10 @@ CONNECT_TIMEOUT_S = 40.0  # the streams must be open with time left for the wind
 RSS_EVERY_S = 0.5
 MAX_WATCHERS_FLAG = "--max-watchers"
 CHANNEL = "watch"  # the change channel is `<namespace>watch` (eagercache/changes.py)
+# BENCH_WATCH_PROFILE=1: py-spy samples the watched process over each run's window (off by default: py-spy
+# shares the load core with the clients and would add to their lag).
+PROFILE_ENV = "BENCH_WATCH_PROFILE"
+PROFILE_RATE_HZ = 200
 
 
 def rss_bytes(pid: int) -> int:
@@ -149,7 +154,22 @@ def run_watchers(cfg: Config, cores: Cores, redis_url: str, workdir: Path) -> di
                 "traceback": traceback.format_exc(),
             }
             print(f"bench: section 8 {name} failed: {exc}", flush=True)
+    out["floor"] = write_floor(max(w for w, _, _ in cfg.watch_runs), cores)
     return out
+
+
+def write_floor(count: int, cores: Cores) -> dict[str, Any]:
+    """bench/watch_floor.py: one bare socket write to each of `count` loopback connections, no server (the
+    least a version's fan-out can take here); its error if it failed."""
+    cmd = [str(BIN / "python"), "-m", "bench.watch_floor", "--count", str(count)]
+    if cores.load is not None:
+        cmd += ["--reader-core", str(cores.load)]
+    done = subprocess.run(pinned(cmd, cores.server), cwd=ROOT, env=bench_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    floor: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    floor["median_round_ms"] = sorted(floor["round_ms"])[len(floor["round_ms"]) // 2]
+    return floor
 
 
 def _serve(
@@ -219,6 +239,7 @@ def _run(
         metrics_before = scrape(watched_port)
         cpu_before = {"watched": cpu_s(watched.pid), "refresher": cpu_s(refresher.pid)}
         window_start_ms = time.time() * 1000
+        spy = _profiler(watched.pid, window_s, workdir / f"{namespace.rstrip(':')}-profile.txt", cores)
         rss_samples = []
         deadline = time.monotonic() + window_s
         while time.monotonic() < deadline:
@@ -226,6 +247,8 @@ def _run(
             time.sleep(RSS_EVERY_S)  # sampling another process: nothing to await
         window_end_ms = time.time() * 1000
         cpu_window = {"watched": cpu_s(watched.pid), "refresher": cpu_s(refresher.pid)}
+        if spy is not None:
+            run["profile"] = _profile(spy, workdir / f"{namespace.rstrip(':')}-profile.txt")
         time.sleep(GRACE_S)
         run["budget_used_s"] = time.monotonic() - started
         metrics_after = scrape(watched_port)
@@ -250,11 +273,32 @@ def _run(
     finally:
         if announcements is not None:
             announcements.close()
-        for proc in clients:
-            proc.close()
+        for client_proc in clients:
+            client_proc.close()
         for proc in procs:
             proc.close()
     return run
+
+
+def _profiler(pid: int, seconds: float, raw: Path, cores: Cores) -> Proc | None:
+    """py-spy on the watched process for the window, when asked for (PROFILE_ENV) and installed."""
+    if os.environ.get(PROFILE_ENV) != "1":
+        return None
+    cmd = pyspy_record(pid, seconds, raw, PROFILE_RATE_HZ)
+    return None if cmd is None else Proc("py-spy", cmd, core=cores.load, env=bench_env())
+
+
+def _profile(spy: Proc, raw: Path) -> dict[str, Any]:
+    try:
+        spy.process.wait(30)
+        output = spy.output()
+    finally:
+        spy.close()
+    if not raw.exists():
+        return {"error": f"py-spy wrote no profile: {output[-2000:]}"}
+    summary = summarize_profile(raw.read_text())
+    summary["rate_hz"] = PROFILE_RATE_HZ
+    return summary
 
 
 class Announcements:
@@ -264,7 +308,7 @@ class Announcements:
     def __init__(self, redis_url: str, channel: str) -> None:
         self.heard: dict[str, float] = {}  # ETag (no quotes) -> ms since the epoch, its first announcement
         self._client = redis.Redis.from_url(redis_url)
-        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         self._pubsub.subscribe(channel)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, name="announcements", daemon=True)
