@@ -76,7 +76,7 @@ class Config:
 
 def load_config() -> Config:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7,8,9").split(",") if s.strip())
+    sections = tuple(int(s) for s in os.environ.get("BENCH_SECTIONS", "1,2,3,4,5,6,7,8,9,10").split(",") if s.strip())
     return Config(
         quick=quick,
         sections=sections,

@@ -1093,6 +1093,7 @@ def write_report(results: Doc, docs: Path) -> Path:
         report_engine,
         report_invalidation,
         report_manykeys,
+        report_memstore,
         report_watchers,
     )
 
@@ -1109,6 +1110,7 @@ def write_report(results: Doc, docs: Path) -> Path:
         ("engine", lambda s: report_engine.section_engine(s, docs, targets)),
         ("watchers", lambda s: report_watchers.section_watchers(s, docs, targets)),
         ("invalidation", lambda s: report_invalidation.section_invalidation(s, targets)),
+        ("memstore", lambda s: report_memstore.section_memstore(s, targets)),
     ]
     for key, render in renderers:
         if key in sections and set(sections[key]) != {"elapsed_s"}:

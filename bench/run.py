@@ -32,6 +32,7 @@ from .hitpath import run_hit_path
 from .invalidation import run_invalidation
 from .loadgen import loadgen_name, wrk_version
 from .manykeys import run_many_keys
+from .memstore import run_memstore
 from .procs import ROOT, Cores
 from .report import write_report
 from .scaling import run_scaling
@@ -155,6 +156,7 @@ def main() -> int:
             (7, "engine", lambda c, k, u, w: run_engine(c, k, u, w)),
             (8, "watchers", lambda c, k, u, w: run_watchers(c, k, u, w)),
             (9, "invalidation", lambda c, k, u, w: run_invalidation(c, k, u, w)),
+            (10, "memstore", lambda c, k, u, w: run_memstore(c, k, u, w)),
         ]
         for number, name, section in sections:
             if number not in cfg.sections:
