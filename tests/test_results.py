@@ -244,3 +244,24 @@ def test_meta_round_trips_through_the_header() -> None:
 def msgspec_decode(body: bytes) -> dict[str, Any]:
     decoded: dict[str, Any] = msgspec.json.decode(body)
     return decoded
+
+
+async def test_unstored_results_of_one_millisecond_are_each_answered(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two fetches answered but not stored, retrieved in the same millisecond, are two versions: the second
+    reader gets its own data, not the first one's prepared answer."""
+    calls = Counter()
+
+    async def unstored() -> Result[int]:
+        calls.hit()
+        return Result(calls.count, store=False)
+
+    app, client = await make_app([unstored])
+
+    class OneMillisecond:
+        def now_ms(self) -> int:
+            return 1_800_000_000_000
+
+    monkeypatch.setattr(app.state.engine, "clock", OneMillisecond())
+    assert [(await client.get("/data/unstored")).json()["data"] for _ in range(2)] == [1, 2]

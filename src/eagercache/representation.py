@@ -31,6 +31,10 @@ GZIP_LEVEL = 6
 GZIP_IN_THREAD_BYTES = 64 * 1024
 
 
+# A prepared representation's key: the entry, its version (ETag, retrieved when), and gzipped or not.
+_Key = tuple[str, str, int, bool]
+
+
 class EntryResponse(Response):
     """A response from ready-made raw headers, with no body for HEAD (RFC 9110, 9.3.2) but a GET's headers."""
 
@@ -73,9 +77,9 @@ class Representer:
     """Builds the response for a read; keeps prepared headers and compressed bodies of recent entries."""
 
     def __init__(self) -> None:
-        self._prepared: LRU[tuple[str, int, bool], _Prepared] = LRU(PREPARED_ENTRIES)
+        self._prepared: LRU[_Key, _Prepared] = LRU(PREPARED_ENTRIES)
         self._prepared_bytes = 0
-        self._compressing: dict[tuple[str, int, bool], asyncio.Future[_Prepared]] = {}
+        self._compressing: dict[_Key, asyncio.Future[_Prepared]] = {}
 
     def cache_size(self) -> tuple[int, int | None]:
         """Prepared representations and the bytes of their bodies."""
@@ -84,7 +88,9 @@ class Representer:
     async def respond(self, read: Read, request_headers: Mapping[str, str]) -> Response:
         entry, fetcher = read.entry, read.fetcher
         zipped = len(entry.body) >= GZIP_MIN_BYTES and _accepts_gzip(request_headers.get("accept-encoding", ""))
-        key = (read.entry_id, entry.last_retrieved_ms, zipped)
+        # The ETag too: two fetches answered but not stored (over max_entries, Result(store=False)) can be
+        # retrieved in the same millisecond with different data.
+        key = (read.entry_id, entry.etag, entry.last_retrieved_ms, zipped)
         prepared = self._prepared.get(key)
         if prepared is None:
             prepared = await self._prepare(key, read, zipped)
@@ -107,7 +113,7 @@ class Representer:
             return EntryResponse(304, prepared.not_modified + per_read)
         return EntryResponse(200, prepared.ok + per_read, prepared.body)
 
-    async def _prepare(self, key: tuple[str, int, bool], read: Read, zipped: bool) -> _Prepared:
+    async def _prepare(self, key: _Key, read: Read, zipped: bool) -> _Prepared:
         entry = read.entry
         if not zipped:
             prepared = _Prepared(entry.body, f'"{entry.etag}"', entry.last_modified_ms, None)
