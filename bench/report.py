@@ -1114,7 +1114,16 @@ def write_report(results: Doc, docs: Path) -> Path:
     ]
     for key, render in renderers:
         if key in sections and set(sections[key]) != {"elapsed_s"}:
-            body.append(render(sections[key]))
+            text = render(sections[key])
+            if "rerun" in sections[key]:  # merged in from a later run of the section alone (bench/merge.py)
+                heading, _, rest = text.partition("\n\n")
+                rerun = sections[key]["rerun"]
+                text = (
+                    f"{heading}\n\nThis section is from a later run of it alone: `{rerun['command']}` at commit "
+                    f"{rerun['git']}, started {rerun['started']}; the other sections' figures are from the run "
+                    f"above.\n\n{rest}"
+                )
+            body.append(text)
         else:
             body.append(f"## {key}\n\nNot run in this run (BENCH_SECTIONS).\n")
     m = results["machine"]

@@ -153,13 +153,6 @@ def section_watchers(s8: Doc, docs: Path, targets: list[list[str]]) -> str:
         "first is the fan-out).",
         "",
     ]
-    if "rerun" in s8:  # this section's figures were merged in from a later run of it alone
-        rerun = s8["rerun"]
-        parts += [
-            f"This section is from a later run of it alone: `{rerun['command']}` at commit {rerun['git']}, "
-            f"started {rerun['started']}; the other sections' figures are from the run above.",
-            "",
-        ]
     rows, verdicts = [], []
     for name, run in runs.items():
         if "error" in run:
