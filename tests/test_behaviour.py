@@ -379,12 +379,8 @@ async def test_metrics_count_hits_misses_and_fetches(make_app: AppFactory) -> No
     assert 'eagercache_fetches_total{cause="cold",fetcher="echo",outcome="ok"} 1.0' in text
 
 
-async def test_near_cache_serves_hits_without_redis_and_sees_other_writes_in_time(
-    make_app: AppFactory, store_url: str
-) -> None:
+async def test_near_cache_serves_hits_without_redis_and_sees_other_writes_in_time(make_app: AppFactory) -> None:
     """A hit within near_cache_ttl costs no store read; a write by another replica shows within that bound."""
-    if store_url.startswith("memory"):
-        pytest.skip("memory:// keeps no near cache: its store is as near as a copy would be")
     version = {"n": 1}
 
     @fetcher(ttl=60)

@@ -149,8 +149,6 @@ class Engine:
         # Strings only: the garbage collector does not track them, so a full cache costs no collection time.
         self._entry_ids: LRU[tuple[str, bytes | str], str] = LRU(QUERY_CACHE_ENTRIES)
         self._near: LRU[str, _Near] = LRU(NEAR_CACHE_ENTRIES)
-        # An in-process store answers as fast as the near cache would, and cannot be unreachable: no copies.
-        self._near_cached = not store.is_memory
         self._near_bytes = 0
         self._shutdown_at: float | None = None  # time.monotonic() when the shutdown timeout ends
         self._closed: asyncio.Future[None] | None = None  # done once readers stop waiting for fetches
@@ -176,7 +174,7 @@ class Engine:
 
     async def read(self, fetcher_name: str, query: bytes | str) -> Read:
         fetcher, entry_id = self._entry_of(fetcher_name, query)
-        near = self._near.get(entry_id) if self._near_cached else None
+        near = self._near.get(entry_id)
         if near is not None and near.until > time.monotonic():
             return self._answer(fetcher, entry_id, near.entry, near.stale)
         try:
@@ -266,8 +264,6 @@ class Engine:
         return {"near": (len(self._near), self._near_bytes), "queries": (len(self._entry_ids), None)}
 
     def _remember(self, entry_id: str, entry: Entry, stale: Stale | None) -> None:
-        if not self._near_cached:
-            return
         replaced = self._near.pop(entry_id)
         if replaced is not None:
             self._near_bytes -= len(replaced.entry.body)
