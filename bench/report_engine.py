@@ -571,17 +571,22 @@ def _causes(s7: Doc) -> list[str]:
     if fast and fast.get("rounds"):
         cpu_us = median([r["cpu_us_per_refresh"] for r in fast["rounds"]])
         rate = median([r["refreshes_per_s"] for r in fast["rounds"]])
+        util = median([r["cpu_util"] for r in fast["rounds"]])
         if rate < capacity_goal:
             out.append(
                 f"- **Capacity**: a refresh costs the process {num(cpu_us)} µs of CPU (fast stack), so one core "
                 f"refreshes at most {num(1e6 / cpu_us)} per second; {num(capacity_goal)}/s needs "
-                f"{num(1e6 / capacity_goal)} µs. The profile above says where the time goes: per refresh, two "
-                "asyncio tasks (the refresh, and the fetcher's own task that isolates it: a fetcher may raise "
-                "anything, ignore cancellation or hang past its timeout), the fetcher call, canonical JSON and a "
-                "BLAKE2b ETag, the `WRITE` script's arguments and reply (pipelined with the other writes of "
-                "the same loop iteration), and the event loop itself. Closing the rest of the gap means "
-                "refreshing a claimed batch in one task (the fetcher calls still isolated) and a write that "
-                "sends less than 15 arguments; the remaining per-refresh work is Python's."
+                f"{num(1e6 / capacity_goal)} µs. A claim round's refreshes already share one task (one timer "
+                "for their fetches, their writes in one pipeline); per refresh there remain the fetcher's own "
+                "task (it isolates the fetcher: a fetcher may raise anything, ignore cancellation or hang past "
+                "its timeout), the claim's reply made into a claim and its header parsed, the entry id "
+                "validated again, canonical JSON and a BLAKE2b ETag, the `WRITE` script's 17 keys and arguments "
+                "packed, and redis-py's work per reply of a pipeline (an `asyncio.timeout` around every reply "
+                "read, a response-callback lookup): the profile above. The process also waits: its CPU was "
+                f"{num(util * 100)} % while draining, as a round's claim, fetches and write follow one another "
+                "and Redis (on the other core with the harness) answers in between. What is left is per-refresh "
+                "Python work; reaching 50 µs takes a pipeline reader of our own (one timeout per round trip, "
+                "not per reply) and less per claim."
             )
     for n, run in sorted(s7.get("lag", {}).items(), key=lambda kv: int(kv[0])):
         due = run.get("due_per_second", s7.get("due_per_second", 0))

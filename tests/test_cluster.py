@@ -30,7 +30,7 @@ from eagercache.keys import DEFAULT_NAMESPACE, Keys
 from eagercache.store import ClaimRound, Store
 
 from . import fleet
-from .helpers import Counter
+from .helpers import Counter, refreshes_through
 from .redis_cluster import LocalCluster, LocalSentinel, keyslot
 from .redis_server import RedisServer
 from .servers import ServeProcess, run_eagercache
@@ -296,6 +296,7 @@ async def test_a_retried_write_does_not_take_back_an_entry_claimed_since(cluster
         raise StoreUnavailable("injected: the reply of a stored write lost")
 
     store.write = write_lost_then_claimed
+    refreshes_through(store, write_lost_then_claimed)  # a claim round's refreshes write in one batch
     await other.prepare()
     try:
         async with running(app) as client:
@@ -340,6 +341,7 @@ async def test_a_refresh_claimed_while_the_last_one_finishes_is_not_lost(cluster
         return stored
 
     store.write = late_write
+    refreshes_through(store, late_write)  # a claim round's refreshes write in one batch
     async with running(app) as client:
         assert (await client.get("/data/slow_write?k=a")).status_code == 200
         deadline = time.monotonic() + 5

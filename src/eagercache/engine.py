@@ -1,8 +1,10 @@
 """The cache engine: reads (hit, stale, or a single-flight fetch on a miss) and refreshes of claimed entries.
 
-Every fetch (a reader's, the refresher's, an admin's) runs as one task in `_inflight`, under one limit
-(`max_concurrent_fetches`) and one shutdown path (`begin_shutdown`, then `drain`). The fetcher itself
-runs in a task of its own, so nothing it does (raise SystemExit, swallow cancellation, raise
+Every fetch (a reader's, the refresher's, an admin's) is one future in `_inflight` (single flight), under
+one limit (`max_concurrent_fetches`) and one shutdown path (`begin_shutdown`, then `drain`). A reader's or
+an admin's fetch is a task of its own; the refreshes of one claim round share one task (`_refresh_batch`:
+one timer for their fetches, their writes in one round trip), each with its own future. The fetcher itself
+always runs in a task of its own, so nothing it does (raise SystemExit, swallow cancellation, raise
 CancelledError on its own) can end the process or hold anyone past its timeout.
 """
 
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -40,7 +44,7 @@ from .metrics import Metrics
 from .params import Call
 from .results import Outcome, Previous, outcome_of
 from .settings import Settings
-from .store import GONE, NOT_OURS, OVER_LIMIT, STORED, Claim, Stale, Store, WriteMode
+from .store import GONE, NOT_OURS, OVER_LIMIT, STORED, Claim, RefreshWrite, Stale, Store, WriteMode
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,127 @@ class Read:
     now_ms: int  # when it was answered, by the store's clock: Age is counted from this
 
 
+class _Refresh:
+    """One refresh of a batch (Engine._refresh_batch), from its claim to its write."""
+
+    __slots__ = (
+        "call",
+        "changed",
+        "claim",
+        "deadline",
+        "due_at",
+        "entry",
+        "error",
+        "fetch",
+        "fetcher",
+        "inner",
+        "outcome",
+        "previous",
+        "slot",
+        "started",
+        "timed_out",
+        "took_s",
+        "value",
+        "write_error",
+    )
+
+    def __init__(self, claim: Claim, fetcher: Fetcher, call: Call, fetch: asyncio.Future[bytes | None]) -> None:
+        self.claim = claim
+        self.fetcher = fetcher
+        self.call = call
+        self.fetch = fetch  # its future in Engine._inflight: the body written, or None
+        self.previous: Entry | None = None
+        self.slot: asyncio.Semaphore | None = None
+        self.inner: asyncio.Task[Any] | None = None  # the fetcher's run, while it runs
+        self.error: FetchFailed | None = None  # the run could not start
+        self.started = 0.0  # time.perf_counter()
+        self.deadline = 0.0  # loop time
+        self.timed_out = False
+        self.took_s = 0.0
+        self.entry: Entry | None = None
+        self.changed = False
+        self.due_at = 0
+        self.value: bytes | None = None
+        self.outcome = STORED
+        self.write_error: StoreUnavailable | None = None
+
+
+class _Runs:
+    """The fetcher runs of one batch of refreshes, each in its own task: one timer for them all (at the
+    earliest deadline of those still running), and their slots given back as each one ends or times out."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.running: list[_Refresh] = []
+        self.left = 0  # runs started and not over
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+        self.waiter: asyncio.Future[None] | None = None
+
+    def start(self, r: _Refresh, inner: asyncio.Task[Any]) -> None:
+        r.inner = inner
+        r.started = time.perf_counter()
+        r.deadline = self.loop.time() + r.fetcher.timeout
+        self.running.append(r)
+        self.left += 1
+        inner.add_done_callback(functools.partial(self._ended, r))
+        if r.deadline < self.timer_at:
+            self._arm(r.deadline)
+
+    def _arm(self, at: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(at, self._expire)
+        self.timer_at = at
+
+    def _ended(self, r: _Refresh, _: object) -> None:
+        if r.inner is None or r.timed_out:
+            return  # over already (timed out, or the batch cancelled)
+        r.took_s = time.perf_counter() - r.started
+        self._over(r)
+
+    def _over(self, r: _Refresh) -> None:
+        self.engine.metrics.fetching -= 1
+        self.engine._free(r.slot)
+        self.left -= 1
+        if self.left == 0 and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _expire(self) -> None:
+        self.timer, self.timer_at = None, math.inf
+        now, soonest = self.loop.time(), math.inf
+        for r in self.running:
+            if r.timed_out or r.inner is None or r.inner.done():
+                continue
+            if r.deadline <= now:
+                r.timed_out = True
+                self.engine._abandon(r.inner, r.fetcher.name)
+                self._over(r)
+            else:
+                soonest = min(soonest, r.deadline)
+        if soonest < math.inf:
+            self._arm(soonest)
+
+    async def wait(self) -> None:
+        """Until every run started has ended or timed out."""
+        if self.left:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def cancel(self) -> None:
+        """The batch is cancelled: every run still going is cancelled (and abandoned) with it."""
+        if self.timer is not None:
+            self.timer.cancel()
+        for r in self.running:
+            if r.inner is not None and not r.timed_out and not r.inner.done():
+                self.engine._abandon(r.inner, r.fetcher.name)
+                r.timed_out = True
+                self._over(r)
+
+
 class _FetcherRaised(Exception):
     """A fetcher raised a BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)."""
 
@@ -126,7 +251,8 @@ class Engine:
         self.max_concurrent = settings.max_concurrent_fetches
         self.shutdown_timeout_s = settings.shutdown_timeout
         self.near_cache_ttl_s = settings.near_cache_ttl
-        self._inflight: dict[str, asyncio.Task[bytes | None]] = {}
+        self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self._batches: set[asyncio.Task[None]] = set()  # refreshes of a claim round, one task each
         self._abandoned: dict[asyncio.Task[Any], str] = {}  # fetcher runs that outlived their timeout -> fetcher
         self._on_write: list[Callable[[str, int], None]] = []
         self._on_done: list[Callable[[], None]] = []
@@ -235,7 +361,7 @@ class Engine:
                 return Read(fetcher, call.entry_id, Entry.parse(body), "MISS", self.clock.now_ms())
         return None
 
-    async def _wait(self, task: asyncio.Task[bytes | None]) -> bytes | None:
+    async def _wait(self, task: asyncio.Future[bytes | None]) -> bytes | None:
         """The fetch's result, unless the shutdown timeout passes first. The fetch is never cancelled by a
         reader leaving: others may be waiting for it too."""
         waits: set[asyncio.Future[Any]] = {task, self._closed_future()}
@@ -314,7 +440,159 @@ class Engine:
             return asyncio.create_task(self._follow(running, claim), name=f"follow {claim.entry_id}")
         return self._start(self._refresh(claim, cause), claim)
 
-    async def _follow(self, running: asyncio.Task[bytes | None], claim: Claim) -> bytes | None:
+    def refresh(self, claims: list[Claim], cause: Cause) -> list[asyncio.Future[bytes | None]]:
+        """Start refreshing claimed entries (a claim round); a future per claim, in order, which never
+        raises for a failing fetcher or store (cancelled only by shutdown: the claim is then still held).
+
+        The usual refresh (a known fetcher, parameters still valid, read lately, the stored header in the
+        claim, no fetch of it running here) goes in one task with the round's others; any other goes
+        alone through `spawn_refresh`, which follows a fetch in flight or removes or postpones the entry.
+        """
+        loop = asyncio.get_running_loop()
+        fetches: list[asyncio.Future[bytes | None]] = []
+        batch: list[_Refresh] = []
+        for claim in claims:
+            entry_id = claim.entry_id
+            if entry_id in self._inflight or not claim.header:
+                fetches.append(self.spawn_refresh(claim, cause))
+                continue
+            name, query = split_entry_id(entry_id)
+            try:
+                fetcher, call = self.registry.call(name, query)
+            except EagerCacheError:  # unknown fetcher, parameters no longer valid
+                fetches.append(self.spawn_refresh(claim, cause))
+                continue
+            if self._idle(fetcher, entry_id, claim.last_read_ms):
+                fetches.append(self.spawn_refresh(claim, cause))
+                continue
+            fetch: asyncio.Future[bytes | None] = loop.create_future()
+            self._track(entry_id, fetch)
+            batch.append(_Refresh(claim, fetcher, call, fetch))
+            fetches.append(fetch)
+        if batch:
+            task = loop.create_task(self._refresh_batch(batch, cause), name=f"refresh {len(batch)} entries")
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        return fetches
+
+    async def _refresh_batch(self, batch: list[_Refresh], cause: Cause) -> None:
+        """Fetch every entry of the batch (each fetcher run in its own task, under the fetch slots), then
+        write what they returned in one round trip; failures are postponed one by one."""
+        runs = _Runs(self)
+        try:
+            for r in batch:
+                r.previous = parse_header(r.claim.header)
+                r.slot = await self._slot(r.fetcher)
+                try:
+                    inner = self._fetcher_task(r.fetcher, r.call, cause, r.previous)
+                except FetchFailed as exc:
+                    self._free(r.slot)
+                    r.error = exc
+                    continue
+                self.metrics.fetching += 1
+                runs.start(r, inner)
+            await runs.wait()
+            written: list[_Refresh] = []
+            for r in batch:
+                if await self._settle(r, cause, self._fetched(r, cause)):
+                    written.append(r)
+            if written:
+                await self._write_batch(written, cause)
+        except BaseException:
+            # Shutdown (or a bug): no fetcher run is left behind, and no claim is taken for done.
+            runs.cancel()
+            for r in batch:
+                if not r.fetch.done():
+                    r.fetch.cancel()
+            raise
+
+    async def _settle(self, r: _Refresh, cause: Cause, step: Awaitable[bool]) -> bool:
+        """Run one refresh's step; False once the refresh is over (its future has its result)."""
+        extra = {"fetcher": r.fetcher.name, "entry": r.claim.entry_id, "cause": cause}
+        try:
+            try:
+                if await step:
+                    return True
+            except FetchFailed as exc:
+                await self._postpone_failed(r.fetcher, r.claim.entry_id, exc)
+        except StoreUnavailable as exc:
+            # Not written: the claim's lease runs out and the entry is due again (see `_refresh`).
+            self.metrics.background_errors.labels("refresh").inc()
+            self._refresh_errors.warning("refresh could not be stored", "store", {**extra, "error": exc.detail})
+        except Exception:
+            self.metrics.background_errors.labels("refresh").inc()
+            log.exception("refresh failed unexpectedly", extra=extra)
+        if not r.fetch.done():
+            r.fetch.set_result(r.value)
+        return False
+
+    async def _fetched(self, r: _Refresh, cause: Cause) -> bool:
+        """The entry to write from what the fetcher returned; FetchFailed for a failed or timed-out run."""
+        if r.error is not None:
+            raise r.error
+        assert r.inner is not None
+        fetcher, call, metrics = r.fetcher, r.call, self.metrics
+        if r.timed_out:
+            raise self._timed_out(fetcher, call, cause)
+        result = self._outcome(fetcher, call, cause, r.previous, r.inner)
+        metrics.plain_counter(metrics.fetches, fetcher.name, cause, _RESULT_LABELS[result.kind]).inc()
+        metrics.plain_histogram(metrics.fetch_seconds, fetcher.name).observe(r.took_s)
+        now = self.clock.now_ms()
+        due_at = _next_due(fetcher, now, r.claim.due_ms, result.ttl)
+        if result.kind == "data" and result.store:
+            tags = encode_tags(fetcher.tags_of(call, result.tags or ())) if result.tags or fetcher.indexed else b""
+            r.entry, r.changed = new_entry(
+                result.data_json, now, due_at, previous=r.previous, meta=result.meta or b"", tags=tags
+            )
+        else:  # the stored value stays: kept as it is, or retrieved now (not modified)
+            r.entry = await self._kept(fetcher, call.entry_id, result, now, due_at)
+        r.due_at = due_at
+        r.value = r.entry.encode()
+        return True
+
+    async def _write_batch(self, batch: list[_Refresh], cause: Cause) -> None:
+        """Write the refreshed entries in one round trip; those whose write failed for want of the store
+        are tried again as `_retrying` does, together. Each refresh is over as soon as its own write is
+        (one whose node is failing over must not hold up the others: their next claims follow them)."""
+        pause_s = WRITE_RETRY_FIRST_S
+        while True:
+            writes: list[RefreshWrite] = [
+                (
+                    r.claim.entry_id,
+                    r.fetcher.name,
+                    r.value or b"",
+                    r.due_at,
+                    r.fetcher.max_entries,
+                    r.claim.lease_end_ms,
+                )
+                for r in batch
+            ]
+            retry: list[_Refresh] = []
+            for r, outcome in zip(batch, await self.store.write_refreshes(writes), strict=True):
+                if isinstance(outcome, StoreUnavailable) and self._may_retry(outcome, r.claim, pause_s):
+                    retry.append(r)
+                    continue
+                if isinstance(outcome, StoreUnavailable):
+                    r.write_error = outcome
+                else:
+                    r.outcome = outcome
+                await self._settle(r, cause, self._written_one(r, cause))
+            if not retry:
+                return
+            self.metrics.background_errors.labels("refresh-write-retry").inc(len(retry))
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, WRITE_RETRY_MAX_S)
+            batch = retry
+
+    async def _written_one(self, r: _Refresh, cause: Cause) -> bool:
+        if r.write_error is not None:
+            r.value = None
+            raise r.write_error
+        assert r.entry is not None
+        self._stored(r.fetcher, r.claim.entry_id, cause, r.claim, r.entry, r.changed, r.due_at, r.outcome)
+        return False
+
+    async def _follow(self, running: asyncio.Future[bytes | None], claim: Claim) -> bytes | None:
         await asyncio.wait({running})
         if running.cancelled():  # shutdown: the claim is given back, not marked as a failure
             raise asyncio.CancelledError
@@ -413,11 +691,14 @@ class Engine:
     def _start(self, coro: Any, claim_or_call: Claim | Call) -> asyncio.Task[bytes | None]:
         entry_id = claim_or_call.entry_id
         task: asyncio.Task[bytes | None] = asyncio.create_task(coro, name=f"fetch {entry_id}")
-        self._inflight[entry_id] = task
-        task.add_done_callback(lambda t: self._finished(entry_id, t))
+        self._track(entry_id, task)
         return task
 
-    def _finished(self, entry_id: str, task: asyncio.Task[bytes | None]) -> None:
+    def _track(self, entry_id: str, fetch: asyncio.Future[bytes | None]) -> None:
+        self._inflight[entry_id] = fetch
+        fetch.add_done_callback(functools.partial(self._finished, entry_id))
+
+    def _finished(self, entry_id: str, task: asyncio.Future[bytes | None]) -> None:
         if self._inflight.get(entry_id) is task:
             del self._inflight[entry_id]
         if not task.cancelled():
@@ -524,32 +805,47 @@ class Engine:
                     await self.store.end_fill(call.entry_id)  # other replicas fetch now, not at the lock's end
             self._refresh_errors.warning("fetched entry could not be stored", "cold", {"error": exc.detail})
             return value
+        self._stored(fetcher, call.entry_id, cause, claim, entry, changed, due_at, outcome)
+        return value
+
+    def _stored(
+        self,
+        fetcher: Fetcher,
+        entry_id: str,
+        cause: Cause,
+        claim: Claim | None,
+        entry: Entry,
+        changed: bool,
+        due_at: int,
+        outcome: int,
+    ) -> None:
+        """What follows a fetched entry's write: metrics, the near cache, change callbacks, `on_write`."""
+        metrics = self.metrics
         if claim is not None and claim.due_ms is not None:
             lag_s = max(0, self.clock.now_ms() - claim.due_ms) / 1000
             metrics.plain_histogram(metrics.refresh_lag, fetcher.name).observe(lag_s)
         if outcome == STORED:
             # A reader's fill is read now; a refresh replaces the copy this process serves, if it has one,
             # and adds none: an entry nobody here reads would only push out one that is read.
-            if cause == "cold" or call.entry_id in self._near:
-                self._remember(call.entry_id, entry, None)
+            if cause == "cold" or entry_id in self._near:
+                self._remember(entry_id, entry, None)
             if changed:
-                self._changed("data", call.entry_id, entry.etag)
+                self._changed("data", entry_id, entry.etag)
         else:
-            self._forget_near(call.entry_id)
+            self._forget_near(entry_id)
         if outcome == OVER_LIMIT:
             self._over_limit(fetcher)
         elif outcome == GONE:
-            log.debug("refreshed entry was removed meanwhile; not stored", extra={"entry": call.entry_id})
+            log.debug("refreshed entry was removed meanwhile; not stored", extra={"entry": entry_id})
         elif outcome == NOT_OURS:
             # Claimed again since (this refresh overran its lease, or its write was retried after a lost
             # reply): the newer claim's value stands.
-            self.metrics.background_errors.labels("refresh-overtaken").inc()
-            log.debug("refreshed entry was claimed again meanwhile; not stored", extra={"entry": call.entry_id})
+            metrics.background_errors.labels("refresh-overtaken").inc()
+            log.debug("refreshed entry was claimed again meanwhile; not stored", extra={"entry": entry_id})
         elif changed and cause != "cold":
             metrics.plain_counter(metrics.changes, fetcher.name).inc()
         for callback in self._on_write:
-            callback(call.entry_id, due_at)
-        return value
+            callback(entry_id, due_at)
 
     async def _kept(self, fetcher: Fetcher, entry_id: str, result: Outcome, now: int, due_at: int) -> Entry:
         """The stored entry, due again at `due_at`: as it is (Keep, or a refresh's unstored Result), or
@@ -587,23 +883,45 @@ class Engine:
     async def _retrying(self, call: Callable[[], Awaitable[T]], claim: Claim | None) -> T:
         """`call()`, tried again while it fails for want of the store (0.1 s apart, doubling to 1 s)
         until 1 s before the claim's lease ends; once without a claim."""
-        deadline_ms = claim.lease_end_ms - WRITE_RETRY_MARGIN_MS if claim is not None else 0
         pause_s = WRITE_RETRY_FIRST_S
         while True:
             try:
                 return await call()
             except StoreUnavailable as exc:
-                # Out of memory is an answer, not an outage: the next write is refused the same way.
-                out_of_memory = isinstance(exc.__cause__, OutOfMemoryError) or "OOM" in str(exc.__cause__)
-                if out_of_memory or self.clock.now_ms() + pause_s * 1000 >= deadline_ms or self.shutting_down:
+                if not self._may_retry(exc, claim, pause_s):
                     raise
                 self.metrics.background_errors.labels("refresh-write-retry").inc()
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, WRITE_RETRY_MAX_S)
 
+    def _may_retry(self, exc: StoreUnavailable, claim: Claim | None, pause_s: float) -> bool:
+        """Whether a failed write is tried again `pause_s` from now (see `_retrying`)."""
+        deadline_ms = claim.lease_end_ms - WRITE_RETRY_MARGIN_MS if claim is not None else 0
+        # Out of memory is an answer, not an outage: the next write is refused the same way.
+        out_of_memory = isinstance(exc.__cause__, OutOfMemoryError) or "OOM" in str(exc.__cause__)
+        return not (out_of_memory or self.clock.now_ms() + pause_s * 1000 >= deadline_ms or self.shutting_down)
+
     async def _run_fetcher(self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None) -> Outcome:
         """What the fetcher returned, checked, or FetchFailed / FetchTimeout (only eagercache's own deadline)."""
-        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
+        inner = self._fetcher_task(fetcher, call, cause, previous)
+        try:
+            done = await _done_within(inner, fetcher.timeout)
+        except asyncio.CancelledError:  # shutdown: the fetcher is cancelled with us
+            self._abandon(inner, fetcher.name)
+            raise
+        if not done:
+            self._abandon(inner, fetcher.name)
+            raise self._timed_out(fetcher, call, cause)
+        return self._outcome(fetcher, call, cause, previous, inner)
+
+    def _timed_out(self, fetcher: Fetcher, call: Call, cause: Cause) -> FetchTimeout:
+        self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
+        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause, "timeout_s": fetcher.timeout}
+        log.warning("fetch timed out", extra=extra)
+        return FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout:g} s")
+
+    def _fetcher_task(self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None) -> asyncio.Task[Any]:
+        """The fetcher's run started, in a task of its own; FetchFailed if it may not run now."""
         # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
         kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
         if fetcher.signature.previous is not None:
@@ -615,19 +933,16 @@ class Engine:
                 f"fetcher {fetcher.name!r} not run: {MAX_ABANDONED_PER_FETCHER} of its earlier runs ignored "
                 "cancellation at their timeout and are still running"
             )
-            self._refresh_errors.warning("fetch not started", f"abandoned {fetcher.name}", {**extra, "error": error})
+            extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause, "error": error}
+            self._refresh_errors.warning("fetch not started", f"abandoned {fetcher.name}", extra)
             raise FetchFailed(error)
-        inner = asyncio.create_task(_guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
-        try:
-            done = await _done_within(inner, fetcher.timeout)
-        except asyncio.CancelledError:  # shutdown: the fetcher is cancelled with us
-            self._abandon(inner, fetcher.name)
-            raise
-        if not done:
-            self._abandon(inner, fetcher.name)
-            self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
-            log.warning("fetch timed out", extra={**extra, "timeout_s": fetcher.timeout})
-            raise FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout:g} s")
+        return asyncio.create_task(_guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
+
+    def _outcome(
+        self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None, inner: asyncio.Task[Any]
+    ) -> Outcome:
+        """What a fetcher's finished run returned, checked; FetchFailed for whatever it raised."""
+        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
         try:
             result = outcome_of(inner.result(), fetcher.name)
             if result.kind != "data" and previous is None:
@@ -705,9 +1020,12 @@ class Engine:
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, self._shutdown_at - time.monotonic()))
         for task in pending:
             task.cancel()
-        if pending:
+        left: set[asyncio.Future[Any]] = {*pending, *self._batches}
+        for batch in self._batches:  # their refreshes' futures are cancelled above: the batches stop too
+            batch.cancel()
+        if left:
             # Bounded: a fetcher that swallows cancellation must not hold the process forever.
-            await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
+            await asyncio.wait(left, timeout=CANCEL_GRACE_S)
 
     def _closed_future(self) -> asyncio.Future[None]:
         if self._closed is None:

@@ -199,12 +199,11 @@ class Refresher:
             self._wake.set()
 
     def _refresh(self, claims: list[Claim], cause: Cause) -> None:
-        for claim in claims:
-            task = self.engine.spawn_refresh(claim, cause)
+        for claim, fetch in zip(claims, self.engine.refresh(claims, cause), strict=True):
             self._claims[claim.entry_id] = claim.lease_end_ms
-            task.add_done_callback(functools.partial(self._refreshed, claim.entry_id))
+            fetch.add_done_callback(functools.partial(self._refreshed, claim.entry_id))
 
-    def _refreshed(self, entry_id: str, task: asyncio.Task[bytes | None]) -> None:
+    def _refreshed(self, entry_id: str, task: asyncio.Future[bytes | None]) -> None:
         if not task.cancelled():  # written, postponed or lost: no longer ours to give back
             self._claims.pop(entry_id, None)
 

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import fakeredis
 from redis.commands.core import AsyncScript
@@ -116,9 +116,11 @@ class Stale:
         return f"{self.since_ms} {self.failures} {self.error}"
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """The right to refresh one entry until `lease_end_ms`, with what the schedule knew about it."""
+class Claim(NamedTuple):
+    """The right to refresh one entry until `lease_end_ms`, with what the schedule knew about it.
+
+    (A named tuple, not a frozen dataclass: one is made per refresh, and a frozen dataclass's __init__,
+    an object.__setattr__ per field, was a few % of a refresh's CPU time.)"""
 
     entry_id: str
     lease_end_ms: int
@@ -130,6 +132,8 @@ class Claim:
 WriteMode = Literal["cold", "refresh"]
 # A WRITE script call: its keys and its arguments.
 _Write = tuple[list[str], list[str | bytes | int]]
+# A refresh's write (Store.write_refreshes): entry id, fetcher, value, next due time, max_entries, lease end.
+RefreshWrite = tuple[str, str, bytes, int, int, int]
 STORED, OVER_LIMIT, GONE, NOT_OURS = 1, 0, -1, -2
 
 
@@ -562,18 +566,14 @@ class Store:
         since the last count can take a fetcher past it by that many, until the next count.
         """
         bucket = self.keys.bucket_of(entry_id)
-        keys = [*self._entry_keys(bucket, entry_id), bucket.fill(entry_id)]
         # Only a cold write can add an entry; a refresh's room is never looked at.
         room = max_entries - self._counted_elsewhere(bucket, fetcher) if mode == "cold" else max_entries
-        lease = "" if lease_end_ms is None else lease_end_ms
-        shadow = "1" if self.shadow_keys else ""
-        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode, lease, shadow]
-        args += (bucket.tag_prefix, HEADER_MAX_BYTES - 1)
+        call = self._write_call(bucket, entry_id, fetcher, value, due_at_ms, room, mode, lease_end_ms)
         pending = (bucket.index, fetcher)
         if mode == "cold":  # counted as taken while in flight, so this process's other cold writes see it
             self._pending[pending] += 1
         try:
-            result = await self._writes[mode].get((keys, args))
+            result = await self._writes[mode].get(call)
         finally:
             if mode == "cold":
                 self._pending[pending] -= 1
@@ -583,6 +583,69 @@ class Store:
         if result == STORED and mode == "cold":
             self._count(bucket, fetcher, +1)  # at most one too many (a refill): recounted soon
         return result
+
+    def _write_call(
+        self,
+        bucket: Bucket,
+        entry_id: str,
+        fetcher: str,
+        value: bytes,
+        due_at_ms: int,
+        room: int,
+        mode: WriteMode,
+        lease_end_ms: int | None,
+    ) -> _Write:
+        """The WRITE script's keys and arguments (scripts.WRITE says what each is)."""
+        keys = [*self._entry_keys(bucket, entry_id), bucket.fill(entry_id)]
+        lease = "" if lease_end_ms is None else lease_end_ms
+        shadow = "1" if self.shadow_keys else ""
+        args: list[str | bytes | int] = [entry_id, value, due_at_ms, fetcher, room, mode, lease, shadow]
+        args += (bucket.tag_prefix, HEADER_MAX_BYTES - 1)
+        return keys, args
+
+    async def write_refreshes(self, writes: Sequence[RefreshWrite]) -> list[int | StoreUnavailable]:
+        """The writes of a batch of refreshes (`write(..., mode="refresh")` each) in one round trip (per
+        node); each one's outcome, or its own error. A store that cannot be reached fails them all."""
+        if self.is_memory:  # no round trip to share
+            outcomes: list[int | StoreUnavailable] = []
+            for entry_id, fetcher, value, due_at_ms, max_entries, lease_end_ms in writes:
+                try:
+                    outcomes.append(
+                        await self.write(
+                            entry_id,
+                            fetcher,
+                            value,
+                            due_at_ms,
+                            mode="refresh",
+                            max_entries=max_entries,
+                            lease_end_ms=lease_end_ms,
+                        )
+                    )
+                except StoreUnavailable as exc:
+                    outcomes.append(exc)
+            return outcomes
+        calls = []
+        for entry_id, fetcher, value, due_at_ms, max_entries, lease_end_ms in writes:
+            bucket = self.keys.bucket_of(entry_id)
+            keys, args = self._write_call(
+                bucket, entry_id, fetcher, value, due_at_ms, max_entries, "refresh", lease_end_ms
+            )
+            calls.append((self._write, keys, args))
+        try:
+            async with self._within(COMMAND_TIMEOUT_S, write=True):
+                results = await self._pipelined(calls)
+        except StoreUnavailable as exc:
+            return [exc] * len(writes)
+        return [self._unavailable(result) if isinstance(result, BaseException) else result for result in results]
+
+    def _unavailable(self, error: BaseException) -> StoreUnavailable:
+        """One call's error in a pipeline, as `_errors` would raise it."""
+        try:
+            with self._errors(write=True):
+                raise error
+        except StoreUnavailable as exc:
+            return exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _write_many(self, budget_s: float, writes: list[_Write]) -> list[int | BaseException]:
         """Several WRITE scripts in one round trip (per node), each with its own result or error."""
