@@ -4,7 +4,7 @@ Every fetch (a reader's, the refresher's, an admin's) is one future in `_infligh
 one limit (`max_concurrent_fetches`) and one shutdown path (`begin_shutdown`, then `drain`). A reader's or
 an admin's fetch is a task of its own; the refreshes of one claim round share one task (`_refresh_batch`:
 one timer for their fetches, their writes in one round trip), each with its own future. The fetcher itself
-always runs in a task of its own, so nothing it does (raise SystemExit, swallow cancellation, raise
+always runs in a task of its own (isolation.py), so nothing it does (raise SystemExit, swallow cancellation, raise
 CancelledError on its own) can end the process or hold anyone past its timeout.
 """
 
@@ -14,10 +14,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -36,6 +35,7 @@ from .errors import (
     UnknownFetcher,
 )
 from .fetchers import Fetcher, Registry
+from .isolation import MAX_ERROR_CHARS, Refresh, Runs, describe, done_within, guarded, kind_of
 from .item import Entry, encode_tags, new_entry, parse_header
 from .keys import split_entry_id
 from .logs import Throttle
@@ -58,8 +58,6 @@ RETRY_BASE_MS = 500
 # A replica waiting for another's fetch of a missing entry looks for its write this often.
 FILL_POLL_S = 0.01
 FILL_MARGIN_MS = 1_000
-# The last error kept with a stale entry, for operators (admin API), is cut to this length.
-MAX_ERROR_CHARS = 300
 # "Over max_entries" is logged at most this often per fetcher; the metric counts every time.
 OVER_LIMIT_LOG_INTERVAL_S = 60.0
 # A refresh may be this late (beyond min(timeout, ttl), the time a fetch may take) before its entry is
@@ -109,135 +107,6 @@ class Read:
     entry: Entry
     cache: CacheState
     now_ms: int  # when it was answered, by the store's clock: Age is counted from this
-
-
-class _Refresh:
-    """One refresh of a batch (Engine._refresh_batch), from its claim to its write."""
-
-    __slots__ = (
-        "call",
-        "changed",
-        "claim",
-        "deadline",
-        "due_at",
-        "entry",
-        "error",
-        "fetch",
-        "fetcher",
-        "inner",
-        "outcome",
-        "previous",
-        "slot",
-        "started",
-        "timed_out",
-        "took_s",
-        "value",
-        "write_error",
-    )
-
-    def __init__(self, claim: Claim, fetcher: Fetcher, call: Call, fetch: asyncio.Future[bytes | None]) -> None:
-        self.claim = claim
-        self.fetcher = fetcher
-        self.call = call
-        self.fetch = fetch  # its future in Engine._inflight: the body written, or None
-        self.previous: Entry | None = None
-        self.slot: asyncio.Semaphore | None = None
-        self.inner: asyncio.Task[Any] | None = None  # the fetcher's run, while it runs
-        self.error: FetchFailed | None = None  # the run could not start
-        self.started = 0.0  # time.perf_counter()
-        self.deadline = 0.0  # loop time
-        self.timed_out = False
-        self.took_s = 0.0
-        self.entry: Entry | None = None
-        self.changed = False
-        self.due_at = 0
-        self.value: bytes | None = None
-        self.outcome = STORED
-        self.write_error: StoreUnavailable | None = None
-
-
-class _Runs:
-    """The fetcher runs of one batch of refreshes, each in its own task: one timer for them all (at the
-    earliest deadline of those still running), and their slots given back as each one ends or times out."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.loop = asyncio.get_running_loop()
-        self.running: list[_Refresh] = []
-        self.left = 0  # runs started and not over
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = math.inf
-        self.waiter: asyncio.Future[None] | None = None
-
-    def start(self, r: _Refresh, inner: asyncio.Task[Any]) -> None:
-        r.inner = inner
-        r.started = time.perf_counter()
-        r.deadline = self.loop.time() + r.fetcher.timeout
-        self.running.append(r)
-        self.left += 1
-        inner.add_done_callback(functools.partial(self._ended, r))
-        if r.deadline < self.timer_at:
-            self._arm(r.deadline)
-
-    def _arm(self, at: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_at(at, self._expire)
-        self.timer_at = at
-
-    def _ended(self, r: _Refresh, _: object) -> None:
-        if r.inner is None or r.timed_out:
-            return  # over already (timed out, or the batch cancelled)
-        r.took_s = time.perf_counter() - r.started
-        self._over(r)
-
-    def _over(self, r: _Refresh) -> None:
-        self.engine.metrics.fetching -= 1
-        self.engine._free(r.slot)
-        self.left -= 1
-        if self.left == 0 and self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    def _expire(self) -> None:
-        self.timer, self.timer_at = None, math.inf
-        now, soonest = self.loop.time(), math.inf
-        for r in self.running:
-            if r.timed_out or r.inner is None or r.inner.done():
-                continue
-            if r.deadline <= now:
-                r.timed_out = True
-                self.engine._abandon(r.inner, r.fetcher.name)
-                self._over(r)
-            else:
-                soonest = min(soonest, r.deadline)
-        if soonest < math.inf:
-            self._arm(soonest)
-
-    async def wait(self) -> None:
-        """Until every run started has ended or timed out."""
-        if self.left:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        if self.timer is not None:
-            self.timer.cancel()
-
-    def cancel(self) -> None:
-        """The batch is cancelled: every run still going is cancelled (and abandoned) with it."""
-        if self.timer is not None:
-            self.timer.cancel()
-        for r in self.running:
-            if r.inner is not None and not r.timed_out and not r.inner.done():
-                self.engine._abandon(r.inner, r.fetcher.name)
-                r.timed_out = True
-                self._over(r)
-
-
-class _FetcherRaised(Exception):
-    """A fetcher raised a BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)."""
-
-    def __init__(self, raised: BaseException) -> None:
-        self.kind = type(raised).__name__
-        super().__init__(f"{self.kind}: {raised}" if str(raised) else self.kind)
 
 
 class Engine:
@@ -450,7 +319,7 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         fetches: list[asyncio.Future[bytes | None]] = []
-        batch: list[_Refresh] = []
+        batch: list[Refresh] = []
         for claim in claims:
             entry_id = claim.entry_id
             if entry_id in self._inflight or not claim.header:
@@ -467,7 +336,7 @@ class Engine:
                 continue
             fetch: asyncio.Future[bytes | None] = loop.create_future()
             self._track(entry_id, fetch)
-            batch.append(_Refresh(claim, fetcher, call, fetch))
+            batch.append(Refresh(claim, fetcher, call, fetch))
             fetches.append(fetch)
         if batch:
             task = loop.create_task(self._refresh_batch(batch, cause), name=f"refresh {len(batch)} entries")
@@ -475,10 +344,10 @@ class Engine:
             task.add_done_callback(self._batches.discard)
         return fetches
 
-    async def _refresh_batch(self, batch: list[_Refresh], cause: Cause) -> None:
+    async def _refresh_batch(self, batch: list[Refresh], cause: Cause) -> None:
         """Fetch every entry of the batch (each fetcher run in its own task, under the fetch slots), then
         write what they returned in one round trip; failures are postponed one by one."""
-        runs = _Runs(self)
+        runs = Runs(self._release_run, self._abandon)
         try:
             for r in batch:
                 r.previous = parse_header(r.claim.header)
@@ -492,7 +361,7 @@ class Engine:
                 self.metrics.fetching += 1
                 runs.start(r, inner)
             await runs.wait()
-            written: list[_Refresh] = []
+            written: list[Refresh] = []
             for r in batch:
                 if await self._settle(r, cause, self._fetched(r, cause)):
                     written.append(r)
@@ -506,7 +375,7 @@ class Engine:
                     r.fetch.cancel()
             raise
 
-    async def _settle(self, r: _Refresh, cause: Cause, step: Awaitable[bool]) -> bool:
+    async def _settle(self, r: Refresh, cause: Cause, step: Awaitable[bool]) -> bool:
         """Run one refresh's step; False once the refresh is over (its future has its result)."""
         extra = {"fetcher": r.fetcher.name, "entry": r.claim.entry_id, "cause": cause}
         try:
@@ -526,7 +395,7 @@ class Engine:
             r.fetch.set_result(r.value)
         return False
 
-    async def _fetched(self, r: _Refresh, cause: Cause) -> bool:
+    async def _fetched(self, r: Refresh, cause: Cause) -> bool:
         """The entry to write from what the fetcher returned; FetchFailed for a failed or timed-out run."""
         if r.error is not None:
             raise r.error
@@ -550,7 +419,7 @@ class Engine:
         r.value = r.entry.encode()
         return True
 
-    async def _write_batch(self, batch: list[_Refresh], cause: Cause) -> None:
+    async def _write_batch(self, batch: list[Refresh], cause: Cause) -> None:
         """Write the refreshed entries in one round trip; those whose write failed for want of the store
         are tried again as `_retrying` does, together. Each refresh is over as soon as its own write is
         (one whose node is failing over must not hold up the others: their next claims follow them)."""
@@ -567,7 +436,7 @@ class Engine:
                 )
                 for r in batch
             ]
-            retry: list[_Refresh] = []
+            retry: list[Refresh] = []
             for r, outcome in zip(batch, await self.store.write_refreshes(writes), strict=True):
                 if isinstance(outcome, StoreUnavailable) and self._may_retry(outcome, r.claim, pause_s):
                     retry.append(r)
@@ -584,7 +453,7 @@ class Engine:
             pause_s = min(pause_s * 2, WRITE_RETRY_MAX_S)
             batch = retry
 
-    async def _written_one(self, r: _Refresh, cause: Cause) -> bool:
+    async def _written_one(self, r: Refresh, cause: Cause) -> bool:
         if r.write_error is not None:
             r.value = None
             raise r.write_error
@@ -720,6 +589,11 @@ class Engine:
                 per_fetcher.release()
             raise
         return per_fetcher
+
+    def _release_run(self, r: Refresh) -> None:
+        """A batch's fetcher run is over (ended or timed out): its slots back."""
+        self.metrics.fetching -= 1
+        self._free(r.slot)
 
     def _free(self, per_fetcher: asyncio.Semaphore | None) -> None:
         self._fetch_slots.release()
@@ -905,7 +779,7 @@ class Engine:
         """What the fetcher returned, checked, or FetchFailed / FetchTimeout (only eagercache's own deadline)."""
         inner = self._fetcher_task(fetcher, call, cause, previous)
         try:
-            done = await _done_within(inner, fetcher.timeout)
+            done = await done_within(inner, fetcher.timeout)
         except asyncio.CancelledError:  # shutdown: the fetcher is cancelled with us
             self._abandon(inner, fetcher.name)
             raise
@@ -936,7 +810,7 @@ class Engine:
             extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause, "error": error}
             self._refresh_errors.warning("fetch not started", f"abandoned {fetcher.name}", extra)
             raise FetchFailed(error)
-        return asyncio.create_task(_guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
+        return asyncio.create_task(guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
 
     def _outcome(
         self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None, inner: asyncio.Task[Any]
@@ -958,9 +832,9 @@ class Engine:
         except (Exception, asyncio.CancelledError) as exc:
             # Whatever the fetcher raised, its own TimeoutError included, is its error, with its message.
             self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-            error = f"fetcher {fetcher.name!r} failed: {_describe(exc)}"
+            error = f"fetcher {fetcher.name!r} failed: {describe(exc)}"
             log.warning("fetch failed", extra={**extra, "error": error})
-            raise FetchFailed(f"fetcher {fetcher.name!r} failed: {_kind(exc)}", error=error) from exc
+            raise FetchFailed(f"fetcher {fetcher.name!r} failed: {kind_of(exc)}", error=error) from exc
 
     def _abandon(self, inner: asyncio.Task[Any], fetcher_name: str) -> None:
         """Cancel a fetcher task and stop waiting for it; one that ignores cancellation is kept track of."""
@@ -1031,62 +905,6 @@ class Engine:
         if self._closed is None:
             self._closed = asyncio.get_running_loop().create_future()
         return self._closed
-
-
-async def _done_within(task: asyncio.Task[Any], timeout_s: float) -> bool:
-    """Wait until `task` is done (True) or `timeout_s` has passed (False; the task is left running): what
-    `asyncio.wait({task}, timeout=...)` does, without its sets and bookkeeping (~15 us of every refresh)."""
-    if task.done():
-        return True
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: object = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    task.add_done_callback(wake)
-    timer = loop.call_later(timeout_s, wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        task.remove_done_callback(wake)
-    return task.done()
-
-
-async def _guarded(func: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
-    """Run a fetcher so that nothing it raises escapes as anything but an Exception.
-
-    asyncio re-raises SystemExit and KeyboardInterrupt out of the event loop, ending the process; and a
-    CancelledError a fetcher raises on its own would pass for a cancellation. Our own cancellation
-    (timeout, shutdown) still goes through as such.
-    """
-    try:
-        return await func(**kwargs)
-    except Exception:
-        raise
-    except BaseException as exc:
-        task = asyncio.current_task()
-        if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0:
-            raise
-        raise _FetcherRaised(exc) from exc
-
-
-def _kind(exc: BaseException) -> str:
-    """What a reader is told about a fetcher's exception: its type, never its message."""
-    if isinstance(exc, _FetcherRaised):
-        return f"raised {exc.kind}"
-    return "was cancelled" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, _FetcherRaised):
-        return f"raised {exc}"
-    if isinstance(exc, asyncio.CancelledError):
-        return "was cancelled"
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS] if text else type(exc).__name__
 
 
 def _parse(raw: bytes | None) -> Entry | None:
