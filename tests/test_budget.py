@@ -63,7 +63,7 @@ async def test_cold_reads_are_answered_while_the_budget_is_spent(make_app: AppFa
 async def test_refreshes_over_the_budget_are_put_off_and_served_stale(make_app: AppFactory) -> None:
     calls = Counter()
 
-    @fetcher(ttl=0.1, jitter=0, max_rate=1, timeout=0.5)
+    @fetcher(ttl=0.1, jitter=0, max_rate=2, timeout=0.5)
     async def slow_budget(n: int) -> int:
         calls.hit()
         return n
