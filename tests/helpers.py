@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from eagercache.errors import StoreUnavailable
+from eagercache.store import RefreshWrite, write_each
 
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -34,23 +35,7 @@ def refreshes_through(store: Any, write: Callable[..., Awaitable[int]]) -> None:
     """Send a store's batched refresh writes (Store.write_refreshes) through `write` one by one, as
     `Store.write(..., mode="refresh")` calls: a write a test injects sees every refresh's."""
 
-    async def write_refreshes(writes: list[tuple[str, str, bytes, int, int, int]]) -> list[int | StoreUnavailable]:
-        outcomes: list[int | StoreUnavailable] = []
-        for entry_id, fetcher, value, due_at_ms, max_entries, lease_end_ms in writes:
-            try:
-                outcomes.append(
-                    await write(
-                        entry_id,
-                        fetcher,
-                        value,
-                        due_at_ms,
-                        mode="refresh",
-                        max_entries=max_entries,
-                        lease_end_ms=lease_end_ms,
-                    )
-                )
-            except StoreUnavailable as exc:
-                outcomes.append(exc)
-        return outcomes
+    async def write_refreshes(writes: Sequence[RefreshWrite]) -> list[int | StoreUnavailable]:
+        return await write_each(write, writes)
 
     store.write_refreshes = write_refreshes

@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from itertools import islice
 from typing import Any, Literal
 
+from .errors import StoreUnavailable
 from .item import encode_tags
 from .keys import Keys
 from .localbus import LocalBus
@@ -40,9 +41,11 @@ from .store import (
     TOUCH_CHUNK,
     Claim,
     ClaimRound,
+    RefreshWrite,
     Stale,
     Store,
     WriteMode,
+    write_each,
 )
 from .topology import MEMORY_URL, Topology
 
@@ -234,6 +237,9 @@ class MemoryStore(Store):
         self._schedule(bucket, entry_id, record, due_at_ms)
         self._fills.pop(entry_id, None)
         return STORED
+
+    async def write_refreshes(self, writes: Sequence[RefreshWrite]) -> list[int | StoreUnavailable]:
+        return await write_each(self.write, writes)  # no round trip to share
 
     def _index(self, bucket: _Bucket, entry_id: str, old: bytes, new: bytes) -> None:
         """The tag index follows the entry's tags: it leaves the sets of `old` tags not in `new`, joins the others."""

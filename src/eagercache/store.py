@@ -19,7 +19,7 @@ import contextlib
 import functools
 import time
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -606,24 +606,6 @@ class Store:
     async def write_refreshes(self, writes: Sequence[RefreshWrite]) -> list[int | StoreUnavailable]:
         """The writes of a batch of refreshes (`write(..., mode="refresh")` each) in one round trip (per
         node); each one's outcome, or its own error. A store that cannot be reached fails them all."""
-        if self.is_memory:  # no round trip to share
-            outcomes: list[int | StoreUnavailable] = []
-            for entry_id, fetcher, value, due_at_ms, max_entries, lease_end_ms in writes:
-                try:
-                    outcomes.append(
-                        await self.write(
-                            entry_id,
-                            fetcher,
-                            value,
-                            due_at_ms,
-                            mode="refresh",
-                            max_entries=max_entries,
-                            lease_end_ms=lease_end_ms,
-                        )
-                    )
-                except StoreUnavailable as exc:
-                    outcomes.append(exc)
-            return outcomes
         calls = []
         for entry_id, fetcher, value, due_at_ms, max_entries, lease_end_ms in writes:
             bucket = self.keys.bucket_of(entry_id)
@@ -1025,6 +1007,30 @@ def _entry_ids(raw: Iterable[object]) -> list[str]:
         if (entry_id := entry_id_of(value)) is not None:
             ids.append(entry_id)
     return ids
+
+
+async def write_each(
+    write: Callable[..., Awaitable[int]], writes: Sequence[RefreshWrite]
+) -> list[int | StoreUnavailable]:
+    """`Store.write_refreshes` one write at a time through `write` (a `Store.write`): for a store with no round
+    trip to share, and for tests that put a write of their own in the store's place."""
+    outcomes: list[int | StoreUnavailable] = []
+    for entry_id, fetcher, value, due_at_ms, max_entries, lease_end_ms in writes:
+        try:
+            outcomes.append(
+                await write(
+                    entry_id,
+                    fetcher,
+                    value,
+                    due_at_ms,
+                    mode="refresh",
+                    max_entries=max_entries,
+                    lease_end_ms=lease_end_ms,
+                )
+            )
+        except StoreUnavailable as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 def _header_line(start: bytes) -> bytes:
