@@ -70,9 +70,19 @@ def cluster_url(cluster: LocalCluster) -> str:
 @pytest.fixture(params=["redis", "memory", "cluster"])
 def store_url(request: pytest.FixtureRequest) -> str:
     """Behaviour tests run on a real Redis, on the memory store and on a Redis Cluster."""
-    if request.param == "memory":
+    return _store_url(request, request.param)
+
+
+@pytest.fixture(params=["redis", "memory"])
+def local_store_url(request: pytest.FixtureRequest) -> str:
+    """A real Redis and the memory store: for tests to which a cluster adds nothing."""
+    return _store_url(request, request.param)
+
+
+def _store_url(request: pytest.FixtureRequest, kind: str) -> str:
+    if kind == "memory":
         return "memory://"
-    if request.param == "cluster":
+    if kind == "cluster":
         url: str = request.getfixturevalue("cluster_url")
         return url
     request.getfixturevalue("redis_sync")  # flushed before the test

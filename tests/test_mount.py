@@ -32,15 +32,6 @@ TOKEN = "mount-test-token-0123456789"
 FAST = {"clock": {"ttl": 0.3, "jitter": 0}}  # refreshed every 0.3 s, so a test sees the refresher work
 
 
-@pytest.fixture(params=["redis", "memory"])
-def url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    request.getfixturevalue("redis_sync")  # flushed before the test
-    redis_url: str = request.getfixturevalue("redis_url")
-    return redis_url
-
-
 def cache_of(host: Starlette) -> Starlette:
     (cache,) = [route.app for route in host.routes if isinstance(route, Mount) and isinstance(route.app, Starlette)]
     return cache
@@ -62,8 +53,8 @@ async def last_retrieved(cache: Starlette, name: str, query: bytes = b"") -> int
     return None if raw is None else Entry.parse(raw).last_retrieved_ms
 
 
-async def test_the_example_serves_the_cache_under_its_prefix_next_to_its_own_routes(url: str) -> None:
-    host = create_service(Settings(redis_url=url, admin_token=TOKEN))
+async def test_the_example_serves_the_cache_under_its_prefix_next_to_its_own_routes(local_store_url: str) -> None:
+    host = create_service(Settings(redis_url=local_store_url, admin_token=TOKEN))
     async with running(host) as client:
         cold = await client.get("/cache/data/greeting?name=Ada")
         assert (cold.status_code, cold.headers["x-cache"]) == (200, "MISS"), cold.text
@@ -95,8 +86,8 @@ async def test_the_example_serves_the_cache_under_its_prefix_next_to_its_own_rou
         assert "servers" not in (await client.get("/openapi.json")).json()
 
 
-async def test_the_refresher_runs_in_the_host_lifespan(url: str) -> None:
-    host = create_service(Settings(redis_url=url, fetcher_overrides=FAST))
+async def test_the_refresher_runs_in_the_host_lifespan(local_store_url: str) -> None:
+    host = create_service(Settings(redis_url=local_store_url, fetcher_overrides=FAST))
     cache = cache_of(host)
     async with running(host) as client:
         assert (await client.get("/cache/data/clock")).status_code == 200
@@ -110,7 +101,7 @@ async def test_the_refresher_runs_in_the_host_lifespan(url: str) -> None:
         assert cache.state.metrics.sample("eagercache_fetches_total", fetcher="clock", cause="schedule", outcome="ok")
 
 
-async def test_a_mount_whose_lifespan_never_ran_answers_503_saying_so(url: str) -> None:
+async def test_a_mount_whose_lifespan_never_ran_answers_503_saying_so(local_store_url: str) -> None:
     runs = Counter()
 
     @fetcher(ttl=0.2)
@@ -118,7 +109,7 @@ async def test_a_mount_whose_lifespan_never_ran_answers_503_saying_so(url: str) 
         runs.hit()
         return runs.count
 
-    cache = create_app([clock], redis_url=url)
+    cache = create_app([clock], redis_url=local_store_url)
     host = FastAPI()  # no lifespan: nobody enters eagercache's
     host.mount("/cache", cache)
 
@@ -161,8 +152,8 @@ async def test_the_lifespan_runs_once_and_only_for_an_eagercache_app() -> None:
             pass
 
 
-async def test_watch_streams_under_the_prefix_on_a_real_server(url: str) -> None:
-    host = create_service(Settings(redis_url=url, fetcher_overrides=FAST))
+async def test_watch_streams_under_the_prefix_on_a_real_server(local_store_url: str) -> None:
+    host = create_service(Settings(redis_url=local_store_url, fetcher_overrides=FAST))
     async with serving(host) as base, httpx.AsyncClient(base_url=base) as client:
         for path in ("/cache/data/clock?resolution=1", "/hello"):
             answer = await client.get(path)
@@ -223,7 +214,7 @@ def test_sigterm_to_the_host_server_ends_open_streams_and_runs_the_drain(
     assert "Traceback" not in output and "without completing response" not in output, output
 
 
-async def test_the_host_shutdown_drains_a_refresh_in_flight_before_its_own_teardown(url: str) -> None:
+async def test_the_host_shutdown_drains_a_refresh_in_flight_before_its_own_teardown(local_store_url: str) -> None:
     events: list[str] = []
     started, gate = Counter(), asyncio.Event()
     gate.set()
@@ -234,7 +225,7 @@ async def test_the_host_shutdown_drains_a_refresh_in_flight_before_its_own_teard
         await gate.wait()
         return started.count
 
-    cache = create_app([gated], redis_url=url)
+    cache = create_app([gated], redis_url=local_store_url)
     engine = cache.state.engine
     engine.on_write(lambda *_: events.append("stored"))
 

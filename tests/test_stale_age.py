@@ -20,15 +20,6 @@ GAUGE = "eagercache_stale_overdue_seconds"
 WINDOW_S = 1.0  # the tests' window (the server's is 60 s): the gauge decays within it
 
 
-@pytest.fixture(params=["redis", "memory"])
-def url(request: pytest.FixtureRequest) -> str:
-    if request.param == "memory":
-        return "memory://"
-    request.getfixturevalue("redis_sync")  # flushed before the test
-    redis_url: str = request.getfixturevalue("redis_url")
-    return redis_url
-
-
 def upstream(ttl: float, max_stale: float | None) -> tuple[Callable[..., Awaitable[int]], dict[str, bool]]:
     """A fetcher that fails while `state["failing"]`."""
     state = {"failing": False}
@@ -61,9 +52,9 @@ async def read_until(client: httpx.AsyncClient, cache: str, status: int = 200, t
         await asyncio.sleep(0.05)  # the refresher's work, seen through reads
 
 
-async def test_the_gauge_rises_with_stale_reads_and_returns_to_0_after_recovery(url: str) -> None:
+async def test_the_gauge_rises_with_stale_reads_and_returns_to_0_after_recovery(local_store_url: str) -> None:
     flaky, state = upstream(ttl=0.3, max_stale=60)
-    app = create_app([flaky], redis_url=url)
+    app = create_app([flaky], redis_url=local_store_url)
     metrics = app.state.metrics
     metrics.stale_window_s = WINDOW_S
     async with running(app) as client:
@@ -89,10 +80,10 @@ async def test_the_gauge_rises_with_stale_reads_and_returns_to_0_after_recovery(
         assert metrics.sample(GAUGE, fetcher="flaky") == 0
 
 
-async def test_reads_refused_as_too_stale_keep_the_gauge_above_max_stale(url: str) -> None:
+async def test_reads_refused_as_too_stale_keep_the_gauge_above_max_stale(local_store_url: str) -> None:
     """The alert must not clear when the 503s start: a read refused past max_stale counts its overdue time."""
     flaky, state = upstream(ttl=0.3, max_stale=0.5)
-    app = create_app([flaky], redis_url=url)
+    app = create_app([flaky], redis_url=local_store_url)
     app.state.metrics.stale_window_s = WINDOW_S
     async with running(app) as client:
         await read_until(client, "MISS")
@@ -104,9 +95,9 @@ async def test_reads_refused_as_too_stale_keep_the_gauge_above_max_stale(url: st
         assert app.state.metrics.sample(GAUGE, fetcher="flaky") > 0.5
 
 
-async def test_fresh_reads_do_no_stale_bookkeeping(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_fresh_reads_do_no_stale_bookkeeping(local_store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     flaky, state = upstream(ttl=0.3, max_stale=None)
-    app = create_app([flaky], redis_url=url)
+    app = create_app([flaky], redis_url=local_store_url)
     recorded: list[float] = []
     monkeypatch.setattr(StaleOverdue, "record", lambda self, overdue_s: recorded.append(overdue_s))
     async with running(app) as client:

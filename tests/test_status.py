@@ -27,14 +27,10 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 WAIT_S = 10.0
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
+@pytest.fixture
+def store_url(local_store_url: str) -> str:
     """Memory and a real Redis (the cluster's listing is the admin API's, tested there)."""
-    if request.param == "memory":
-        return "memory://"
-    request.getfixturevalue("redis_sync")  # flushed
-    url: str = request.getfixturevalue("redis_url")
-    return url
+    return local_store_url
 
 
 class Upstream:
