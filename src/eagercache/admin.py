@@ -27,7 +27,7 @@ from .errors import Problem
 from .invalidation import act
 from .item import Entry
 from .keys import split_entry_id
-from .params import parse_query
+from .params import query_values
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
@@ -117,12 +117,18 @@ def admin_routes(engine: Engine, token: str) -> list[Route]:
 
     async def invalidate_matching(request: Request) -> Response:
         name = _known(engine, request)
-        removed = await act(engine, "forget", fetcher=name, where=_where(request))
+        removed = await act(engine, "forget", fetcher=name, where=query_values(request.scope["query_string"]))
         return _json({"removed": removed})
 
     async def refresh_matching(request: Request) -> Response:
         name = _known(engine, request)
-        return _json({"refreshing": await act(engine, "refresh", fetcher=name, where=_where(request))})
+        return _json(
+            {
+                "refreshing": await act(
+                    engine, "refresh", fetcher=name, where=query_values(request.scope["query_string"])
+                )
+            }
+        )
 
     async def invalidate_tagged(request: Request) -> Response:
         return _json({"removed": await act(engine, "forget", tag=request.path_params["tag"])})
@@ -140,14 +146,6 @@ def admin_routes(engine: Engine, token: str) -> list[Route]:
         Route("/admin/fetchers/{name}/refresh", guarded(refresh), methods=["POST"]),
         Route("/admin/fetchers/{name}/entry", guarded(invalidate_one), methods=["DELETE"]),
     ]
-
-
-def _where(request: Request) -> dict[str, list[str]]:
-    """The query's parameters, each with its values (checked against the fetcher's signature by `act`)."""
-    where: dict[str, list[str]] = {}
-    for name, value in parse_query(request.scope["query_string"]):
-        where.setdefault(name, []).append(value)
-    return where
 
 
 def _json(doc: Any) -> Response:

@@ -146,9 +146,7 @@ class Signature:
 
     def spellings_of(self, canonical_query: str) -> dict[str, list[str] | None]:
         """Every parameter's spelling in a stored entry's canonical query (its default's where it is left out)."""
-        grouped: dict[str, list[str]] = {}
-        for name, value in parse_query(canonical_query):
-            grouped.setdefault(name, []).append(value)
+        grouped = query_values(canonical_query)
         return {p.name: grouped.get(p.name, p.default_spelling) for p in self.params}
 
     def _canonical(self, kwargs: dict[str, Any]) -> str:
@@ -191,6 +189,14 @@ def parse_query(query: bytes | str) -> list[tuple[str, str]]:
         except UnicodeDecodeError:
             raise InvalidParameters({_unquote(name, errors="replace"): "not valid UTF-8"}) from None
     return pairs
+
+
+def query_values(query: bytes | str) -> dict[str, list[str]]:
+    """A query string's values by parameter name, in the order given (`parse_query`'s errors)."""
+    grouped: dict[str, list[str]] = {}
+    for name, value in parse_query(query):
+        grouped.setdefault(name, []).append(value)
+    return grouped
 
 
 def _unquote(text: bytes, errors: str = "strict") -> str:
