@@ -29,7 +29,7 @@ from redis.commands.core import AsyncScript
 from redis.connection import parse_url
 from redis.exceptions import AskError, NoScriptError, TryAgainError
 
-from . import scripts
+from . import roundtrip, scripts
 from .clock import ServerClock
 from .coalesce import Coalescer
 from .errors import ConfigurationError, StoreTimeout, StoreUnavailable
@@ -447,10 +447,7 @@ class Store:
         if self.topology is not None and self.topology.is_cluster:
             results = await self._pipelined_per_node(calls)
         else:
-            pipe = self.client.pipeline(transaction=False)
-            for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            results = list(await pipe.execute(raise_on_error=False))
+            results = await self._round_trip(self.client, calls)
         for i, result in enumerate(results):
             if isinstance(result, _RUN_AGAIN):
                 script, keys, args = calls[i]
@@ -459,6 +456,16 @@ class Store:
                 except errors as exc:
                     results[i] = exc
         return results
+
+    async def _round_trip(self, client: Any, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+        """The scripts in one round trip on one of the client's connections; each reply, or its error."""
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
+        if self.kind == "memory":  # fakeredis: no socket to read from; its pipeline runs them
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+        return await roundtrip.run(client, commands)
 
     @property
     def _client_errors(self) -> tuple[type[BaseException], ...]:
@@ -480,12 +487,8 @@ class Store:
                 results[i] = exc
 
         async def run(node: str, indexes: list[int]) -> None:
-            pipe = topology.node_client(node).pipeline(transaction=False)
-            for i in indexes:
-                script, keys, args = calls[i]
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
-                replies = await pipe.execute(raise_on_error=False)
+                replies = await self._round_trip(topology.node_client(node), [calls[i] for i in indexes])
             except CLIENT_ERRORS as exc:  # the node is gone or failing over: its slots are elsewhere soon
                 self._map_is_stale = True
                 replies = [exc] * len(indexes)
