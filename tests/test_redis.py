@@ -53,6 +53,55 @@ async def test_expired_events_drive_refresh_of_entries_written_elsewhere(
         assert stored is not None and first["last_retrieved"].encode() not in stored
 
 
+async def test_an_event_for_a_bucket_the_schedule_has_due_costs_no_claim(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """The schedule loop knows the entry's bucket is due but is held in its claim (as when it is behind): the
+    entry's expiry event must not add a claim of its own. The schedule's claim refreshes it once let go."""
+    app = create_app([stamp], redis_url=redis_url)
+    refresher, store = app.state.refresher, app.state.store
+    held, let_go = asyncio.Event(), asyncio.Event()
+    claim_due, event_claims = store.claim_due, list[list[str]]()
+
+    async def held_claim_due(*args: object, **kwargs: object) -> object:
+        if store.shadow_keys and not let_go.is_set() and redis_sync.exists("eagercache:{b0}:item:stamp?k=e"):
+            held.set()
+            await let_go.wait()
+        return await claim_due(*args, **kwargs)
+
+    async def claim(entry_ids: list[str], lease_ms: int) -> object:
+        event_claims.append(entry_ids)
+        return await claim_many(entry_ids, lease_ms)
+
+    claim_many = store.claim
+    store.claim_due, store.claim = held_claim_due, claim
+    event_seen, after_event = asyncio.Event(), asyncio.Event()
+    batches = refresher.events.batches
+
+    async def watched_batches() -> AsyncIterator[list[str]]:
+        async for batch in batches():
+            if event_seen.is_set():
+                after_event.set()  # asked for the next batch: the refresher is done with the event's
+            yield batch
+            if "stamp?k=e" in batch:
+                event_seen.set()
+
+    refresher.events.batches = watched_batches
+    writes = Counter()
+    app.state.engine.on_write(writes.hit)
+    async with running(app) as client:
+        assert refresher.subscribed
+        assert (await client.get("/data/stamp?k=e")).status_code == 200
+        await asyncio.wait_for(held.wait(), 5)  # the entry fell due: the schedule loop is in its claim
+        await asyncio.wait_for(after_event.wait(), 5)  # the shadow key expired and its event was handled
+        assert event_claims == []
+        let_go.set()
+        await writes.reach(2, timeout=5)
+    metrics = app.state.metrics
+    assert metrics.sample("eagercache_fetches_total", fetcher="stamp", cause="schedule", outcome="ok") >= 1
+    assert metrics.sample("eagercache_fetches_total", fetcher="stamp", cause="event", outcome="ok") == 0
+
+
 async def test_expiry_events_are_enabled_by_adding_flags(redis_url: str, redis_sync: redis.Redis) -> None:
     redis_sync.config_set("notify-keyspace-events", "Kg")
     try:

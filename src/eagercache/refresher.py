@@ -89,6 +89,7 @@ class Refresher:
         self._claims: dict[str, int] = {}  # entry id -> lease end (ms), while this process holds the claim
         self._sleep_until_ms = 0  # when the schedule loop looks next; a write due sooner wakes it
         self._due_at: list[int] = []  # per bucket: when to claim there next (store clock, ms); 0 = now
+        self._schedule_running = False  # the schedule loop is running (it is supervised: it may be restarting)
         # Per bucket being claimed: the earliest due time written there since its claim was sent, which
         # the claim's reply may not include (NOTHING_SCHEDULED: none).
         self._written_during_claim: dict[int, int] = {}
@@ -208,6 +209,13 @@ class Refresher:
             self._claims.pop(entry_id, None)
 
     async def _follow_schedule(self) -> None:
+        self._schedule_running = True
+        try:
+            await self._claim_on_schedule()
+        finally:
+            self._schedule_running = False
+
+    async def _claim_on_schedule(self) -> None:
         outage = Outage("schedule")
         backstop_at = 0.0  # time.monotonic() of the next claim in every bucket
         turn = 0  # the bucket to start with when slots are short, so that every bucket gets its turn
@@ -292,6 +300,9 @@ class Refresher:
                 room = self.engine.free_slots
                 if not due or room <= 0:
                     continue
+                due = self._not_yet_due_in_schedule(due)
+                if not due:
+                    continue
                 try:
                     claimed = await self.store.claim(due[:room], self.lease_ms)
                 except StoreUnavailable:
@@ -300,6 +311,20 @@ class Refresher:
                 if claimed.failed:  # those buckets' entries are still due in the schedule
                     self.metrics.background_errors.labels("event-claim").inc(len(claimed.failed))
                 self._refresh(await self.engine.budget.admit(claimed.claims), "event")
+
+    def _not_yet_due_in_schedule(self, entry_ids: list[str]) -> list[str]:
+        """The entries of buckets the schedule loop does not take to be due yet: the event is news only there.
+
+        A bucket the loop knows to be due it claims in its next round, as soon as slots are free; a claim
+        for the event as well would only find its entries taken or not due. Under a backlog (entries
+        refreshed late, so their shadow keys expire first) that was most of the events and a claim round
+        trip for each batch of them, which made the backlog longer."""
+        due_at = self._due_at
+        if not self._schedule_running:
+            return entry_ids  # not started, or restarting after a failure: the events are all there is
+        now = self.store.clock.now_ms()
+        bucket_of = self.store.keys.bucket_of
+        return [e for e in entry_ids if due_at[bucket_of(e).index] > now]
 
     async def _record_reads(self) -> None:
         """Write the entries read lately to the store in one command per interval, not one per hit; put
