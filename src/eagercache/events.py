@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -193,12 +194,23 @@ class ExpiryEvents:
                 first = False
                 self._set_subscribed(node, True)
                 outage.over()
+                connection = pubsub.connection
                 while True:
-                    message = await pubsub.get_message(timeout=self.idle_s)
-                    if message is None or not isinstance(data := message.get("data"), bytes):
+                    # Straight off the subscription's connection: PubSub.get_message cost ~18 CPU us a message
+                    # (its own timeout, health-check and callback bookkeeping, a dict built), this ~5, and at
+                    # 10,000 entries due a second there is an event for each one refreshed late. Without a
+                    # health-check interval set, get_message did nothing more for us; a reply that is not a
+                    # message (the subscription's confirmation) is skipped as it skipped it.
+                    reply = await connection.read_response(timeout=math.inf, push_request=True)
+                    if (
+                        not isinstance(reply, list)  # on RESP3, hiredis gives a push as a list subclass
+                        or len(reply) != 3
+                        or reply[0] != b"message"
+                        or type(reply[2]) is not bytes
+                    ):
                         continue
                     # Only our shadow keys are queued: the channel carries every key of the database.
-                    if (entry_id := keys.entry_of_shadow(data)) is None:
+                    if (entry_id := keys.entry_of_shadow(reply[2])) is None:
                         continue
                     try:
                         queue.put_nowait(entry_id)
