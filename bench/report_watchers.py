@@ -124,6 +124,18 @@ def _causes(runs: dict[str, Doc], goal: float, floor: Doc | None) -> list[str]:
     return [*lines, ""]
 
 
+def _gc_line(gc_full: Doc | None) -> list[str]:
+    """The watched process's full garbage collections (bench/gcprobe), when the run recorded them."""
+    if not gc_full or "error" in gc_full:
+        return []
+    pauses = gc_full["in_window"]
+    each = ", ".join(f"at {num(p['at_s'], 1)} s {num(p['ms'], 1)} ms" for p in pauses) or "none"
+    return [
+        f"  Full (generation-2) garbage collections of the watched process: {gc_full['before_window']} before the "
+        f"window (start-up, streams opening), {len(pauses)} in it ({each})."
+    ]
+
+
 def section_watchers(s8: Doc, docs: Path, targets: list[list[str]]) -> str:
     title = "## 8. Watchers: streams on one process, versions written by another"
     failed = _failed(s8)
@@ -219,6 +231,7 @@ def section_watchers(s8: Doc, docs: Path, targets: list[list[str]]) -> str:
                 f"its delivery lag (write to event sent, `eagercache_watch_delivery_lag_seconds`) p50 "
                 f"{num(server['lag_ms']['50'], 1)} ms, p99 {num(server['lag_ms']['99'], 1)} ms."
             )
+        parts += _gc_line(run.get("gc_full"))
     parts.append("")
     if any(ok is False for ok in verdicts):
         parts += _causes(runs, goal, s8.get("floor"))

@@ -65,6 +65,9 @@ CHANNEL = "watch"  # the change channel is `<namespace>watch` (eagercache/change
 # shares the load core with the clients and would add to their lag).
 PROFILE_ENV = "BENCH_WATCH_PROFILE"
 PROFILE_RATE_HZ = 200
+# The watched process logs its full (generation-2) garbage collections there (bench/gcprobe/sitecustomize.py).
+GC_PROBE = ROOT / "bench" / "gcprobe"
+GC_LOG_ENV = "BENCH_GC_LOG"
 
 
 def rss_bytes(pid: int) -> int:
@@ -97,6 +100,22 @@ def server_figures(before: Samples, after: Samples) -> dict[str, Any]:
         "watchers": total(after, "eagercache_watchers"),
         "lag_ms": {f"{q * 100:g}": histogram_quantile(cumulative, q) for q in (0.5, 0.99)},
         "lag_observations": cumulative[-1][1] if cumulative else 0.0,
+    }
+
+
+def full_collections(log: Path, start_ms: float, end_ms: float) -> dict[str, Any]:
+    """The watched process's full garbage collections (bench/gcprobe): how many before the window (start-up,
+    the streams opening) and each one in it (seconds into the window, pause ms, objects collected)."""
+    if not log.exists():
+        return {"error": "no log (the probe did not load)"}
+    pauses = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return {
+        "before_window": sum(p["start_ms"] < start_ms for p in pauses),
+        "in_window": [
+            {"at_s": round((p["start_ms"] - start_ms) / 1000, 2), "ms": round(p["ms"], 1), "collected": p["collected"]}
+            for p in pauses
+            if start_ms <= p["start_ms"] < end_ms
+        ],
     }
 
 
@@ -173,9 +192,18 @@ def write_floor(count: int, cores: Cores) -> dict[str, Any]:
 
 
 def _serve(
-    role: str, port: int, redis_url: str, namespace: str, core: int | None, ttl_s: float, extra: list[str]
+    role: str,
+    port: int,
+    redis_url: str,
+    namespace: str,
+    core: int | None,
+    ttl_s: float,
+    extra: list[str],
+    gc_log: Path | None = None,
 ) -> Proc:
     env = bench_env(**{ROLE_ENV: role, TTL_ENV: repr(ttl_s), JITTER_ENV: "0"})
+    if gc_log is not None:
+        env.update({"PYTHONPATH": os.pathsep.join((str(GC_PROBE), env["PYTHONPATH"])), GC_LOG_ENV: str(gc_log)})
     return Proc(role, [*eagercache_cmd(port, redis_url, namespace, FETCHER_SPEC), *extra], core=core, env=env)
 
 
@@ -201,8 +229,9 @@ def _run(
     procs: list[Proc] = []
     clients: list[WatchClient] = []
     announcements: Announcements | None = None
+    gc_log = workdir / f"{namespace.rstrip(':')}-gc.jsonl"
     try:
-        watched = _serve("watched", watched_port, redis_url, namespace, cores.server, ttl_s, extra)
+        watched = _serve("watched", watched_port, redis_url, namespace, cores.server, ttl_s, extra, gc_log)
         procs.append(watched)
         watched.wait_http(f"http://127.0.0.1:{watched_port}/readyz", timeout=60)
         started = time.monotonic()  # its start-up claim round is behind it: the budget runs from here
@@ -264,6 +293,7 @@ def _run(
             "per_watcher_window_max_bytes": (max(rss_samples, default=math.nan) - rss_before) / max(1, run["streams"]),
         }
         run["cpu_s"] = {k: cpu_window[k] - cpu_before[k] for k in cpu_before}
+        run["gc_full"] = full_collections(gc_log, window_start_ms, window_end_ms)
         run["server"] = server_figures(metrics_before, metrics_after)
         run.update(_analyze(reports, window_start_ms, window_end_ms, watchers // entries, announcements.heard))
         delivered = run["deliveries"]
