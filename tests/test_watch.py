@@ -97,14 +97,19 @@ async def test_a_process_that_is_shutting_down_takes_no_new_watcher() -> None:
         assert app.state.watch.count == 0
 
 
-async def test_a_watcher_gets_the_snapshot_then_a_patch_for_each_change() -> None:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_watcher_gets_the_snapshot_then_a_patch_for_each_change(http: str) -> None:
     source = Source({"a": 1})
     app = create_app([item_fetcher(source)], settings=settings())
-    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with serving(app, http) as url, httpx.AsyncClient(base_url=url) as client:
         before = await client.get("/data/item")
         async with watching(client, "/watch/item") as stream:
             snapshot = await stream.next_event()
             assert snapshot.event == "snapshot"
+            # Under httptools the stream writes to the connection itself; under h11, through the ASGI send.
+            (watched,) = app.state.watch.entries.values()
+            (watcher,) = watched.watchers
+            assert (getattr(watcher.outlet, "cycle", None) is not None) == (http == "httptools")
             assert stream.retries == [1000]
             assert snapshot.id == before.headers["etag"]  # the ETag header's value, quotes and all
             assert snapshot.data == before.text  # the exact body /data sends

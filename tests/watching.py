@@ -22,10 +22,11 @@ from .redis_server import free_port
 
 
 @asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[str]:
-    """Run `app` (its lifespan too) under uvicorn in this event loop; its base URL while it runs."""
+async def serving(app: Starlette, http: str = "auto") -> AsyncIterator[str]:
+    """Run `app` (its lifespan too) under uvicorn in this event loop, with its `http` protocol ("auto": httptools,
+    installed with the package); its base URL while it runs."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, log_config=None, timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):

@@ -42,7 +42,7 @@ from .sampler import Sampler
 from .settings import Settings, load_settings
 from .status import StatusPage
 from .store import redact
-from .stream import WatchStreams
+from .stream import SERVER_SEND, WatchStreams
 from .watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,16 @@ class DataFastPath:
                     await self.watch(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+class _App(Starlette):
+    """Starlette, which leaves the server's own `send` in each HTTP request's scope before its middleware wraps
+    it (ServerErrorMiddleware, always outermost): a /watch stream writes its events under it (stream.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def _route_path(scope: Scope) -> str:
@@ -272,7 +282,7 @@ def create_app(
     admin = [] if settings.admin_token is None else admin_routes(engine, settings.admin_token)
     watch = WatchStreams(hub, settings.watch_ping, date if date_header else None)
     status = StatusPage(engine, store, refresher, hub, sampler, settings)
-    app = Starlette(
+    app = _App(
         routes=[
             *admin,
             Route("/data/{fetcher:path}", _AsgiEndpoint(data), methods=["GET", "HEAD"]),
