@@ -378,6 +378,42 @@ async def test_one_subscription_per_process_carries_every_change_to_its_watchers
                     assert event.json()["patch"][0] == {"op": "replace", "path": "/data/value", "value": "second"}
 
 
+async def test_the_check_reads_only_entries_that_may_have_changed_unannounced_until_told_to_sweep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(watch_module, "SWEEP_INTERVAL_S", 3600.0)
+    app = create_app([item_fetcher(Source())], settings=settings())
+    hub: WatchHub = app.state.watch
+    hub.check_interval_s = 0.02
+    described: list[str] = []
+    reads = Counter()
+    describe, suspect = hub.store.describe, hub._suspect
+    rounds = Counter()  # check rounds that were no sweep: they ask which entries to read
+
+    async def recording(entry_ids: list[str]) -> Any:
+        described.extend(entry_ids)
+        reads.hit()
+        return await describe(entry_ids)
+
+    def counting(watched: Any) -> bool:
+        rounds.hit()
+        return suspect(watched)
+
+    monkeypatch.setattr(hub.store, "describe", recording)
+    monkeypatch.setattr(hub, "_suspect", counting)
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+        async with watching(client, "/watch/item") as stream:
+            assert (await stream.next_event()).event == "snapshot"
+            await rounds.reach(1)
+            described.clear()  # a sweep (the subscription confirmed) may have come before
+            await rounds.reach(rounds.count + 5)
+            assert described == []  # fresh, announced, not overdue: nothing to read
+            # A process that lost announcements says so: every watched entry is read at once.
+            await hub.store.publish(hub.channel.channel, b"sync - -")
+            await reads.reach(reads.count + 1)
+            assert described == list(hub.entries)
+
+
 async def test_openapi_describes_each_watch_stream() -> None:
     app = create_app([item_fetcher(Source())], settings=settings())
     async with running(app) as client:

@@ -7,7 +7,9 @@ channel, whatever its number of watchers, and hands each batch of changes to its
 
 Pub/sub, not a stream: nothing is stored, and a process that misses messages (its subscription was down,
 a PUBLISH failed) loses nothing it cannot find again: the hub reads the ETags of its watched entries
-every few seconds, and a watcher that missed a version is sent a snapshot. On a cluster a PUBLISH to
+every few seconds, and a watcher that missed a version is sent a snapshot. A process whose announcements
+were lost (a PUBLISH failed, or too many waited) says so once it can publish again (a `sync` line): every
+hub then compares all its watched entries with the store at once. On a cluster a PUBLISH to
 any node reaches the subscribers of every node (the cluster bus carries it), so one subscription to one
 primary hears them all; memory:// is fakeredis' pub/sub inside the process.
 """
@@ -42,14 +44,17 @@ LISTEN_IDLE_S = 1.0
 # What a process did to an entry: stored new data (a new ETag), marked it stale (its first failed refresh
 # in a row), or removed it (an admin's invalidation, idle).
 Change = Literal["data", "stale", "gone"]
-_CHANGES = frozenset(get_args(Change))
+# What a hub hears: the changes, and `sync` (the announcing process lost some: compare everything now).
+Heard = Literal["data", "stale", "gone", "sync"]
+_HEARD = frozenset(get_args(Heard))
+_SYNC = b"sync - -"
 
 
 @dataclass(frozen=True, slots=True)
 class Announced:
     """One change to one entry, as announced on the channel."""
 
-    change: Change
+    change: Heard
     entry_id: str
     etag: str  # the new ETag for "data", else ""
 
@@ -69,7 +74,7 @@ def decode(message: bytes) -> list[Announced]:
             change, etag, entry_id = (part.decode("ascii") for part in parts)
         except UnicodeDecodeError:
             continue
-        if change in _CHANGES:
+        if change in _HEARD:
             found.append(Announced(change, entry_id, "" if etag == "-" else etag))  # type: ignore[arg-type]
     return found
 
@@ -81,6 +86,7 @@ class ChangeChannel:
         self.store = store
         self.metrics = metrics
         self.subscribed = False
+        self.lost = False  # announcements of this process were lost since it last published one
         self._pending: list[bytes] = []
         self._ready = asyncio.Event()
         self._errors = Throttle(log, 60.0)
@@ -93,6 +99,7 @@ class ChangeChannel:
         """Queue one change for the next PUBLISH (an engine callback: never blocks, never raises)."""
         if len(self._pending) >= MAX_PENDING:
             self.metrics.background_errors.labels("watch-announce-dropped").inc()
+            self.lost = True
             return
         self._pending.append(encode(change, entry_id, etag))
         self._ready.set()
@@ -105,9 +112,11 @@ class ChangeChannel:
             self._ready.clear()
             while self._pending:
                 lines, self._pending = self._pending[:PUBLISH_BATCH], self._pending[PUBLISH_BATCH:]
+                lost, self.lost = self.lost, False
                 try:
-                    await self.store.publish(self.channel, b"\n".join(lines))
-                except StoreUnavailable as exc:  # lost: the hubs' periodic check finds these changes
+                    await self.store.publish(self.channel, b"\n".join([_SYNC, *lines] if lost else lines))
+                except StoreUnavailable as exc:  # lost: the hubs find these changes by their check
+                    self.lost = True
                     self.metrics.background_errors.labels("watch-publish").inc()
                     self._errors.warning("changes could not be announced", "publish", {"error": exc.detail})
 

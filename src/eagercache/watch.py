@@ -7,11 +7,15 @@ watcher. A watcher's buffer holds BUFFER_EVENTS events; a watcher whose buffer i
 too slowly) drops its backlog and is sent a snapshot of the newest version when it catches up, so a slow
 client never delays the others and never holds more than that.
 
-Every CHECK_INTERVAL_S, and whenever the subscription is (re)confirmed, the hub reads the header and stale
-marker of every watched entry: a change whose announcement was lost is found then, and so is an entry that
-turns stale or fresh without a change (a refresh overdue; unchanged data after failures). An entry that
-was removed (an admin's invalidation) is filled again at once, as a cold read, and its watchers get a
-snapshot.
+Every CHECK_INTERVAL_S the hub reads the header and stale marker of the watched entries that may have
+changed unannounced: an entry that turns stale or fresh without a change (a refresh overdue by the newest
+header the hub has seen; unchanged data after failures, while it is stale) and one whose refill failed.
+It reads every watched entry whenever the subscription is (re)confirmed, when a process says it lost
+announcements (changes.py's `sync`), every interval while this process's own subscription or
+announcements fail (a Redis user without the channel's rights), and at least each SWEEP_INTERVAL_S: a
+change whose announcement was lost otherwise is found then. (Reading every entry each second was 27 % of
+the watched process's CPU with 1,000 entries in bench section 8.) An entry that was removed (an admin's
+invalidation) is filled again at once, as a cold read, and its watchers get a snapshot.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ log = logging.getLogger(__name__)
 
 # Events a watcher's buffer holds (references to events shared by every watcher of the entry).
 BUFFER_EVENTS = 16
-# Every watched entry's header and stale marker are read this often (a lost announcement costs this long).
+# The headers and stale markers of the watched entries that may have changed unannounced are read this often.
 CHECK_INTERVAL_S = 1.0
+# Every watched entry's are read at least this often: an announcement lost unnoticed costs this long.
+SWEEP_INTERVAL_S = 10.0
 CHECK_BATCH = 100  # entries per pipeline: its replies are parsed in one go, holding the loop (~10 us each)
 # A watched entry that was removed and could not be filled again is tried again this much later (at most).
 REFILL_RETRY_MAX_S = 10.0
@@ -95,18 +101,34 @@ class _Version:
 class _Watched:
     """An entry watched in this process: its current version and state, and its watchers."""
 
-    __slots__ = ("again", "entry_id", "fetcher", "refill", "retry_at", "state", "updating", "version", "watchers")
+    __slots__ = (
+        "again",
+        "entry_id",
+        "fetcher",
+        "refill",
+        "retry_at",
+        "seen",
+        "state",
+        "updating",
+        "version",
+        "watchers",
+    )
 
     def __init__(self, entry_id: str, fetcher: Fetcher, entry: Entry, state: State) -> None:
         self.entry_id = entry_id
         self.fetcher = fetcher
         self.version = _Version(entry)
+        self.seen = entry  # the newest header read of it (its due time: when it would turn stale unannounced)
         self.state: State = state
         self.watchers: set[Watcher] = set()
         self.updating: asyncio.Task[None] | None = None  # the one read of a new version under way
         self.again = False  # another change was heard while reading: read once more
         self.refill = False  # the entry was removed: fill it again, and send every watcher a snapshot
         self.retry_at = 0.0  # time.monotonic() before which a failed refill is not tried again
+
+    def saw(self, entry: Entry) -> None:
+        if entry.due_ms >= self.seen.due_ms:
+            self.seen = entry
 
 
 class Outlet(Protocol):
@@ -299,6 +321,7 @@ class WatchHub:
             return self.entries.setdefault(read.entry_id, watched)
         if read.entry.last_retrieved_ms > current.last_retrieved_ms:
             watched.version = _Version(read.entry)  # the same data, fetched since: /data's body now
+        watched.saw(read.entry)
         self._set_state(watched, state)
         return watched
 
@@ -319,6 +342,9 @@ class WatchHub:
 
     def _heard(self, changes: list[Announced]) -> None:
         for change in changes:
+            if change.change == "sync":  # its announcing process lost some: compare every entry now
+                self._check_now.set()
+                continue
             watched = self.entries.get(change.entry_id)
             if watched is None:
                 continue
@@ -371,6 +397,7 @@ class WatchHub:
     async def _advance(self, watched: _Watched, entry: Entry, snapshot: bool) -> None:
         """Make `entry` the watched version, and send it: a patch from the one before, or a snapshot."""
         old = watched.version
+        watched.saw(entry)
         if entry.etag == old.entry.etag and not snapshot:
             if entry.last_retrieved_ms > old.entry.last_retrieved_ms:
                 watched.version = _Version(entry)  # same data, fetched since: new watchers get this body
@@ -396,16 +423,22 @@ class WatchHub:
     # -- the check -----------------------------------------------------------------------------------
 
     async def _check_every(self) -> None:
-        """Every check interval, or at once when the subscription is (re)confirmed: compare every watched
-        entry with the store (a supervised loop)."""
+        """Every check interval, compare the watched entries that may have changed unannounced with the store;
+        all of them when a sweep is due, or at once when asked (_check_now). A supervised loop."""
         outage = Outage("watch check")
+        sweep_at = 0.0
         while True:
             check_cancelled()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.check_interval_s):
                     await self._check_now.wait()
+            now = time.monotonic()
+            channel = self.channel
+            sweep = self._check_now.is_set() or now >= sweep_at or not channel.subscribed or channel.lost
             self._check_now.clear()
-            watched = list(self.entries.values())
+            if sweep:
+                sweep_at = now + SWEEP_INTERVAL_S
+            watched = [w for w in self.entries.values() if sweep or self._suspect(w)]
             try:
                 for i in range(0, len(watched), CHECK_BATCH):
                     await self._check(watched[i : i + CHECK_BATCH])
@@ -414,6 +447,12 @@ class WatchHub:
                 await asyncio.sleep(outage.failed(exc.detail))
             else:
                 outage.over()
+
+    def _suspect(self, watched: _Watched) -> bool:
+        """Whether the entry may have changed with no announcement: it is stale (unchanged data after failures
+        turns it fresh), its refill failed, or the newest header seen of it is overdue (a refresh of
+        unchanged data moves its due time and announces nothing; no refresh at all makes it stale)."""
+        return watched.state == "stale" or watched.refill or self.engine.is_stale(watched.fetcher, watched.seen, None)
 
     async def _check(self, batch: list[_Watched]) -> None:
         described = await self.store.describe([w.entry_id for w in batch])
@@ -427,6 +466,7 @@ class WatchHub:
                     watched.refill = True
                     self._update(watched)
                 continue
+            watched.saw(entry)
             if entry.etag != watched.version.entry.etag:
                 self._update(watched)
             self._set_state(watched, "stale" if self.engine.is_stale(watched.fetcher, entry, stale) else "fresh")
