@@ -130,9 +130,12 @@ def _gc_line(gc_full: Doc | None) -> list[str]:
         return []
     pauses = gc_full["in_window"]
     each = ", ".join(f"at {num(p['at_s'], 1)} s {num(p['ms'], 1)} ms" for p in pauses) or "none"
+    last = gc_full.get("last_before")
+    last_text = f", the last {num(last['s'], 1)} s before it, {num(last['ms'], 1)} ms long" if last else ""
     return [
-        f"  Full (generation-2) garbage collections of the watched process: {gc_full['before_window']} before the "
-        f"window (start-up, streams opening), {len(pauses)} in it ({each})."
+        f"  Full (generation-2) garbage collections of the watched process (`bench/gcprobe`): "
+        f"{gc_full['before_window']} before the window (start-up, streams opening{last_text}), {len(pauses)} in "
+        f"it ({each})."
     ]
 
 

@@ -109,8 +109,13 @@ def full_collections(log: Path, start_ms: float, end_ms: float) -> dict[str, Any
     if not log.exists():
         return {"error": "no log (the probe did not load)"}
     pauses = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    before = [p for p in pauses if p["start_ms"] < start_ms]
     return {
-        "before_window": sum(p["start_ms"] < start_ms for p in pauses),
+        "before_window": len(before),
+        # the last one before the window: how long before it began, and its pause (with every stream open?)
+        "last_before": {"s": round((start_ms - before[-1]["start_ms"]) / 1000, 1), "ms": round(before[-1]["ms"], 1)}
+        if before
+        else None,
         "in_window": [
             {"at_s": round((p["start_ms"] - start_ms) / 1000, 2), "ms": round(p["ms"], 1), "collected": p["collected"]}
             for p in pauses
