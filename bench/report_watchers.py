@@ -124,6 +124,25 @@ def _causes(runs: dict[str, Doc], goal: float, floor: Doc | None) -> list[str]:
     return [*lines, ""]
 
 
+def _cause(run: Doc, ok: bool | None, floor: Doc | None) -> str:
+    """For the summary table, why a run missed the goal, in one clause: the fan-out of its versions (CPU per
+    delivery times watchers per version, against a bare write's), or the seconds its late versions fell in."""
+    if ok is not False:
+        return ""
+    per_delivery = run["watched_cpu_us_per_delivery"]
+    text = (
+        f". Cause: the fan-out, {num(per_delivery, 1)} µs of the watched process's CPU per delivery x "
+        f"{run['per_entry']:,} watchers = {num(per_delivery * run['per_entry'] / 1000, 1)} ms a version"
+    )
+    if floor and "error" not in floor:
+        bare_us = floor["median_round_ms"] * 1000 / floor["count"]
+        text += f" (a bare write(2) to a loopback socket here: {num(bare_us, 1)} µs, bench/watch_floor.py)"
+    late = run.get("late_first_by_second", {})
+    if late:
+        text += f"; versions late at once in {len(late)} second(s) of the window (a stall of the watched process)"
+    return text
+
+
 def _gc_line(gc_full: Doc | None) -> list[str]:
     """The watched process's full garbage collections (bench/gcprobe), when the run recorded them."""
     if not gc_full or "error" in gc_full:
@@ -185,7 +204,7 @@ def section_watchers(s8: Doc, docs: Path, targets: list[list[str]]) -> str:
                 f"8. watchers, {_name(run)}, on another process than the writer: last-watcher lag p99 ≤ {goal:g} ms",
                 f"{num(p99, 1)} ms over {run['versions_judged']:,} versions; every delivery p99 "
                 f"{num(run['lag_ms']['99'], 1)} ms; {run['missed']:,} missed; "
-                f"{_kib(run['memory']['per_watcher_bytes'])} KiB RSS per watcher",
+                f"{_kib(run['memory']['per_watcher_bytes'])} KiB RSS per watcher" + _cause(run, ok, s8.get("floor")),
                 verdict(ok),
             ]
         )
