@@ -143,6 +143,20 @@ def _cause(run: Doc, ok: bool | None, floor: Doc | None) -> str:
     return text
 
 
+def _core_line(run: Doc) -> list[str]:
+    """Who had the server core over the window (/proc/stat), against the watched process's own CPU."""
+    core = run.get("server_core_s")
+    if not core:
+        return []
+    busy = core["user"] + core["nice"] + core["system"] + core["irq"] + core["softirq"]
+    return [
+        f"  The server core over the window: busy {num(busy, 1)} s (user {num(core['user'] + core['nice'], 1)}, "
+        f"system {num(core['system'], 1)}, softirq {num(core['softirq'], 1)}), idle {num(core['idle'], 1)} s; "
+        f"the watched process's own CPU {num(run['cpu_s']['watched'], 1)} s (busy time beyond it: other "
+        "processes on the core, and interrupts)."
+    ]
+
+
 def _gc_line(gc_full: Doc | None) -> list[str]:
     """The watched process's full garbage collections (bench/gcprobe), when the run recorded them."""
     if not gc_full or "error" in gc_full:
@@ -254,6 +268,7 @@ def section_watchers(s8: Doc, docs: Path, targets: list[list[str]]) -> str:
                 f"{num(server['lag_ms']['50'], 1)} ms, p99 {num(server['lag_ms']['99'], 1)} ms."
             )
         parts += _gc_line(run.get("gc_full"))
+        parts += _core_line(run)
     parts.append("")
     if any(ok is False for ok in verdicts):
         parts += _causes(runs, goal, s8.get("floor"))

@@ -103,6 +103,19 @@ def server_figures(before: Samples, after: Samples) -> dict[str, Any]:
     }
 
 
+def core_times(core: int | None) -> dict[str, float]:
+    """The core's time so far by kind (/proc/stat: user, system, softirq, idle...), in seconds."""
+    if core is None:
+        return {}
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    hz = os.sysconf("SC_CLK_TCK")
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == f"cpu{core}":
+            return {name: int(value) / hz for name, value in zip(names, fields[1:], strict=False)}
+    return {}
+
+
 def full_collections(log: Path, start_ms: float, end_ms: float) -> dict[str, Any]:
     """The watched process's full garbage collections (bench/gcprobe): how many before the window (start-up,
     the streams opening) and each one in it (seconds into the window, pause ms, objects collected)."""
@@ -272,6 +285,7 @@ def _run(
         announcements = Announcements(redis_url, f"{namespace}{CHANNEL}")
         metrics_before = scrape(watched_port)
         cpu_before = {"watched": cpu_s(watched.pid), "refresher": cpu_s(refresher.pid)}
+        core_before = core_times(cores.server)
         window_start_ms = time.time() * 1000
         spy = _profiler(watched.pid, window_s, workdir / f"{namespace.rstrip(':')}-profile.txt", cores)
         rss_samples = []
@@ -281,6 +295,7 @@ def _run(
             time.sleep(RSS_EVERY_S)  # sampling another process: nothing to await
         window_end_ms = time.time() * 1000
         cpu_window = {"watched": cpu_s(watched.pid), "refresher": cpu_s(refresher.pid)}
+        core_window = core_times(cores.server)
         if spy is not None:
             run["profile"] = _profile(spy, workdir / f"{namespace.rstrip(':')}-profile.txt")
         time.sleep(GRACE_S)
@@ -298,6 +313,9 @@ def _run(
             "per_watcher_window_max_bytes": (max(rss_samples, default=math.nan) - rss_before) / max(1, run["streams"]),
         }
         run["cpu_s"] = {k: cpu_window[k] - cpu_before[k] for k in cpu_before}
+        # The server core over the window, whoever used it: the watched process's CPU is part of user + system;
+        # the kernel's network work for its sockets may be counted as softirq; the rest is other processes.
+        run["server_core_s"] = {k: round(core_window[k] - core_before[k], 2) for k in core_before}
         run["gc_full"] = full_collections(gc_log, window_start_ms, window_end_ms)
         run["server"] = server_figures(metrics_before, metrics_after)
         run.update(_analyze(reports, window_start_ms, window_end_ms, watchers // entries, announcements.heard))
