@@ -134,6 +134,10 @@ def _cause(run: Doc, ok: bool | None, floor: Doc | None) -> str:
         f". Cause: the fan-out, {num(per_delivery, 1)} µs of the watched process's CPU per delivery x "
         f"{run['per_entry']:,} watchers = {num(per_delivery * run['per_entry'] / 1000, 1)} ms a version"
     )
+    core = run.get("server_core_s")
+    if core and run["deliveries"]:
+        softirq_us = core["softirq"] * 1e6 / run["deliveries"]
+        text += f"; its core also spent {num(softirq_us, 1)} µs a delivery in softirq (the kernel's network work)"
     if floor and "error" not in floor:
         bare_us = floor["median_round_ms"] * 1000 / floor["count"]
         text += f" (a bare write(2) to a loopback socket here: {num(bare_us, 1)} µs, bench/watch_floor.py)"
