@@ -25,8 +25,8 @@ import pytest
 import redis
 
 from eagercache import create_app, fetcher
-from eagercache.engine import Cause
 from eagercache.events import ExpiryEvents
+from eagercache.isolation import Cause
 from eagercache.item import Entry
 from eagercache.keys import Keys
 from eagercache.metrics import Metrics
@@ -450,7 +450,7 @@ async def test_shutdown_does_not_wait_for_a_fetcher_run_that_ignored_its_cancell
         async with running(app) as client:
             answer = await client.get("/data/stubborn")
             assert answer.status_code == 504, answer.text
-            abandoned = set(engine._abandoned)
+            abandoned = set(engine.runner.abandoned)
             assert len(abandoned) == 1
             assert metrics.sample("eagercache_fetches_abandoned") == 1
             assert not engine._inflight

@@ -471,7 +471,7 @@ async def test_a_fetcher_that_swallows_cancellation_cannot_hold_its_reader_past_
             assert metrics.sample("eagercache_fetches_total", fetcher="stubborn", cause="cold", outcome="timeout") == 1
         finally:
             release.set()
-        abandoned = set(engine._abandoned)
+        abandoned = set(engine.runner.abandoned)
         assert abandoned
         await asyncio.wait(abandoned, timeout=5)
         assert metrics.sample("eagercache_fetches_abandoned") == 0
@@ -502,9 +502,9 @@ async def test_runs_of_a_fetcher_that_ignores_cancellation_do_not_pile_up(
 ) -> None:
     """Past MAX_ABANDONED_PER_FETCHER runs still going after their timeout, the fetcher is not run again
     (a 502 at once) until they end; other fetchers are not affected."""
-    from eagercache import engine as engine_module
+    from eagercache import isolation
 
-    monkeypatch.setattr(engine_module, "MAX_ABANDONED_PER_FETCHER", 2)
+    monkeypatch.setattr(isolation, "MAX_ABANDONED_PER_FETCHER", 2)
     release = asyncio.Event()
 
     @fetcher(ttl=60, timeout=0.1)

@@ -28,21 +28,20 @@ from .errors import (
     DataTooStale,
     EagerCacheError,
     FetchFailed,
-    FetchTimeout,
     InvalidParameters,
     ShuttingDown,
     StoreUnavailable,
     UnknownFetcher,
 )
 from .fetchers import Fetcher, Registry
-from .isolation import MAX_ERROR_CHARS, Refresh, Runs, describe, done_within, guarded, kind_of
+from .isolation import MAX_ERROR_CHARS, Cause, Refresh, Runner, Runs
 from .item import Entry, encode_tags, new_entry, parse_header
 from .keys import split_entry_id
 from .logs import Throttle
 from .lru import LRU
 from .metrics import Metrics
 from .params import Call
-from .results import Outcome, Previous, outcome_of
+from .results import Outcome
 from .settings import Settings
 from .store import GONE, NOT_OURS, OVER_LIMIT, STORED, Claim, RefreshWrite, Stale, Store, WriteMode
 
@@ -67,8 +66,6 @@ OVERDUE_GRACE_MS = 1_000
 SHUTDOWN_RETRY_AFTER_S = 1
 # After the shutdown timeout, cancelled fetches get this long to unwind before the process goes on.
 CANCEL_GRACE_S = 1.0
-# A fetcher whose runs ignore cancellation gets no new run while this many of its old ones still go on.
-MAX_ABANDONED_PER_FETCHER = 16
 T = TypeVar("T")
 # A refresh whose write fails tries again, these far apart, until this long before its lease ends.
 WRITE_RETRY_FIRST_S = 0.1
@@ -87,7 +84,6 @@ NEAR_CACHE_BYTES = 64 * 1024 * 1024
 QUERY_CACHE_ENTRIES = 100_000
 QUERY_CACHE_MAX_BYTES = 200
 
-Cause = Literal["cold", "schedule", "event", "admin"]
 # The `result` label of a successful fetch, by what the fetcher returned (results.py).
 _RESULT_LABELS = {"data": "ok", "not-modified": "not_modified", "keep": "kept"}
 CacheState = Literal["HIT", "MISS", "STALE"]
@@ -122,7 +118,6 @@ class Engine:
         self.near_cache_ttl_s = settings.near_cache_ttl
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
         self._batches: set[asyncio.Task[None]] = set()  # refreshes of a claim round, one task each
-        self._abandoned: dict[asyncio.Task[Any], str] = {}  # fetcher runs that outlived their timeout -> fetcher
         self._on_write: list[Callable[[str, int], None]] = []
         self._on_done: list[Callable[[], None]] = []
         self._on_change: list[Callable[[Change, str, str], None]] = []
@@ -140,6 +135,7 @@ class Engine:
         self.watched: Collection[str] = ()
         self._over_limit_logged: dict[str, float] = {}
         self._refresh_errors = Throttle(log, 60.0)
+        self.runner = Runner(metrics, self._refresh_errors)
         # The entry a query string names, by fetcher and query string, as validated (least recently used go).
         # Strings only: the garbage collector does not track them, so a full cache costs no collection time.
         self._entry_ids: LRU[tuple[str, bytes | str], str] = LRU(QUERY_CACHE_ENTRIES)
@@ -347,13 +343,13 @@ class Engine:
     async def _refresh_batch(self, batch: list[Refresh], cause: Cause) -> None:
         """Fetch every entry of the batch (each fetcher run in its own task, under the fetch slots), then
         write what they returned in one round trip; failures are postponed one by one."""
-        runs = Runs(self._release_run, self._abandon)
+        runs = Runs(self._release_run, self.runner.abandon)
         try:
             for r in batch:
                 r.previous = parse_header(r.claim.header)
                 r.slot = await self._slot(r.fetcher)
                 try:
-                    inner = self._fetcher_task(r.fetcher, r.call, cause, r.previous)
+                    inner = self.runner.start(r.fetcher, r.call, cause, r.previous)
                 except FetchFailed as exc:
                     self._free(r.slot)
                     r.error = exc
@@ -402,8 +398,8 @@ class Engine:
         assert r.inner is not None
         fetcher, call, metrics = r.fetcher, r.call, self.metrics
         if r.timed_out:
-            raise self._timed_out(fetcher, call, cause)
-        result = self._outcome(fetcher, call, cause, r.previous, r.inner)
+            raise self.runner.timed_out(fetcher, call, cause)
+        result = self.runner.outcome(fetcher, call, cause, r.previous, r.inner)
         metrics.plain_counter(metrics.fetches, fetcher.name, cause, _RESULT_LABELS[result.kind]).inc()
         metrics.plain_histogram(metrics.fetch_seconds, fetcher.name).observe(r.took_s)
         now = self.clock.now_ms()
@@ -645,7 +641,7 @@ class Engine:
         metrics.fetching += 1
         started = time.perf_counter()
         try:
-            result = await self._run_fetcher(fetcher, call, cause, previous_entry)
+            result = await self.runner.run(fetcher, call, cause, previous_entry)
         finally:
             metrics.fetching -= 1
             self._free(per_fetcher)
@@ -775,83 +771,6 @@ class Engine:
         out_of_memory = isinstance(exc.__cause__, OutOfMemoryError) or "OOM" in str(exc.__cause__)
         return not (out_of_memory or self.clock.now_ms() + pause_s * 1000 >= deadline_ms or self.shutting_down)
 
-    async def _run_fetcher(self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None) -> Outcome:
-        """What the fetcher returned, checked, or FetchFailed / FetchTimeout (only eagercache's own deadline)."""
-        inner = self._fetcher_task(fetcher, call, cause, previous)
-        try:
-            done = await done_within(inner, fetcher.timeout)
-        except asyncio.CancelledError:  # shutdown: the fetcher is cancelled with us
-            self._abandon(inner, fetcher.name)
-            raise
-        if not done:
-            self._abandon(inner, fetcher.name)
-            raise self._timed_out(fetcher, call, cause)
-        return self._outcome(fetcher, call, cause, previous, inner)
-
-    def _timed_out(self, fetcher: Fetcher, call: Call, cause: Cause) -> FetchTimeout:
-        self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
-        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause, "timeout_s": fetcher.timeout}
-        log.warning("fetch timed out", extra=extra)
-        return FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout:g} s")
-
-    def _fetcher_task(self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None) -> asyncio.Task[Any]:
-        """The fetcher's run started, in a task of its own; FetchFailed if it may not run now."""
-        # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
-        kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
-        if fetcher.signature.previous is not None:
-            kwargs[fetcher.signature.previous] = None if previous is None else Previous.of(previous)
-        if sum(1 for name in self._abandoned.values() if name == fetcher.name) >= MAX_ABANDONED_PER_FETCHER:
-            # Its earlier runs ignored their cancellation and still run: starting more would pile them up.
-            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-            error = (
-                f"fetcher {fetcher.name!r} not run: {MAX_ABANDONED_PER_FETCHER} of its earlier runs ignored "
-                "cancellation at their timeout and are still running"
-            )
-            extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause, "error": error}
-            self._refresh_errors.warning("fetch not started", f"abandoned {fetcher.name}", extra)
-            raise FetchFailed(error)
-        return asyncio.create_task(guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
-
-    def _outcome(
-        self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None, inner: asyncio.Task[Any]
-    ) -> Outcome:
-        """What a fetcher's finished run returned, checked; FetchFailed for whatever it raised."""
-        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
-        try:
-            result = outcome_of(inner.result(), fetcher.name)
-            if result.kind != "data" and previous is None:
-                raise FetchFailed(
-                    f"fetcher {fetcher.name!r} returned {type(inner.result()).__name__}, but this entry has no "
-                    "stored value to keep"
-                )
-            return result
-        except FetchFailed as exc:
-            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-            log.warning("fetch failed", extra={**extra, "error": exc.detail})
-            raise
-        except (Exception, asyncio.CancelledError) as exc:
-            # Whatever the fetcher raised, its own TimeoutError included, is its error, with its message.
-            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-            error = f"fetcher {fetcher.name!r} failed: {describe(exc)}"
-            log.warning("fetch failed", extra={**extra, "error": error})
-            raise FetchFailed(f"fetcher {fetcher.name!r} failed: {kind_of(exc)}", error=error) from exc
-
-    def _abandon(self, inner: asyncio.Task[Any], fetcher_name: str) -> None:
-        """Cancel a fetcher task and stop waiting for it; one that ignores cancellation is kept track of."""
-        inner.cancel()
-        if inner.done():
-            return
-        self._abandoned[inner] = fetcher_name
-        self.metrics.abandoned.set(len(self._abandoned))
-
-        def gone(task: asyncio.Task[Any]) -> None:
-            self._abandoned.pop(task, None)
-            self.metrics.abandoned.set(len(self._abandoned))
-            if not task.cancelled():
-                task.exception()
-
-        inner.add_done_callback(gone)
-
     def _over_limit(self, fetcher: Fetcher) -> None:
         self.metrics.uncached.labels(fetcher.name).inc()
         last = self._over_limit_logged.get(fetcher.name, 0.0)
@@ -886,8 +805,7 @@ class Engine:
         """Wait for fetches to finish until the shutdown timeout, then cancel what is left."""
         self.begin_shutdown()
         assert self._shutdown_at is not None
-        for abandoned in self._abandoned:
-            abandoned.cancel()  # again; they ignored it once, and are not waited for
+        self.runner.cancel_abandoned()
         tasks = list(self._inflight.values())
         if not tasks:
             return

@@ -2,27 +2,37 @@
 
 Nothing a fetcher does (raise SystemExit, swallow its cancellation, raise CancelledError on its own, hang
 past its timeout) can end the process or hold anyone past the deadline: `guarded` turns every
-BaseException into an Exception, `done_within` waits for one run, and `Runs` for the runs of one batch
-of refreshes (Engine._refresh_batch) with one timer for them all. `Refresh` is one refresh of such a batch.
+BaseException into an Exception, `Runner` starts each run in a task of its own and waits for one run
+(`done_within`), and `Runs` waits for the runs of one batch of refreshes (Engine._refresh_batch) with one
+timer for them all. `Refresh` is one refresh of such a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
-from .errors import FetchFailed, StoreUnavailable
+from .errors import FetchFailed, FetchTimeout, StoreUnavailable
 from .fetchers import Fetcher
 from .item import Entry
+from .logs import Throttle
+from .metrics import Metrics
 from .params import Call
+from .results import Outcome, Previous, outcome_of
 from .store import STORED, Claim
 
 # The last error kept with a stale entry, for operators (admin API), is cut to this length.
 MAX_ERROR_CHARS = 300
+# A fetcher whose runs ignore cancellation gets no new run while this many of its old ones still go on.
+MAX_ABANDONED_PER_FETCHER = 16
+# What started a fetch: a reader's miss, the schedule, an expiry event, an admin.
+Cause = Literal["cold", "schedule", "event", "admin"]
+log = logging.getLogger(__name__)
 
 
 class Refresh:
@@ -144,6 +154,98 @@ class Runs:
                 self.abandon(r.inner, r.fetcher.name)
                 r.timed_out = True
                 self._over(r)
+
+
+class Runner:
+    """Starts each fetcher run in a task of its own, waits for it within the fetcher's timeout, checks
+    what it returned, and keeps track of the runs that outlived their timeout (cancelled, still going)."""
+
+    def __init__(self, metrics: Metrics, errors: Throttle) -> None:
+        self.metrics = metrics
+        self.errors = errors  # warnings that may repeat for every entry: once a minute per kind
+        self.abandoned: dict[asyncio.Task[Any], str] = {}  # fetcher runs that outlived their timeout -> fetcher
+
+    async def run(self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None) -> Outcome:
+        """What the fetcher returned, checked, or FetchFailed / FetchTimeout (only eagercache's own deadline)."""
+        inner = self.start(fetcher, call, cause, previous)
+        try:
+            done = await done_within(inner, fetcher.timeout)
+        except asyncio.CancelledError:  # shutdown: the fetcher is cancelled with us
+            self.abandon(inner, fetcher.name)
+            raise
+        if not done:
+            self.abandon(inner, fetcher.name)
+            raise self.timed_out(fetcher, call, cause)
+        return self.outcome(fetcher, call, cause, previous, inner)
+
+    def timed_out(self, fetcher: Fetcher, call: Call, cause: Cause) -> FetchTimeout:
+        self.metrics.fetches.labels(fetcher.name, cause, "timeout").inc()
+        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause, "timeout_s": fetcher.timeout}
+        log.warning("fetch timed out", extra=extra)
+        return FetchTimeout(f"fetcher {fetcher.name!r} did not answer within {fetcher.timeout:g} s")
+
+    def start(self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None) -> asyncio.Task[Any]:
+        """The fetcher's run started, in a task of its own; FetchFailed if it may not run now."""
+        # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
+        kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
+        if fetcher.signature.previous is not None:
+            kwargs[fetcher.signature.previous] = None if previous is None else Previous.of(previous)
+        if sum(1 for name in self.abandoned.values() if name == fetcher.name) >= MAX_ABANDONED_PER_FETCHER:
+            # Its earlier runs ignored their cancellation and still run: starting more would pile them up.
+            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+            error = (
+                f"fetcher {fetcher.name!r} not run: {MAX_ABANDONED_PER_FETCHER} of its earlier runs ignored "
+                "cancellation at their timeout and are still running"
+            )
+            extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause, "error": error}
+            self.errors.warning("fetch not started", f"abandoned {fetcher.name}", extra)
+            raise FetchFailed(error)
+        return asyncio.create_task(guarded(fetcher.func, kwargs), name=f"fetcher {fetcher.name}")
+
+    def outcome(
+        self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None, inner: asyncio.Task[Any]
+    ) -> Outcome:
+        """What a fetcher's finished run returned, checked; FetchFailed for whatever it raised."""
+        extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
+        try:
+            result = outcome_of(inner.result(), fetcher.name)
+            if result.kind != "data" and previous is None:
+                raise FetchFailed(
+                    f"fetcher {fetcher.name!r} returned {type(inner.result()).__name__}, but this entry has no "
+                    "stored value to keep"
+                )
+            return result
+        except FetchFailed as exc:
+            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+            log.warning("fetch failed", extra={**extra, "error": exc.detail})
+            raise
+        except (Exception, asyncio.CancelledError) as exc:
+            # Whatever the fetcher raised, its own TimeoutError included, is its error, with its message.
+            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+            error = f"fetcher {fetcher.name!r} failed: {describe(exc)}"
+            log.warning("fetch failed", extra={**extra, "error": error})
+            raise FetchFailed(f"fetcher {fetcher.name!r} failed: {kind_of(exc)}", error=error) from exc
+
+    def abandon(self, inner: asyncio.Task[Any], fetcher_name: str) -> None:
+        """Cancel a fetcher task and stop waiting for it; one that ignores cancellation is kept track of."""
+        inner.cancel()
+        if inner.done():
+            return
+        self.abandoned[inner] = fetcher_name
+        self.metrics.abandoned.set(len(self.abandoned))
+
+        def gone(task: asyncio.Task[Any]) -> None:
+            self.abandoned.pop(task, None)
+            self.metrics.abandoned.set(len(self.abandoned))
+            if not task.cancelled():
+                task.exception()
+
+        inner.add_done_callback(gone)
+
+    def cancel_abandoned(self) -> None:
+        """Shutdown: cancel the abandoned runs again (they ignored it once; nobody waits for them)."""
+        for abandoned in self.abandoned:
+            abandoned.cancel()
 
 
 class FetcherRaised(Exception):

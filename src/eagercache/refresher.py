@@ -23,9 +23,10 @@ import time
 import uuid
 from collections import Counter
 
-from .engine import Cause, Engine
+from .engine import Engine
 from .errors import ConfigurationError, StoreUnavailable
 from .events import ExpiryEvents
+from .isolation import Cause
 from .keys import split_entry_id
 from .logs import Throttle
 from .settings import Settings
