@@ -7,6 +7,7 @@ Streams are read from uvicorn on a real socket (tests/watching.py). Changes are 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import secrets
 from typing import Any
@@ -318,6 +319,26 @@ async def _until(stream: EventStream, event_id: str | None) -> list[Event]:
             event = await stream.next_event()
             got.append(event)
     return got
+
+
+async def test_a_stream_that_ends_leaves_no_cycle_of_its_own_for_the_garbage_collector() -> None:
+    app = create_app([item_fetcher(Source())], settings=settings())
+    gc.disable()  # no collection before the one below: it must find nothing of the stream's
+    try:
+        async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+            async with watching(client, "/watch/item") as stream:
+                assert (await stream.next_event()).event == "snapshot"
+            async with asyncio.timeout(10):
+                while app.state.watch.count:
+                    await asyncio.sleep(0.01)  # the server notices the client left; nothing to await
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what the collection finds unreachable stays in gc.garbage
+            gc.collect()
+            found = [o for o in gc.garbage if isinstance(o, watch_module.Watcher | stream_module._Stream)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert found == []
 
 
 async def test_max_watchers_answers_503_with_retry_after() -> None:

@@ -287,6 +287,11 @@ class _Stream:
         if self._parked is not None:
             self._parked.cancel()
             self._parked = None
+        # Its references to the endpoint's task (whose frames hold it) and back from its watcher are cycles:
+        # broken here, the stream's own objects go when it ends, not at the next full garbage collection
+        # (which they would otherwise wait for in the oldest generation, with every open stream's).
+        self.task = self.cycle = None
+        self.watcher.outlet = None
 
 
 class _Rest:
