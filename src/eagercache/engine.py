@@ -17,9 +17,9 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import msgspec
 from redis.exceptions import OutOfMemoryError
 
 from .budget import Budget
@@ -89,15 +89,13 @@ _RESULT_LABELS = {"data": "ok", "not-modified": "not_modified", "keep": "kept"}
 CacheState = Literal["HIT", "MISS", "STALE"]
 
 
-@dataclass(frozen=True, slots=True)
-class _Near:
+class _Near(msgspec.Struct, frozen=True, gc=False):  # as item.Entry: fast to make, nothing for the GC to walk
     until: float  # time.monotonic(): served without asking Redis until then
     entry: Entry
     stale: Stale | None
 
 
-@dataclass(frozen=True, slots=True)
-class Read:
+class Read(msgspec.Struct, frozen=True):  # one per request: a frozen dataclass's __init__ was ~1.5 us of it
     fetcher: Fetcher
     entry_id: str
     entry: Entry

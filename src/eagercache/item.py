@@ -17,7 +17,6 @@ import base64
 import functools
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
@@ -52,9 +51,13 @@ _item_decoder = msgspec.json.Decoder(DataItem)
 _body_decoder = msgspec.json.Decoder(_Body)
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A stored entry: validators and the response body."""
+class Entry(msgspec.Struct, frozen=True, gc=False):
+    """A stored entry: validators and the response body.
+
+    (A msgspec Struct, not a frozen dataclass: one or two are made per read from the store and per refresh,
+    and a frozen dataclass's __init__, an object.__setattr__ per field, took ~1.8 us against ~0.12. Its
+    fields are all atomic, so gc=False is safe, and the garbage collector never walks the entries the near
+    cache holds.)"""
 
     etag: str  # opaque, without the quotes; the same data gives the same tag on every replica
     last_retrieved_ms: int

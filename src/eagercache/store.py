@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import fakeredis
+import msgspec
 from redis.commands.core import AsyncScript
 from redis.connection import parse_url
 from redis.exceptions import AskError, NoScriptError, TryAgainError
@@ -94,8 +95,7 @@ _SCRIPTS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Stale:
+class Stale(msgspec.Struct, frozen=True, gc=False):
     """An entry whose refreshes fail: since when (ms since the epoch), how many times in a row, the last error."""
 
     since_ms: int
