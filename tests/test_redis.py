@@ -178,6 +178,30 @@ async def test_store_outage_is_503_for_new_entries_stale_for_served_ones_and_rec
         assert (back.status_code, back.headers["x-cache"]) == (200, "MISS")  # the server kept nothing
 
 
+async def test_fill_locks_taken_together_each_answer_for_their_own_entry(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """Misses of one loop iteration take their fill locks in one round trip: an entry whose lock another
+    replica holds waits for that replica, and the others of the same batch are fetched here at once."""
+    calls: list[str] = []
+
+    @fetcher(ttl=60, jitter=0)
+    async def filled(k: str) -> str:
+        calls.append(k)
+        return k
+
+    app = create_app([filled], redis_url=redis_url)
+    redis_sync.set("eagercache:{b0}:fill:filled?k=held", b"", px=60_000)  # another replica is fetching it
+    async with running(app) as client:
+        held = asyncio.create_task(client.get("/data/filled?k=held"))
+        free = await asyncio.gather(*(client.get(f"/data/filled?k={i}") for i in range(20)))
+        assert [a.json()["data"] for a in free] == [str(i) for i in range(20)]
+        assert not held.done() and "held" not in calls  # still waiting for the lock's holder
+        redis_sync.delete("eagercache:{b0}:fill:filled?k=held")  # the holder gave up: fetched here
+        assert (await held).json()["data"] == "held"
+    assert sorted(calls) == sorted([*map(str, range(20)), "held"])
+
+
 async def test_an_entry_is_stored_whole(redis_url: str, redis_sync: redis.Redis) -> None:
     async with running(create_app([stamp], redis_url=redis_url)) as client:
         body = (await client.get("/data/stamp?k=q")).content

@@ -162,7 +162,7 @@ class Engine:
     # -- reads ---------------------------------------------------------------------------------------
 
     async def read(self, fetcher_name: str, query: bytes | str) -> Read:
-        fetcher, entry_id = self._entry_of(fetcher_name, query)
+        fetcher, entry_id, call = self._entry_of(fetcher_name, query)
         near = self._near.get(entry_id)
         if near is not None and near.until > time.monotonic():
             return self._answer(fetcher, entry_id, near.entry, near.stale)
@@ -177,7 +177,7 @@ class Engine:
         if entry is not None:
             self._remember(entry_id, entry, stale)
             return self._answer(fetcher, entry_id, entry, stale)
-        return await self._fill(fetcher, self.registry.call(fetcher_name, query)[1])
+        return await self._fill(fetcher, call or self.registry.call(fetcher_name, query)[1])
 
     def _answer(self, fetcher: Fetcher, entry_id: str, entry: Entry, stale: Stale | None, grace: bool = False) -> Read:
         self.reads.add(entry_id)
@@ -236,17 +236,17 @@ class Engine:
             )
         return task.result()
 
-    def _entry_of(self, fetcher_name: str, query: bytes | str) -> tuple[Fetcher, str]:
+    def _entry_of(self, fetcher_name: str, query: bytes | str) -> tuple[Fetcher, str, Call | None]:
         """Validate a request (raises for bad input, never remembered); the answer is kept for the next
-        identical query string."""
+        identical query string. The call too when it was validated now (a miss then needs no second parse)."""
         key = (fetcher_name, query)
         entry_id = self._entry_ids.get(key)
         if entry_id is None:
             fetcher, call = self.registry.call(fetcher_name, query)
             if len(query) <= QUERY_CACHE_MAX_BYTES:
                 self._entry_ids.put(key, call.entry_id)
-            return fetcher, call.entry_id
-        return self.registry[fetcher_name], entry_id
+            return fetcher, call.entry_id, call
+        return self.registry[fetcher_name], entry_id, None
 
     def cache_sizes(self) -> dict[str, tuple[int, int | None]]:
         """Entries and body bytes (None: holds no bodies) of the near cache and the query cache, for the metrics."""
