@@ -78,19 +78,38 @@ def _row(run: Doc) -> list[str]:
     ]
 
 
-def _causes(runs: dict[str, Doc], goal: float, floor: Doc | None) -> list[str]:
+def _floor_line(floor: Doc) -> str:
+    """One floor measurement (bench/watch_floor.py) in words: its rounds, time and CPU per write."""
+    readers = floor.get("readers", 1)
+    text = (
+        f"one {floor['bytes']}-byte write to each of {floor['count']:,} loopback connections (uvloop, the server "
+        f"core; {'a reader process' if readers == 1 else f'{readers} reader processes'} on the load core) takes "
+        f"{num(floor['median_round_ms'], 1)} ms (median of {len(floor['round_ms'])} rounds: "
+        + ", ".join(num(ms, 1) for ms in floor["round_ms"])
+        + f" ms), {num(floor['median_round_ms'] * 1000 / floor['count'], 1)} µs a write(2)"
+    )
+    if "median_cpu_us_per_write" in floor:
+        text += f", {num(floor['median_cpu_us_per_write'], 1)} µs of it the process's own CPU"
+    return text
+
+
+def _causes(runs: dict[str, Doc], goal: float, floor: Doc | None, floor_readers: Doc | None = None) -> list[str]:
     """Where the lag of each run that missed the goal went, from its own figures: Redis's pub/sub hop, the
     watched process before its first send, and the fan-out from the first watcher to the last; the machine's
     floor (bench/watch_floor.py) and the watched process's profile when the run has them."""
     lines = ["**Where the lag goes, from this run's figures** (p99 of each part over the versions):", ""]
     if floor and "error" not in floor:
         lines += [
-            f"- This machine's floor, with no server at all (`bench/watch_floor.py`): one {floor['bytes']}-byte "
-            f"write to each of {floor['count']:,} loopback connections (uvloop, the server core; a reader "
-            f"process on the load core) takes {num(floor['median_round_ms'], 1)} ms (median of "
-            f"{len(floor['round_ms'])} rounds: " + ", ".join(num(ms, 1) for ms in floor["round_ms"]) + " ms), "
-            f"{num(floor['median_round_ms'] * 1000 / floor['count'], 1)} µs a write(2): the least one version's "
-            "fan-out to that many watchers can take in one process here.",
+            f"- This machine's floor, with no server at all (`bench/watch_floor.py`): {_floor_line(floor)}: the "
+            "least one version's fan-out to that many watchers can take in one process here."
+            + (
+                f" The same read by {floor_readers['readers']} processes, as many as the runs' clients: "
+                f"{num(floor_readers['median_round_ms'], 1)} ms, "
+                f"{num(floor_readers['median_round_ms'] * 1000 / floor_readers['count'], 1)} µs a write(2), "
+                f"{num(floor_readers.get('median_cpu_us_per_write', math.nan), 1)} µs of it the process's CPU."
+                if floor_readers and "error" not in floor_readers and "readers" in floor_readers
+                else ""
+            ),
         ]
     for run in runs.values():
         last = run.get("last_watcher_lag_ms", {})
@@ -140,7 +159,8 @@ def _cause(run: Doc, ok: bool | None, floor: Doc | None) -> str:
         text += f"; its core also spent {num(softirq_us, 1)} µs a delivery in softirq (the kernel's network work)"
     if floor and "error" not in floor:
         bare_us = floor["median_round_ms"] * 1000 / floor["count"]
-        text += f" (a bare write(2) to a loopback socket here: {num(bare_us, 1)} µs, bench/watch_floor.py)"
+        cpu = f", {num(floor['median_cpu_us_per_write'], 1)} µs of it CPU" if "median_cpu_us_per_write" in floor else ""
+        text += f" (a bare write(2) to a loopback socket here: {num(bare_us, 1)} µs{cpu}, bench/watch_floor.py)"
     late = run.get("late_first_by_second", {})
     if late:
         text += f"; versions late at once in {len(late)} second(s) of the window (a stall of the watched process)"
@@ -275,7 +295,7 @@ def section_watchers(s8: Doc, docs: Path, targets: list[list[str]]) -> str:
         parts += _core_line(run)
     parts.append("")
     if any(ok is False for ok in verdicts):
-        parts += _causes(runs, goal, s8.get("floor"))
+        parts += _causes(runs, goal, s8.get("floor"), s8.get("floor_readers"))
     if "elapsed_s" in s8:
         parts += [f"Time taken by this section: {s8['elapsed_s']:.0f} s.", ""]
     return "\n".join(parts)

@@ -192,13 +192,15 @@ def run_watchers(cfg: Config, cores: Cores, redis_url: str, workdir: Path) -> di
             }
             print(f"bench: section 8 {name} failed: {exc}", flush=True)
     out["floor"] = write_floor(max(w for w, _, _ in cfg.watch_runs), cores)
+    # ... and with as many reader processes as the runs have clients (their readers wake up as theirs do)
+    out["floor_readers"] = write_floor(max(w for w, _, _ in cfg.watch_runs), cores, cfg.watch_clients)
     return out
 
 
-def write_floor(count: int, cores: Cores) -> dict[str, Any]:
+def write_floor(count: int, cores: Cores, readers: int = 1) -> dict[str, Any]:
     """bench/watch_floor.py: one bare socket write to each of `count` loopback connections, no server (the
-    least a version's fan-out can take here); its error if it failed."""
-    cmd = [str(BIN / "python"), "-m", "bench.watch_floor", "--count", str(count)]
+    least a version's fan-out can take here), read by `readers` processes; its error if it failed."""
+    cmd = [str(BIN / "python"), "-m", "bench.watch_floor", "--count", str(count), "--readers", str(readers)]
     if cores.load is not None:
         cmd += ["--reader-core", str(cores.load)]
     done = subprocess.run(pinned(cmd, cores.server), cwd=ROOT, env=bench_env(), capture_output=True, text=True)
@@ -206,6 +208,7 @@ def write_floor(count: int, cores: Cores) -> dict[str, Any]:
         return {"error": done.stderr[-2000:]}
     floor: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     floor["median_round_ms"] = sorted(floor["round_ms"])[len(floor["round_ms"]) // 2]
+    floor["median_cpu_us_per_write"] = sorted(floor["cpu_us_per_write"])[len(floor["cpu_us_per_write"]) // 2]
     return floor
 
 
