@@ -156,7 +156,7 @@ def _cause(run: Doc, ok: bool | None, floor: Doc | None) -> str:
     core = run.get("server_core_s")
     if core and run["deliveries"]:
         softirq_us = core["softirq"] * 1e6 / run["deliveries"]
-        text += f"; its core also spent {num(softirq_us, 1)} µs a delivery in softirq (the kernel's network work)"
+        text += f"; its core's softirq time (network work, any process's) {num(softirq_us, 1)} µs a delivery"
     if floor and "error" not in floor:
         bare_us = floor["median_round_ms"] * 1000 / floor["count"]
         cpu = f", {num(floor['median_cpu_us_per_write'], 1)} µs of it CPU" if "median_cpu_us_per_write" in floor else ""
