@@ -17,8 +17,11 @@ install: $(STAMP)
 run: install  ## serve the example fetchers on the in-memory store at http://127.0.0.1:8000
 	$(BIN)/eagercache serve
 
-test: lint  ## lint, then the whole suite (starts its own redis-server)
-	$(BIN)/pytest
+# Three worker processes: each starts its own servers (redis-server, a cluster, sentinels) on free ports.
+TEST_WORKERS ?= 3
+
+test: lint  ## lint, then the whole suite (starts its own redis-server); TEST_WORKERS=0 runs it in one process
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check .

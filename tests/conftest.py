@@ -21,8 +21,12 @@ AppFactory = Callable[..., Awaitable[tuple[Starlette, httpx.AsyncClient]]]
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """One real server per test session, unless EAGERCACHE_TEST_REDIS_URL names one to reuse."""
+    """One real server per test session (per worker process under pytest-xdist), unless
+    EAGERCACHE_TEST_REDIS_URL names one to reuse."""
     if url := os.environ.get("EAGERCACHE_TEST_REDIS_URL"):
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            # Tests flush the server's database: workers sharing one would empty each other's.
+            raise pytest.UsageError("EAGERCACHE_TEST_REDIS_URL needs the suite in one process (TEST_WORKERS=0)")
         yield url
         return
     server = RedisServer()
