@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -259,5 +261,28 @@ def test_stale_overdue_is_the_most_overdue_worker_not_the_sum(
         assert len(values) == 2 and 0 < merged == max(values.values()) < sum(values.values())
         assert merged <= overdue
         assert server.terminate() == 0
+    finally:
+        server.close()
+
+
+def test_a_killed_servers_metrics_directory_is_removed_by_the_next_start(redis_url: str, tmp_path: Path) -> None:
+    """A server killed with SIGKILL cannot remove its metrics directory; the next start on the machine
+    removes the directories of servers no longer running, and leaves those of servers still running."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names a server that is no longer running
+    orphaned = tmp_path / f"eagercache-metrics-{gone.pid}-x1"
+    alive = tmp_path / f"eagercache-metrics-{os.getpid()}-x2"  # this process runs: as another live server
+    for directory in (orphaned, alive):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"\0" * 64)
+    server = ServeProcess(
+        "--redis-url", redis_url, "--fetchers", "tests.fleet:counted", "--workers", "2", env={"TMPDIR": str(tmp_path)}
+    )
+    try:
+        server.wait_ready()
+        own = {p.name for p in tmp_path.glob("eagercache-metrics-*")} - {alive.name}
+        assert not orphaned.exists()
+        assert (alive / "counter_1.db").exists()
+        assert len(own) == 1 and own.pop().startswith(f"eagercache-metrics-{server.process.pid}-")
     finally:
         server.close()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import glob
 import importlib.util
 import logging
 import os
@@ -31,6 +32,8 @@ from .store import MEMORY_URL
 SHUTDOWN_BACKSTOP_S = 2.0
 COUNT_OPTIONS = ("max_entries", "max_concurrency")  # the other fetcher options are seconds
 log = logging.getLogger(__name__)
+# `--workers`' metrics directories: <tempdir>/eagercache-metrics-<server pid>-<random>.
+METRICS_DIR_PREFIX = "eagercache-metrics-"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,12 +181,34 @@ def _metrics_directory() -> Iterator[str]:
     files there, one set per worker pid; any worker's scrape merges them all (metrics.Metrics). New at every
     start, as prometheus-client requires (old files would be counted again), and removed at exit.
     """
-    path = tempfile.mkdtemp(prefix="eagercache-metrics-")
+    _remove_orphaned_metrics_directories()
+    path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     os.environ[MULTIPROC_DIR_ENV] = path  # a directory the user set is replaced: it may hold another run's files
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_orphaned_metrics_directories() -> None:
+    """Remove the metrics directories of servers that ended without removing their own (killed with SIGKILL,
+    or a machine that lost power): each is named after its server's pid, and one whose pid no longer runs
+    is nobody's. A pid reused since is taken to be alive: that directory stays, as it did before."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{METRICS_DIR_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(METRICS_DIR_PREFIX) :].partition("-")[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _stack(loop: str, http: str) -> tuple[str, str]:
