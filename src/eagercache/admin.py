@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .engine import Engine
-from .errors import Problem
+from .errors import Problem, int_param
 from .invalidation import act
 from .item import Entry
 from .keys import split_entry_id
@@ -72,7 +72,7 @@ def admin_routes(engine: Engine, token: str) -> list[Route]:
     async def entries(request: Request) -> Response:
         name = _known(engine, request)
         cursor = request.query_params.get("cursor", "")
-        limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        limit = int_param(request.query_params.get("limit"), "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         try:
             next_cursor, ids = await engine.store.list_entries(name, cursor, limit)
         except ValueError as exc:
@@ -157,16 +157,3 @@ def _known(engine: Engine, request: Request) -> str:
     if name not in engine.registry:
         raise Problem(404, "unknown-fetcher", "Unknown fetcher", f"no fetcher named {name!r}")
     return name
-
-
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise Problem(400, "invalid-parameters", "Invalid parameters", f"{name} must be {low}..{high}")
-    return value

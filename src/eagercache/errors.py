@@ -51,6 +51,20 @@ class Problem(EagerCacheError):
         self.status, self.slug, self.title = status, slug, title  # type: ignore[misc]
 
 
+def int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:
+    """A query parameter of the admin and status routes that takes an integer in low..high; `default` if
+    absent, a 400 problem for anything else."""
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise Problem(400, "invalid-parameters", "Invalid parameters", f"{name} must be an integer {low}..{high}")
+    return value
+
+
 class ConfigurationError(EagerCacheError):
     """Settings or fetcher definitions that cannot work; raised at start-up, never while serving."""
 

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .engine import Engine
-from .errors import Problem
+from .errors import Problem, int_param
 from .history import PERCENTILE_WINDOW_S, RATE_WINDOW_S, SAMPLE_INTERVAL_S, Activity, quantile
 from .item import parse_header
 from .keys import split_entry_id
@@ -138,7 +138,7 @@ class StatusPage:
         needle = params.get("q", "")
         if len(needle) > MAX_SEARCH_CHARS:
             raise _invalid("q", f"at most {MAX_SEARCH_CHARS} characters")
-        limit = _int_param(params.get("limit"), "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        limit = int_param(params.get("limit"), "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         names = [fetcher] if fetcher is not None else self._names()
         index, cursor = _parse_cursor(params.get("cursor", ""), len(names))
         found: list[str] = []
@@ -166,7 +166,7 @@ class StatusPage:
 
     async def events(self, request: Request) -> Response:
         admin = self._viewer(request)
-        after = _int_param(request.query_params.get("after"), "after", 0, 0, 2**53)
+        after = int_param(request.query_params.get("after"), "after", 0, 0, 2**53)
         events = self.sampler.recent.after(after)
         last = self.sampler.recent.events[-1].id if self.sampler.recent.events else 0
         docs = [msgspec.structs.asdict(e) | ({} if admin else {"error": None}) for e in events]
@@ -175,7 +175,7 @@ class StatusPage:
     async def history(self, request: Request) -> Response:
         self._viewer(request)
         params = request.query_params
-        seconds = _int_param(params.get("seconds"), "seconds", DEFAULT_HISTORY_S, 1, MAX_HISTORY_S)
+        seconds = int_param(params.get("seconds"), "seconds", DEFAULT_HISTORY_S, 1, MAX_HISTORY_S)
         fetcher = params.get("fetcher") or None
         if fetcher is not None and fetcher not in self.engine.registry:
             raise Problem(404, "unknown-fetcher", "Unknown fetcher", f"no fetcher named {fetcher!r}")
@@ -345,18 +345,6 @@ def _parse_cursor(raw: str, names: int) -> tuple[int, str]:
     if not sep or not index.isdigit() or not int(index) < names or len(cursor) > 40:
         raise Problem(400, "bad-cursor", "Bad cursor", f"cursor {raw[:60]!r} is not one this API returned")
     return int(index), cursor
-
-
-def _int_param(raw: str | None, name: str, default: int, low: int, high: int) -> int:
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise _invalid(name, f"must be an integer {low}..{high}")
-    return value
 
 
 def _invalid(name: str, detail: str) -> Problem:
