@@ -1,5 +1,5 @@
 """The native memory store (memstore.py): the scripts' semantics, checked against fakeredis running the real
-scripts, and what is its own (the schedule heap, memory per entry, reads that never suspend, the local bus).
+scripts, and what is its own (the schedule's slots, memory per entry, reads that never suspend, the local bus).
 
 The behaviour suite runs on memory:// already (`store_url` "memory"); these look at the store directly.
 """
@@ -135,7 +135,7 @@ async def test_max_entries_counts_every_bucket_exactly() -> None:
     assert sorted(listed) == sorted(f"f?k={i}" for i, o in enumerate(outcomes) if o == STORED)
 
 
-async def test_the_schedule_heap_stays_bounded_however_often_an_entry_moves() -> None:
+async def test_the_schedule_stays_bounded_however_often_an_entry_moves() -> None:
     store = MemoryStore()
     await store.prepare()
     now = store.clock.now_ms()
@@ -144,7 +144,10 @@ async def test_the_schedule_heap_stays_bounded_however_often_an_entry_moves() ->
     for n in range(20_000):
         entry_id = f"f?k={n % 10}"
         await store.write(entry_id, "f", value("a", now + n), now + 60_000 + n, mode="refresh", max_entries=10)
-    assert len(store._buckets[0].heap) <= HEAP_SLACK * 10 + HEAP_SLACK_PAIRS + 1
+    bucket = store._buckets[0]
+    assert bucket.pairs == sum(len(ids) for ids in bucket.ids.values())
+    assert bucket.pairs <= HEAP_SLACK * 10 + HEAP_SLACK_PAIRS + 1
+    assert len(bucket.order) == len(bucket.ids)
 
 
 async def test_memory_per_entry_beyond_its_value_is_bounded() -> None:
@@ -163,8 +166,8 @@ async def test_memory_per_entry_beyond_its_value_is_bounded() -> None:
         per_entry = (tracemalloc.get_traced_memory()[0] - before) / n
     finally:
         tracemalloc.stop()
-    # the record (56 B), its due time (32 B), the heap pair (64 B with its slot), the dict slot (~50 B)
-    assert per_entry <= 260, per_entry
+    # the record (64 B), the id's place in its schedule slot (8 B), the dict slot (~50 B)
+    assert per_entry <= 200, per_entry
 
 
 async def test_the_local_bus_delivers_and_drops_a_subscriber_that_falls_behind() -> None:

@@ -5,10 +5,12 @@ the semantics of the Lua script it stands in for (scripts.py: each script's comm
 operation runs to its end without an `await` in the middle, so it is as atomic as a script; a read returns
 without suspending (the coroutine never awaits), and no task or future is made per call.
 
-Per entry one `_Record` (stored value, schedule score, last read, stale marker) in one dict; per bucket a
-heap of `(score, entry id)` for the schedule, whose stale pairs (the score moved since) are skipped when
-they come up; the entry counts; the tag index as sets. The store's clock is this process's (one process,
-one clock). Change announcements go through an in-process bus (localbus.py).
+Per entry one `_Record` (stored value, schedule score, last read, stale marker) in one dict; per bucket the
+schedule in slots of 2**SLOT_SHIFT ms (a list of entry ids per slot, a heap of the slot numbers: no object
+per entry, a list slot of 8 B where a heap of `(score, id)` pairs cost 72 B), a slot sorted by score when
+claims reach it and ids left behind (the score moved since) skipped then; the entry counts; the tag index
+as sets. The store's clock is this process's (one process, one clock). Change announcements go through
+an in-process bus (localbus.py).
 
 What the Redis stores guard against cannot happen here, so it is not paid for: nothing else writes the
 entries (no foreign keys, no item deleted by hand or evicted while its schedule member stays), so an entry
@@ -53,10 +55,14 @@ __all__ = ["FAKEREDIS_URL", "MemoryStore", "build_store"]
 
 # The previous memory store (store.Store on fakeredis, the Lua scripts run by lupa).
 FAKEREDIS_URL = f"{MEMORY_URL}fakeredis"
-# A bucket's heap is rebuilt from the records once it holds this many times more pairs than entries (plus
-# a constant): pairs left behind by moved scores are otherwise only dropped when their time comes.
+# A bucket's schedule is rebuilt from the records once its slots hold this many times more ids than entries
+# (plus a constant): ids left behind by moved scores are otherwise only dropped when their slot comes up.
 HEAP_SLACK = 2
 HEAP_SLACK_PAIRS = 1024
+# The schedule's slots: 2**SLOT_SHIFT ms (128 ms). A claim round sorts the slot it reaches, so a wider slot
+# costs more per round when many entries are due; a narrower one costs a list, a dict slot and a heap slot
+# (~150 B) per slot in use: at most ~1 per 10 entries for dues spread over 10 s per 1,000 entries.
+SLOT_SHIFT = 7
 # Entry ids handed out per step of a listing or a scan before the loop gets a turn.
 YIELD_EVERY = 1000
 # A header's tags, as the scripts find them (scripts.py, tags_of).
@@ -79,14 +85,17 @@ class _Record:
 class _Bucket:
     """What the Redis stores keep per bucket: the schedule, the entry counts per fetcher, the tag index."""
 
-    __slots__ = ("counts", "heap", "index", "size", "tags")
+    __slots__ = ("counts", "ids", "index", "order", "pairs", "size", "sorted", "tags")
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.heap: list[tuple[int, str]] = []
+        self.ids: dict[int, list[str]] = {}  # slot number (score >> SLOT_SHIFT) -> entries scheduled in it
+        self.order: list[int] = []  # a heap of the slot numbers in `ids`
+        self.sorted: set[int] = set()  # slots whose ids are live, once each, by (score, id): nothing added since
         self.counts: dict[str, int] = {}
         self.tags: dict[bytes, set[str]] = {}
         self.size = 0  # entries stored in this bucket
+        self.pairs = 0  # ids in the slots, those left behind included
 
 
 def build_store(url: str, **options: Any) -> Store:
@@ -154,18 +163,49 @@ class MemoryStore(Store):
 
     def _schedule(self, bucket: _Bucket, entry_id: str, record: _Record, score: int) -> None:
         record.due = score
-        heap = bucket.heap
-        heapq.heappush(heap, (score, entry_id))
-        if len(heap) > HEAP_SLACK * bucket.size + HEAP_SLACK_PAIRS:
+        slot = score >> SLOT_SHIFT
+        ids = bucket.ids.get(slot)
+        if ids is None:
+            bucket.ids[slot] = [entry_id]
+            heapq.heappush(bucket.order, slot)
+        else:
+            ids.append(entry_id)
+            bucket.sorted.discard(slot)
+        bucket.pairs += 1
+        if bucket.pairs > HEAP_SLACK * bucket.size + HEAP_SLACK_PAIRS:
             self._rebuild(bucket)
 
     def _rebuild(self, bucket: _Bucket) -> None:
+        slots: dict[int, list[str]] = {}
+        for entry_id in self._ids_of(bucket.index):
+            slots.setdefault(self._records[entry_id].due >> SLOT_SHIFT, []).append(entry_id)
+        bucket.ids, bucket.order, bucket.sorted = slots, list(slots), set()
+        heapq.heapify(bucket.order)
+        bucket.pairs = bucket.size
+
+    def _first_slot(self, bucket: _Bucket) -> list[str] | None:
+        """The earliest slot's entries by (score, id), as Redis ranges a sorted set, after dropping empty slots;
+        an id at its head is one still scheduled there. None: nothing is scheduled."""
         records = self._records
-        if len(self._buckets) == 1:
-            bucket.heap = [(r.due, i) for i, r in records.items()]
-        else:
-            bucket.heap = [(r.due, i) for i, r in records.items() if self._bucket(i) is bucket]
-        heapq.heapify(bucket.heap)
+        while bucket.order:
+            slot = bucket.order[0]
+            ids = bucket.ids[slot]
+            if slot not in bucket.sorted:
+                scores = {i: r.due for i in ids if (r := records.get(i)) is not None and r.due >> SLOT_SHIFT == slot}
+                bucket.pairs -= len(ids) - len(scores)
+                ids = bucket.ids[slot] = sorted(scores, key=lambda i: (scores[i], i))
+                bucket.sorted.add(slot)
+            left = 0  # ids that moved or went since the slot was sorted
+            while left < len(ids) and ((r := records.get(ids[left])) is None or r.due >> SLOT_SHIFT != slot):
+                left += 1
+            del ids[:left]
+            bucket.pairs -= left
+            if ids:
+                return ids
+            del bucket.ids[slot]
+            heapq.heappop(bucket.order)
+            bucket.sorted.discard(slot)
+        return None
 
     def _add_count(self, bucket: _Bucket, fetcher: str, change: int) -> None:
         bucket.counts[fetcher] = bucket.counts.get(fetcher, 0) + change
@@ -274,7 +314,7 @@ class MemoryStore(Store):
         bucket = self._bucket(entry_id)
         self._index(bucket, entry_id, _tags_of(record.value), b"")
         self._add_count(bucket, fetcher, -1)
-        return True  # its heap pair is skipped when it comes up
+        return True  # its id in the schedule is skipped when its slot comes up
 
     async def target(
         self, bucket_index: int, entry_ids: list[str], action: Literal["forget", "refresh"], tag: str | None
@@ -316,20 +356,30 @@ class MemoryStore(Store):
         records = self._records
         for index in buckets:
             bucket = self._buckets[index]
-            heap = bucket.heap
+            # A claimed entry's score is its lease end before it joins that slot: the slot is not in order.
+            bucket.sorted.discard(lease_end >> SLOT_SHIFT)
             claimed: list[tuple[str, _Record, int]] = []
-            while heap and len(claimed) < limit and heap[0][0] <= now:
-                due, entry_id = heapq.heappop(heap)
-                record = records.get(entry_id)
-                if record is not None and record.due == due:
-                    claimed.append((entry_id, record, due))
-                    record.due = lease_end  # its pair is pushed below: it is not due now
+            while len(claimed) < limit and (ids := self._first_slot(bucket)) is not None:
+                taken = 0
+                for entry_id in ids:
+                    record = records.get(entry_id)
+                    if record is None or record.due >> SLOT_SHIFT != bucket.order[0]:
+                        taken += 1  # gone, or moved since the slot was sorted
+                        continue
+                    if record.due > now or len(claimed) >= limit:
+                        break
+                    claimed.append((entry_id, record, record.due))
+                    record.due = lease_end  # scheduled at its lease end below: not claimed twice
+                    taken += 1
+                del ids[:taken]
+                bucket.pairs -= taken
+                if ids:
+                    break  # the rest are not due yet (or the limit is reached)
             for entry_id, record, due in claimed:
-                heapq.heappush(heap, (lease_end, entry_id))
+                self._schedule(bucket, entry_id, record, lease_end)
                 round_.claims.append(Claim(entry_id, lease_end, record.read, due, _header_line(record.value)))
-            while heap and ((record := records.get(heap[0][1])) is None or record.due != heap[0][0]):
-                heapq.heappop(heap)  # a pair left behind: its entry is gone or its score moved
-            round_.next_due_in[index] = heap[0][0] - now if heap else None
+            first = self._first_slot(bucket)
+            round_.next_due_in[index] = None if first is None else records[first[0]].due - now
             round_.full[index] = len(claimed) >= limit
         return round_
 
