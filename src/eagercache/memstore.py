@@ -30,6 +30,8 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from itertools import islice
 from typing import Any, Literal
 
+import msgspec
+
 from .errors import StoreUnavailable
 from .item import encode_tags
 from .keys import Keys
@@ -69,17 +71,17 @@ YIELD_EVERY = 1000
 _TAGS = re.compile(rb" #([^ \n]*)")
 
 
-class _Record:
+class _Record(msgspec.Struct, gc=False):
     """One stored entry: its value (header line, body), its schedule score (a due time or a lease end; ms),
-    its last read (ms) and its stale marker."""
+    its last read (ms) and its stale marker. Mutated in place (a read recorded, a claim made: nothing
+    allocated), and never walked by the garbage collector: its fields are atomic (Stale is a gc=False
+    Struct too), so it cannot be part of a cycle. As a __slots__ object, every full collection walked
+    each record: 100-130 ms per collection at 100,000 entries, the p99 of reads once collections ran."""
 
-    __slots__ = ("due", "read", "stale", "value")
-
-    def __init__(self, value: bytes, due: int, read: int) -> None:
-        self.value = value
-        self.due = due
-        self.read = read
-        self.stale: Stale | None = None
+    value: bytes
+    due: int
+    read: int
+    stale: Stale | None = None
 
 
 class _Bucket:
