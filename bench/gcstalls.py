@@ -1,6 +1,6 @@
 """Where a memory:// serve process's latency tail comes from: garbage collections and event-loop stalls (issue 17).
 
-    python -m bench.gcprobe --entries 100000 --rounds 3 --seconds 6   # under flock /tmp/bench.lock
+    python -m bench.gcstalls --entries 100000 --rounds 3 --seconds 6   # under flock /tmp/bench.lock
 
 Starts `eagercache serve --redis-url memory://` (fast stack, server core) through `serve`, which records every
 collection with gc.callbacks (generation, duration) and runs a heartbeat on the event loop; a thread samples
@@ -123,7 +123,7 @@ def run(entries: int, rounds: int, seconds: float, stall_ms: float, out: Path) -
     ports = {"eagercache": free_port(), "dict": free_port()}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     env = bench_env(GC_PROBE_OUT=str(out), GC_PROBE_STALL_MS=str(stall_ms))
-    ec_cmd = [str(BIN / "python"), "-m", "bench.gcprobe", "serve", "--port", str(ports["eagercache"])]
+    ec_cmd = [str(BIN / "python"), "-m", "bench.gcstalls", "serve", "--port", str(ports["eagercache"])]
     ec_cmd += ["--redis-url", "memory://", "--namespace", mk.NAMESPACE, "--fetchers", mk.FETCHER_SPEC]
     procs = {
         "eagercache": Proc("eagercache", [*ec_cmd, "--log-level", "WARNING", *stack_args("fast")], core=0, env=env)
@@ -134,12 +134,12 @@ def run(entries: int, rounds: int, seconds: float, stall_ms: float, out: Path) -
         print(f"filled {entries:,} at {filled['rate']:,.0f}/s", flush=True)
         headers = out.with_suffix(".headers.json")
         mk.capture_headers(urls["eagercache"], 1, headers)
-        dict_cmd = [str(BIN / "python"), "-m", "bench.gcprobe", "dict", "--port", str(ports["dict"])]
+        dict_cmd = [str(BIN / "python"), "-m", "bench.gcstalls", "dict", "--port", str(ports["dict"])]
         dict_cmd += ["--redis-url", "-", "--prefix", "-", "--headers", str(headers), "--dict", "--count", str(entries)]
         procs["dict"] = Proc("dict", [*dict_cmd, *stack_args("fast")], core=0, env=bench_env())
         procs["dict"].wait_http(urls["dict"] + "/healthz", timeout=60)
         ids = mk.uniform_ids(entries, 500_000, 7)
-        workload = mk._workload("uniform", ids, out.parent, "gcprobe")
+        workload = mk._workload("uniform", ids, out.parent, "gcstalls")
         for url in urls.values():
             workload.run(url, 2, 32, 1, seed=0)  # warm-up
         _dump(procs["eagercache"].pid)
@@ -177,7 +177,7 @@ def dict_app(argv: list[str]) -> None:
         return {str(i): (f'"{i:022d}"', b"x" * 231) for i in range(count)}
 
     redis_get_app.load_dict = made_up
-    sys.argv = ["bench.gcprobe dict", *argv]
+    sys.argv = ["bench.gcstalls dict", *argv]
     redis_get_app.main()
 
 
@@ -188,12 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["dict"]:
         dict_app(args[1:])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m bench.gcprobe")
+    parser = argparse.ArgumentParser(prog="python -m bench.gcstalls")
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--stall-ms", type=float, default=12.0)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/gcprobe.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/gcstalls.jsonl"))
     parsed = parser.parse_args(args)
     run(parsed.entries, parsed.rounds, parsed.seconds, parsed.stall_ms, parsed.out)
     return 0

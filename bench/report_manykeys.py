@@ -20,8 +20,8 @@ STORE_NAMES = {"redis": "redis://", "memory": "memory://"}
 # made since the last one (the allocation count that triggers it stays flat when each new object replaces an
 # old one). Prepared representations are one object each since; the near cache's two per entry remain.
 MEMORY_TAIL_CAUSE = (
-    "cause: a gen-0 collection every few seconds, 15-25 ms (was 50-90 ms), over the near cache's entries "
-    "(two objects each) made since the last one; with GC off the p99 matched the dict app's"
+    "cause: garbage collections during reads (gen-2 walked the store's records: 100-130 ms; 17-22 ms since "
+    "they are gc=False, not in this run); with GC off the p99 matched the dict app's"
 )
 BASELINE_NAMES = {
     "redis_get": "Starlette + one redis.asyncio GET",
@@ -222,14 +222,17 @@ def section_many_keys(s6: Doc, docs: Path, targets: list[list[str]]) -> str:
     parts += [f"- {label} — {verdict(ok)}" for label, ok in verdicts]
     parts += [
         "",
-        "The memory:// tail (issue 17), measured with `python -m bench.gcprobe` (gc.callbacks and a loop-stall "
+        "The memory:// tail (issue 17), measured with `python -m bench.gcstalls` (gc.callbacks and a loop-stall "
         "probe in the served process, uniform reads over 100,000 entries, rounds against the dict app): no "
         "gen-2 collection during warm reads, and no loop stall over 12 ms but one gen-0 collection every few "
         "seconds. Its trigger, the count of allocations less deallocations, stays flat while each object a cache "
         "makes replaces an old one, so the collection walks every object the caches made since the last one: "
         "50-90 ms when a prepared representation was ~17 objects (4,096 kept), 15-25 ms since it is one; what "
-        "remains is mostly the near cache's entry and its wrapper (two objects per entry, 10,000 kept). With the "
-        "collector off, the p99 was 0.89-1.27x the dict app's over 4 rounds.",
+        "remained was mostly the near cache's entry and its wrapper (gc=False Structs since). With the collector "
+        "off, the p99 was 0.89-1.27x the dict app's over 4 rounds. Once collections ran during reads (gen-0 "
+        "about 100 a second, gen-2 every second or two), each gen-2 walked the store's 100,000 records: "
+        "100-130 ms, p99 83-111 ms; records are gc=False Structs since (tracked objects 109,000 -> 8,000, gen-2 "
+        "17-22 ms, p99 11-15 ms against the dict app's 5-7 ms in the probe).",
     ]
     profile = redis_phase.get("profile", {})
     parts += [

@@ -94,8 +94,9 @@ def section_memstore(s10: Doc, targets: list[list[str]]) -> str:
             f"{num(fp['beyond_body'])} B beyond the body. Where it goes (CPython 3.11 objects, allocated in 16 B "
             "steps): the entry id as a str (64 B) and its dict slot (~41 B at a million entries, the dict's spare "
             "room included), the value's bytes object header (33 B, ~40 B with the rounding), the record (value, "
-            "schedule score, last read, stale marker: 64 B) and the id's place in its schedule slot (8 B; the "
-            "schedule was a heap of (score, id) pairs, 72 B per entry, before issue 17's last change). Read times "
+            "schedule score, last read, stale marker: 48 B as a gc=False Struct, 64 B as a __slots__ object) and "
+            "the id's place in its schedule slot (8 B; the schedule was a heap of (score, id) pairs, 72 B per "
+            "entry, before issue 17's last changes). Read times "
             "share one int per ms. What is left to cut is the record: the id, its dict slot, the value's header "
             "and the stored header line (59 B here: ETag, three times, the tags) are already ~200 B, so 200 B "
             "beyond the body would take a store that keeps neither ids as str nor the header line as text.",
