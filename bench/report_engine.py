@@ -577,16 +577,16 @@ def _causes(s7: Doc) -> list[str]:
                 f"- **Capacity**: a refresh costs the process {num(cpu_us)} µs of CPU (fast stack), so one core "
                 f"refreshes at most {num(1e6 / cpu_us)} per second; {num(capacity_goal)}/s needs "
                 f"{num(1e6 / capacity_goal)} µs. A claim round's refreshes already share one task (one timer "
-                "for their fetches, their writes in one pipeline); per refresh there remain the fetcher's own "
-                "task (it isolates the fetcher: a fetcher may raise anything, ignore cancellation or hang past "
-                "its timeout), the claim's reply made into a claim and its header parsed, the entry id "
-                "validated again, canonical JSON and a BLAKE2b ETag, the `WRITE` script's 17 keys and arguments "
-                "packed, and redis-py's work per reply of a pipeline (an `asyncio.timeout` around every reply "
-                "read, a response-callback lookup): the profile above. The process also waits: its CPU was "
-                f"{num(util * 100)} % while draining, as a round's claim, fetches and write follow one another "
-                "and Redis (on the other core with the harness) answers in between. What is left is per-refresh "
-                "Python work; reaching 50 µs takes a pipeline reader of our own (one timeout per round trip, "
-                "not per reply) and less per claim."
+                "for their fetches, their writes in one round trip under one timeout, roundtrip.py); per refresh "
+                "there remain the fetcher's own task (it isolates the fetcher: a fetcher may raise anything, "
+                "ignore cancellation or hang past its timeout), the claim's reply made into a claim and its "
+                "header parsed, the entry id validated again, canonical JSON and a BLAKE2b ETag, the `WRITE` "
+                "script's 17 keys and arguments packed, and reading its reply: the profile above. The process "
+                f"also waits: its CPU was {num(util * 100)} % while draining, as a round's claim, fetches and "
+                "write follow one another and Redis (on the other core with the harness) runs the round's "
+                "scripts in between. What is left is per-refresh Python work spread over those steps; 50 µs "
+                "would take a fetch without a task of its own (Python 3.12's eager "
+                "tasks; eagercache supports 3.11) and less per claim."
             )
     for n, run in sorted(s7.get("lag", {}).items(), key=lambda kv: int(kv[0])):
         due = run.get("due_per_second", s7.get("due_per_second", 0))
@@ -595,10 +595,11 @@ def _causes(s7: Doc) -> list[str]:
                 f"- **Lag at {int(n):,} entries**: {num(due)} entries fall due per second and the process "
                 f"refreshed {num(run['refreshes_per_s'])} per second over the window (CPU "
                 f"{num(run['cpu_util'] * 100)} %, {num(run['cpu_us_per_refresh'])} µs per refresh with expiry "
-                "events arriving): a backlog grows, and lag grows with it. The lag goals follow from capacity: "
-                "at the goal's rate, one process keeps up only at ≤ 100 µs per refresh, events included; with "
-                "`--no-expiry-events` the event traffic is not parsed at all; several processes share the "
-                "rate (section 5)."
+                "events arriving, read straight off the connection; those of buckets the schedule has due cost "
+                "no claim): a backlog grows, and lag grows with it. The lag goals follow from capacity: at the "
+                "goal's rate, one process keeps up only at ≤ 100 µs per refresh, events included, and with its "
+                "core to itself; with `--no-expiry-events` no event traffic is parsed at all; several processes "
+                "share the rate (section 5)."
             )
             break
     for n, run in sorted(s7.get("lag", {}).items(), key=lambda kv: int(kv[0])):
