@@ -20,8 +20,8 @@ STORE_NAMES = {"redis": "redis://", "memory": "memory://"}
 # made since the last one (the allocation count that triggers it stays flat when each new object replaces an
 # old one). Prepared representations are one object each since; the near cache's two per entry remain.
 MEMORY_TAIL_CAUSE = (
-    "cause: garbage collections during reads (gen-2 walked the store's records: 100-130 ms; 17-22 ms since "
-    "they are gc=False, not in this run); with GC off the p99 matched the dict app's"
+    "cause: garbage collections during reads (a gen-2 collection walked the store's records in 100-130 ms "
+    "before they were gc=False, 17-22 ms since; bench/gcstalls.py); with GC off the p99 matched the dict app's"
 )
 BASELINE_NAMES = {
     "redis_get": "Starlette + one redis.asyncio GET",
