@@ -394,24 +394,42 @@ class Engine:
         if r.error is not None:
             raise r.error
         assert r.inner is not None
-        fetcher, call, metrics = r.fetcher, r.call, self.metrics
+        fetcher, call = r.fetcher, r.call
         if r.timed_out:
             raise self.runner.timed_out(fetcher, call, cause)
         result = self.runner.outcome(fetcher, call, cause, r.previous, r.inner)
-        metrics.plain_counter(metrics.fetches, fetcher.name, cause, _RESULT_LABELS[result.kind]).inc()
-        metrics.plain_histogram(metrics.fetch_seconds, fetcher.name).observe(r.took_s)
-        now = self.clock.now_ms()
-        due_at = _next_due(fetcher, now, r.claim.due_ms, result.ttl)
-        if result.kind == "data" and result.store:
-            tags = encode_tags(fetcher.tags_of(call, result.tags or ())) if result.tags or fetcher.indexed else b""
-            r.entry, r.changed = new_entry(
-                result.data_json, now, due_at, previous=r.previous, meta=result.meta or b"", tags=tags
-            )
-        else:  # the stored value stays: kept as it is, or retrieved now (not modified)
-            r.entry = await self._kept(fetcher, call.entry_id, result, now, due_at)
-        r.due_at = due_at
+        r.entry, r.changed, r.due_at = await self._entry_from(
+            fetcher, call, cause, result, r.took_s, r.claim.due_ms, r.previous
+        )
         r.value = r.entry.encode()
         return True
+
+    async def _entry_from(
+        self,
+        fetcher: Fetcher,
+        call: Call,
+        cause: Cause,
+        result: Outcome,
+        took_s: float,
+        due_ms: int | None,
+        previous: Entry | None,
+    ) -> tuple[Entry, bool, int]:
+        """Count a finished fetch, and make the entry to store from what it returned: its new data (a cold
+        read's even when the result is not to be stored: the reader is answered with it), or the stored
+        value kept. With whether the data changed, and the entry's next due time."""
+        metrics = self.metrics
+        metrics.plain_counter(metrics.fetches, fetcher.name, cause, _RESULT_LABELS[result.kind]).inc()
+        metrics.plain_histogram(metrics.fetch_seconds, fetcher.name).observe(took_s)
+        now = self.clock.now_ms()
+        due_at = _next_due(fetcher, now, due_ms, result.ttl)
+        if result.kind == "data" and (result.store or cause == "cold"):
+            tags = encode_tags(fetcher.tags_of(call, result.tags or ())) if result.tags or fetcher.indexed else b""
+            entry, changed = new_entry(
+                result.data_json, now, due_at, previous=previous, meta=result.meta or b"", tags=tags
+            )
+            return entry, changed, due_at
+        # the stored value stays: kept as it is, or retrieved now (not modified)
+        return await self._kept(fetcher, call.entry_id, result, now, due_at), False, due_at
 
     async def _write_batch(self, batch: list[Refresh], cause: Cause) -> None:
         """Write the refreshed entries in one round trip; those whose write failed for want of the store
@@ -643,22 +661,21 @@ class Engine:
         finally:
             metrics.fetching -= 1
             self._free(per_fetcher)
-        metrics.plain_counter(metrics.fetches, fetcher.name, cause, _RESULT_LABELS[result.kind]).inc()
-        metrics.plain_histogram(metrics.fetch_seconds, fetcher.name).observe(time.perf_counter() - started)
-        now = self.clock.now_ms()
-        due_at = _next_due(fetcher, now, None if claim is None else claim.due_ms, result.ttl)
-        if result.kind == "data" and (result.store or cause == "cold"):
-            tags = encode_tags(fetcher.tags_of(call, result.tags or ())) if result.tags or fetcher.indexed else b""
-            entry, changed = new_entry(
-                result.data_json, now, due_at, previous=previous_entry, meta=result.meta or b"", tags=tags
-            )
-            if not result.store:  # the reader's answer, never stored: the next read fetches again
-                if not self.store.is_memory:
-                    with contextlib.suppress(EagerCacheError):
-                        await self.store.end_fill(call.entry_id)  # other replicas fetch now, not at the lock's end
-                return entry.encode()
-        else:  # the stored value stays: kept as it is, or retrieved now (not modified)
-            entry, changed = await self._kept(fetcher, call.entry_id, result, now, due_at), False
+        entry, changed, due_at = await self._entry_from(
+            fetcher,
+            call,
+            cause,
+            result,
+            time.perf_counter() - started,
+            None if claim is None else claim.due_ms,
+            previous_entry,
+        )
+        if cause == "cold" and result.kind == "data" and not result.store:
+            # The reader's answer, never stored: the next read fetches again.
+            if not self.store.is_memory:
+                with contextlib.suppress(EagerCacheError):
+                    await self.store.end_fill(call.entry_id)  # other replicas fetch now, not at the lock's end
+            return entry.encode()
         value = entry.encode()
         mode: Literal["cold", "refresh"] = "cold" if cause == "cold" else "refresh"  # admin: stored entries only
         try:
