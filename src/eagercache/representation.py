@@ -87,7 +87,10 @@ class _Prepared:
         self.cache_control = b""
 
     def headers(self, status: int) -> list[tuple[bytes, bytes]]:
-        """The response's headers: a 304's are the validators (RFC 9110, 15.4.5) and the per-read ones."""
+        """The response's headers: a 304's are the validators (RFC 9110, 15.4.5) and the per-read ones.
+
+        Two literals that repeat six pairs, on purpose: one per request, and one literal took 0.65 µs
+        where building the shared pairs once and adding the body's two took 0.9 (634708f)."""
         if status == 304:
             return [
                 (b"etag", self.etag),

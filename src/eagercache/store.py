@@ -467,7 +467,7 @@ class Store:
     async def _round_trip(self, client: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """The commands in one round trip on one of the client's connections; each reply, or its error."""
         if self.kind == "memory":  # fakeredis: no socket to read from; its pipeline runs them
-            pipe = self.client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
