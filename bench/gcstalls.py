@@ -9,6 +9,8 @@ alternates rounds of uniform reads (wrk) between it and the dict app (bench/redi
 of the same size made up, no Redis). After each eagercache round the server writes what it saw (SIGUSR1):
 collections per generation, stalls and their stacks, tracked objects and their types. GC_PROBE_OFF=1 turns
 the collector off in the server (gc.disable where start-up would freeze), to compare the tail without it.
+GC_PROBE_SAVEALL=1 keeps what each collection finds unreachable and reports its types (where cycles come
+from); each dump also lists the large containers each generation holds.
 """
 
 from __future__ import annotations
@@ -83,13 +85,31 @@ class _Probe:
             "collections": {g: {"n": len(ms), "total_ms": sum(ms), "max_ms": max(ms)} for g, ms in by_gen.items()},
             "stalls_ms": sorted(self.stalls)[-10:],
             "stall_stacks": self.stacks.most_common(8),
+            "per_generation": [len(gc.get_objects(generation)) for generation in range(3)],
+            "big_containers": _big_containers(),
+            "cyclic_garbage": collections.Counter(type(o).__qualname__ for o in gc.garbage).most_common(20),
         }
+        gc.garbage.clear()
         del objects
         with self.out.open("a") as out:
             out.write(json.dumps(record) + "\n")
         self.collections.clear()
         self.stalls.clear()
         self.stacks.clear()
+
+
+def _big_containers(at_least: int = 1000) -> list[tuple[int, str, int]]:
+    """(generation, type, length) of the tracked containers a collection of their generation walks entry by entry."""
+    found = []
+    for generation in range(3):
+        for obj in gc.get_objects(generation):
+            try:
+                length = len(obj)
+            except TypeError:
+                continue
+            if length >= at_least:
+                found.append((generation, type(obj).__qualname__, length))
+    return sorted(found, key=lambda row: -row[2])[:20]
 
 
 def serve(argv: list[str]) -> int:
@@ -101,6 +121,8 @@ def serve(argv: list[str]) -> int:
     probe = _Probe(Path(os.environ["GC_PROBE_OUT"]), float(os.environ.get("GC_PROBE_STALL_MS", "12")))
     gc.callbacks.append(probe.on_gc)
     signal.signal(signal.SIGUSR1, probe.dump)
+    if os.environ.get("GC_PROBE_SAVEALL"):
+        gc.set_debug(gc.DEBUG_SAVEALL)  # keep what collections find, to tell where the cycles come from
     if os.environ.get("GC_PROBE_OFF"):
         gc.freeze = gc.disable  # the CLI freezes start-up objects: disable instead
     original = uvicorn.Server.serve
