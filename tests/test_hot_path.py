@@ -24,6 +24,7 @@ from eagercache.coalesce import Coalescer
 from eagercache.errors import StoreUnavailable
 from eagercache.item import Entry
 from eagercache.lru import LRU
+from eagercache.memstore import build_store
 from eagercache.settings import load_settings
 
 from .conftest import AppFactory
@@ -189,7 +190,7 @@ async def _status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, me
 
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
-async def test_served_requests_leave_no_cycle_for_the_garbage_collector(http: str) -> None:
+async def test_served_requests_leave_no_cycle_for_the_garbage_collector(http: str, local_store_url: str) -> None:
     """Requests are freed by reference counting alone: a cycle per request makes the collector run every few
     hundred requests, and its pauses land on the requests of that moment (the p99 of a hit)."""
 
@@ -197,7 +198,7 @@ async def test_served_requests_leave_no_cycle_for_the_garbage_collector(http: st
     async def item(i: int) -> int:
         return i
 
-    app = create_app([item], settings=load_settings({"redis_url": "memory://"}, {}))
+    app = create_app([item], settings=load_settings({"redis_url": local_store_url}, {}))
     paths = ["/data/item?i=1", "/data/item?i=2", "/data/item?i=x", "/data/nope", "/healthz", "/metrics"]
     async with serving(app, http=http) as url:
         reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
@@ -220,4 +221,28 @@ async def test_served_requests_leave_no_cycle_for_the_garbage_collector(http: st
             writer.close()
     assert statuses == dict(zip(paths, [200, 200, 400, 404, 200, 200], strict=True))
     assert head == 200
+    assert found == {}
+
+
+async def test_store_calls_leave_no_cycle_for_the_garbage_collector(redis_url: str, redis_sync: redis.Redis) -> None:
+    """A store call's budget timer is freed with the call (reads and refresh writes make one per round trip)."""
+    store = build_store(redis_url, namespace="gc:")
+    await store.open()
+    try:
+        await store.prepare()
+        assert await store.get("entry") == (None, None)  # warm: the connection and the scripts
+        gc.collect()
+        gc.disable()
+        try:
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            replies = [await store.get("entry") for _ in range(20)]
+            gc.collect()
+            found = collections.Counter(type(o).__qualname__ for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    finally:
+        await store.aclose()
+    assert replies == [(None, None)] * 20
     assert found == {}

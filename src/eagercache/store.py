@@ -423,6 +423,9 @@ class Store:
                         yield
                 finally:
                     handle.cancel()
+                    # `check` names itself to reschedule: a cycle through its closure that only the garbage
+                    # collector would free, one per call. Emptying the name breaks it.
+                    del check
         except TimeoutError:
             raise StoreTimeout(f"the store at {redact(self.url)} did not answer within {budget_s:g} s") from None
 
