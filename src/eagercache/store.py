@@ -398,7 +398,7 @@ class Store:
             async with asyncio.timeout(None) as deadline:
                 handle: asyncio.TimerHandle
 
-                def check(planned: float, rounds_left: int = CONFIRM_ROUNDS) -> None:
+                def check(planned: float, rounds_left: int, again: Callable[[float, int, Any], None]) -> None:
                     nonlocal handle
                     now = loop.time()
                     silent_s = time.monotonic() - (self._wrote_at if write else self._answered_at)
@@ -406,26 +406,27 @@ class Store:
                         deadline.reschedule(now)
                     elif now - planned > LOOP_LATE_S:
                         # This loop was busy, not the store: replies may be waiting in sockets. Look again.
-                        handle = loop.call_at(now + LOOP_LATE_S, check, now + LOOP_LATE_S)
+                        handle = loop.call_at(now + LOOP_LATE_S, again, now + LOOP_LATE_S, CONFIRM_ROUNDS, again)
                     elif silent_s < budget_s:
-                        handle = loop.call_at(now + budget_s - silent_s, check, now + budget_s - silent_s)
+                        handle = loop.call_at(
+                            now + budget_s - silent_s, again, now + budget_s - silent_s, CONFIRM_ROUNDS, again
+                        )
                     elif rounds_left:
                         # Replies that arrived with this timer are only read by tasks that run after it: let
                         # them run before calling the store silent (a burst of requests can take a whole
                         # budget's worth of loop time before the first reply is read).
-                        handle = loop.call_at(now, check, now, rounds_left - 1)
+                        handle = loop.call_at(now, again, now, rounds_left - 1, again)
                     else:
                         deadline.reschedule(now)  # the store answered nobody for the whole budget
 
-                handle = loop.call_at(started + budget_s, check, started + budget_s)
+                # `check` is handed itself (`again`) to reschedule: naming itself from its closure would make a
+                # reference cycle per call that only the garbage collector frees; here cancelling the timer frees all.
+                handle = loop.call_at(started + budget_s, check, started + budget_s, CONFIRM_ROUNDS, check)
                 try:
                     with self._errors(write=write):
                         yield
                 finally:
                     handle.cancel()
-                    # `check` names itself to reschedule: a cycle through its closure that only the garbage
-                    # collector would free, one per call. Emptying the name breaks it.
-                    del check
         except TimeoutError:
             raise StoreTimeout(f"the store at {redact(self.url)} did not answer within {budget_s:g} s") from None
 
