@@ -523,16 +523,33 @@ def _at(series: list[tuple[float, float, float]], count: float) -> tuple[float, 
 
 def drain(client: redis.Redis, keys: Keys, pid: int, n: int) -> dict[str, Any]:
     """Make every entry due at once and watch the process refresh them all."""
+    redis_pid = int(client.info("server")["process_id"])  # the harness's own redis-server, on this machine
     armed = _arm_all(client, keys, n)
     threshold = armed + FAR_MS // 2
     series: list[tuple[float, float, float]] = [(0.0, 0.0, cpu_s(pid))]
+    redis_cpu = [cpu_s(redis_pid)]
     while True:
         refreshed = _refreshed(client, keys, threshold)
         series.append((time.time() * 1000 - armed, float(refreshed), cpu_s(pid)))
+        redis_cpu.append(cpu_s(redis_pid))
         if refreshed >= n or series[-1][0] > DRAIN_TIMEOUT_S * 1000:
             break
         time.sleep(POLL_S)
-    return analyze_drain(series, n)
+    result = analyze_drain(series, n)
+    # Redis's side of the same window (the harness's polls included: one ZCOUNT per bucket every POLL_S).
+    redis_series = [(t, r, c) for (t, r, _), c in zip(series, redis_cpu, strict=True)]
+    result.update(_redis_side(redis_series, n))
+    return result
+
+
+def _redis_side(series: list[tuple[float, float, float]], n: int) -> dict[str, Any]:
+    """redis-server's CPU per refresh and its utilisation between 10 % and 90 % refreshed (as analyze_drain)."""
+    t10, c10 = _at(series, 0.1 * n)
+    t90, c90 = _at(series, 0.9 * n)
+    return {
+        "redis_cpu_us_per_refresh": (c90 - c10) / (0.8 * n) * 1e6,
+        "redis_cpu_util": (c90 - c10) / ((t90 - t10) / 1000) if t90 > t10 else math.nan,
+    }
 
 
 def analyze_drain(series: list[tuple[float, float, float]], n: int) -> dict[str, Any]:

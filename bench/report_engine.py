@@ -88,6 +88,12 @@ def _layout_note(s7: Doc) -> list[str]:
 # -- capacity --------------------------------------------------------------------------------------------------
 
 
+def _redis_spread(rounds: list[Doc], key: str, scale: float, unit: str = "") -> str:
+    """A Redis-side figure of the drains (runs before it was measured have none)."""
+    values = [r[key] * scale for r in rounds if key in r]
+    return spread(values) + unit if values else "not measured"
+
+
 def _capacity(s7: Doc, docs: Path, targets: list[list[str]]) -> list[str]:
     capacity = s7.get("capacity", {})
     goal = float(_goals(s7).get("refreshes_per_s", 20_000))
@@ -105,6 +111,8 @@ def _capacity(s7: Doc, docs: Path, targets: list[list[str]]) -> list[str]:
                 spread([r["cpu_us_per_refresh"] for r in rounds]),
                 spread([r["cpu_util"] * 100 for r in rounds]) + " %",
                 spread([1e6 / r["cpu_us_per_refresh"] for r in rounds if r["cpu_us_per_refresh"] > 0]) + " /s",
+                _redis_spread(rounds, "redis_cpu_us_per_refresh", 1),
+                _redis_spread(rounds, "redis_cpu_util", 100, " %"),
                 spread([r["whole_drain_per_s"] for r in rounds]) + " /s",
                 spread([r["first_seen_ms"] for r in rounds]) + " ms",
                 num(sum(r["fetches"].get("schedule/ok", 0) for r in rounds) / len(rounds)),
@@ -136,7 +144,10 @@ def _capacity(s7: Doc, docs: Path, targets: list[list[str]]) -> list[str]:
         "backstop interval after the arming) are for reference; the fetch count per round is "
         'the process\'s own `eagercache_fetches_total{cause="schedule",outcome="ok"}`. Process CPU below 100 % '
         "means it waited (for Redis, which shares the other core with the harness and, on a shared machine, other "
-        "work); 1 / CPU per refresh is then the rate the process would reach with a core of its own.",
+        "work); 1 / CPU per refresh is then the rate the process would reach with a core of its own. **Redis "
+        "CPU** is redis-server's own CPU time (/proc schedstat) over the same interval, the harness's polls (one "
+        "`ZCOUNT` per bucket every 10 ms) included: Redis runs on one core, so 1e6 / its µs per refresh bounds "
+        "what any number of processes can refresh through one server.",
         "",
         table(
             [
@@ -146,6 +157,8 @@ def _capacity(s7: Doc, docs: Path, targets: list[list[str]]) -> list[str]:
                 "CPU µs per refresh",
                 "process CPU",
                 "1 / CPU per refresh",
+                "Redis CPU µs per refresh",
+                "Redis CPU",
                 "whole drain",
                 "first refresh after",
                 "schedule fetches per round",
@@ -588,6 +601,20 @@ def _causes(s7: Doc) -> list[str]:
                 "would take a fetch without a task of its own (Python 3.12's eager "
                 "tasks; eagercache supports 3.11) and less per claim."
             )
+            redis_us = [r["redis_cpu_us_per_refresh"] for r in fast["rounds"] if "redis_cpu_us_per_refresh" in r]
+            if redis_us:
+                need = capacity_goal * median(redis_us) / 1e6
+                out.append(
+                    f"- **Redis's side of capacity**: redis-server spent {num(median(redis_us))} µs of its own CPU "
+                    f"per refresh (the claim and the `WRITE` script, Lua included), so {num(capacity_goal)}/s "
+                    f"through one server needs {need:.2f} of its single-threaded core"
+                    + (
+                        ": more than one core can give, whatever the process does. "
+                        if need > 1
+                        else f"; it bounds one server at {num(1e6 / median(redis_us))} refreshes/s. "
+                    )
+                    + "On a cluster the buckets spread this over the primaries (section 5)."
+                )
     for n, run in sorted(s7.get("lag", {}).items(), key=lambda kv: int(kv[0])):
         due = run.get("due_per_second", s7.get("due_per_second", 0))
         if run.get("refreshes_per_s", 0) < due:
