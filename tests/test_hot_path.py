@@ -246,3 +246,50 @@ async def test_store_calls_leave_no_cycle_for_the_garbage_collector(redis_url: s
         await store.aclose()
     assert replies == [(None, None)] * 20
     assert found == {}
+
+
+@pytest.mark.parametrize("store_url", ["redis", "memory"], indirect=True)
+async def test_claims_go_on_while_refresh_writes_are_on_their_way(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh whose fetch is over holds no fetch slot while its batch's write is under way: further claim
+    rounds are taken meanwhile (this process's work overlaps the store's), up to IN_FLIGHT_PER_SLOT times
+    the slots in flight; once the writes go through, every refresh is stored, once."""
+    slots, entries = 4, 40
+    bound = slots * engine_module.IN_FLIGHT_PER_SLOT
+    refreshing = False
+    fetches: dict[int, int] = {}
+    bound_reached = asyncio.Event()
+
+    @fetcher(ttl=1, jitter=0, max_idle=3600)
+    async def tick(i: int) -> dict[str, int]:
+        fetches[i] = fetches.get(i, 0) + 1
+        if refreshing and sum(fetches.values()) - entries == bound:
+            bound_reached.set()
+        return {"i": i, "run": fetches[i]}
+
+    settings = load_settings({"max_concurrent_fetches": slots}, {})
+    app, client = await make_app([tick], settings=settings)
+    engine = app.state.engine
+    for i in range(entries):
+        assert (await client.get(f"/data/tick?i={i}")).status_code == 200
+    gate = asyncio.Event()
+    write_refreshes = engine.store.write_refreshes
+
+    async def gated(writes: Any) -> Any:
+        await gate.wait()
+        return await write_refreshes(writes)
+
+    monkeypatch.setattr(engine.store, "write_refreshes", gated)
+    refreshing = True
+    async with asyncio.timeout(20):  # the entries fall due a second after their fill
+        await bound_reached.wait()
+    assert engine.free_slots == 0  # nothing more is taken while the writes wait
+    assert sum(fetches.values()) - entries == bound
+    gate.set()
+    async with asyncio.timeout(20):
+        while min(fetches.values()) < 2 or engine.free_slots < slots:
+            await asyncio.sleep(0.01)  # the writes' ends have no event of their own to await
+    for i in range(entries):
+        body = (await client.get(f"/data/tick?i={i}")).json()
+        assert body["data"]["run"] >= 2  # a refresh of each entry was stored

@@ -71,6 +71,12 @@ T = TypeVar("T")
 WRITE_RETRY_FIRST_S = 0.1
 WRITE_RETRY_MAX_S = 1.0
 WRITE_RETRY_MARGIN_MS = 1_000
+# Refreshes whose fetch is over and whose write is on its way hold no fetch slot: the next claim round is
+# taken meanwhile, so this process's work on one round overlaps the store's on the last. One round at a
+# time, each waited for the other: 7,200-8,300 refreshes/s with the process at 65 % CPU and redis-server
+# at 37 %; overlapping, 12,000-13,500/s (bench section 7, 10,000 entries due at once, default slots).
+# Entries in flight in all (fetching and writing) stay within this many times the slots.
+IN_FLIGHT_PER_SLOT = 4
 
 # The near cache: an entry read from Redis is served from this process's memory for near_cache_ttl.
 # A write by this process replaces it at once; one by another replica is seen at most that late. The
@@ -115,6 +121,7 @@ class Engine:
         self.shutdown_timeout_s = settings.shutdown_timeout
         self.near_cache_ttl_s = settings.near_cache_ttl
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self._writing = 0  # refreshes in _inflight whose fetch is over, waiting for their batch's write
         self._batches: set[asyncio.Task[None]] = set()  # refreshes of a claim round, one task each
         self._on_write: list[Callable[[str, int], None]] = []
         self._on_done: list[Callable[[], None]] = []
@@ -157,7 +164,12 @@ class Engine:
 
     @property
     def free_slots(self) -> int:
-        return self.max_concurrent - len(self._inflight)
+        """How many more entries to take for refresh now: fetch slots that are not fetching, within
+        IN_FLIGHT_PER_SLOT times the slots for fetches and writes together."""
+        in_flight = len(self._inflight)
+        return min(
+            self.max_concurrent - (in_flight - self._writing), self.max_concurrent * IN_FLIGHT_PER_SLOT - in_flight
+        )
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -360,7 +372,13 @@ class Engine:
                 if await self._settle(r, cause, self._fetched(r, cause)):
                     written.append(r)
             if written:
-                await self._write_batch(written, cause)
+                self._writing += len(written)
+                for callback in self._on_done:  # their slots are free for the next claim round
+                    callback()
+                try:
+                    await self._write_batch(written, cause)
+                finally:
+                    self._writing -= len(written)
         except BaseException:
             # Shutdown (or a bug): no fetcher run is left behind, and no claim is taken for done.
             runs.cancel()
