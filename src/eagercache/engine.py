@@ -121,7 +121,7 @@ class Engine:
         self.shutdown_timeout_s = settings.shutdown_timeout
         self.near_cache_ttl_s = settings.near_cache_ttl
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
-        self._writing = 0  # refreshes in _inflight whose fetch is over, waiting for their batch's write
+        self._writing: set[str] = set()  # entries in _inflight whose refresh has fetched: being written
         self._batches: set[asyncio.Task[None]] = set()  # refreshes of a claim round, one task each
         self._on_write: list[Callable[[str, int], None]] = []
         self._on_done: list[Callable[[], None]] = []
@@ -168,7 +168,8 @@ class Engine:
         IN_FLIGHT_PER_SLOT times the slots for fetches and writes together."""
         in_flight = len(self._inflight)
         return min(
-            self.max_concurrent - (in_flight - self._writing), self.max_concurrent * IN_FLIGHT_PER_SLOT - in_flight
+            self.max_concurrent - (in_flight - len(self._writing)),
+            self.max_concurrent * IN_FLIGHT_PER_SLOT - in_flight,
         )
 
     # -- reads ---------------------------------------------------------------------------------------
@@ -372,13 +373,11 @@ class Engine:
                 if await self._settle(r, cause, self._fetched(r, cause)):
                     written.append(r)
             if written:
-                self._writing += len(written)
-                for callback in self._on_done:  # their slots are free for the next claim round
+                # Fetched: their slots are free for the next claim round while they are written.
+                self._writing.update(r.claim.entry_id for r in written)
+                for callback in self._on_done:
                     callback()
-                try:
-                    await self._write_batch(written, cause)
-                finally:
-                    self._writing -= len(written)
+                await self._write_batch(written, cause)
         except BaseException:
             # Shutdown (or a bug): no fetcher run is left behind, and no claim is taken for done.
             runs.cancel()
@@ -600,6 +599,7 @@ class Engine:
     def _finished(self, entry_id: str, task: asyncio.Future[bytes | None]) -> None:
         if self._inflight.get(entry_id) is task:
             del self._inflight[entry_id]
+            self._writing.discard(entry_id)
         if not task.cancelled():
             task.exception()  # retrieved here: a fetch whose readers all left must not warn "never retrieved"
         for callback in self._on_done:

@@ -72,8 +72,9 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
         """The entry in a stored value; ValueError for anything eagercache did not write."""
         head, _, body = raw.partition(b"\n")
         etag, retrieved, modified, due, *extra = head.split(b" ")
-        times = int(retrieved), int(modified), int(due)
-        if not all(0 <= t < MAX_TIME_MS for t in times) or len(extra) > 2:
+        r, m, d = int(retrieved), int(modified), int(due)
+        # Spelled out: all() over a generator was a third of the parse (every store read, every refresh).
+        if not (0 <= r < MAX_TIME_MS and 0 <= m < MAX_TIME_MS and 0 <= d < MAX_TIME_MS) or len(extra) > 2:
             raise ValueError(f"not a stored header: {head[:100]!r}")
         meta = tags = b""
         for field in extra:  # meta is base64url; tags start with '#', which base64url never has
@@ -81,7 +82,7 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
                 tags = field[1:]
             else:
                 meta = field
-        return cls(etag.decode("ascii"), *times, body, meta, tags)
+        return cls(etag.decode("ascii"), r, m, d, body, meta, tags)
 
     def encode(self) -> bytes:
         meta = f" {self.meta.decode('ascii')}" if self.meta else ""

@@ -175,7 +175,11 @@ class Representer:
                 del self._compressing[key]
         replaced = self._prepared.pop(key)  # two readers prepared the same version at once
         evicted = self._prepared.put(key, prepared)
-        self._prepared_bytes += len(prepared.body) - sum(len(p.body) for p in (replaced, evicted) if p is not None)
+        self._prepared_bytes += len(prepared.body)
+        if replaced is not None:
+            self._prepared_bytes -= len(replaced.body)
+        if evicted is not None:
+            self._prepared_bytes -= len(evicted.body)
         while self._prepared_bytes > PREPARED_BYTES and (oldest := self._prepared.pop_oldest()) is not None:
             self._prepared_bytes -= len(oldest.body)
         return prepared
