@@ -73,8 +73,8 @@ WRITE_RETRY_MAX_S = 1.0
 WRITE_RETRY_MARGIN_MS = 1_000
 # Refreshes whose fetch is over and whose write is on its way hold no fetch slot: the next claim round is
 # taken meanwhile, so this process's work on one round overlaps the store's on the last. One round at a
-# time, each waited for the other: 7,200-8,300 refreshes/s with the process at 65 % CPU and redis-server
-# at 37 %; overlapping, 12,000-13,500/s (bench section 7, 10,000 entries due at once, default slots).
+# time, each waited for the other: 6,900-8,000 refreshes/s with the process at 63-65 % CPU; overlapping,
+# 8,500-10,700/s at 71 % (bench section 7, 10,000 entries due at once, 64 slots, runs alternated: 66cd9bf).
 # Entries in flight in all (fetching and writing) stay within this many times the slots.
 IN_FLIGHT_PER_SLOT = 4
 
