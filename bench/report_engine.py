@@ -595,11 +595,14 @@ def _causes(s7: Doc) -> list[str]:
                 "ignore cancellation or hang past its timeout), the claim's reply made into a claim and its "
                 "header parsed, the entry id validated again, canonical JSON and a BLAKE2b ETag, the `WRITE` "
                 "script's 17 keys and arguments packed, and reading its reply: the profile above. The process "
-                f"also waits: its CPU was {num(util * 100)} % while draining, as a round's claim, fetches and "
-                "write follow one another and Redis (on the other core with the harness) runs the round's "
-                "scripts in between. What is left is per-refresh Python work spread over those steps; 50 µs "
-                "would take a fetch without a task of its own (Python 3.12's eager "
-                "tasks; eagercache supports 3.11) and less per claim."
+                f"also waits: its CPU was {num(util * 100)} % while draining. A round's writes no longer hold "
+                "its fetch slots, so the next round is claimed while Redis runs them (66cd9bf); but a round is "
+                "claimed only once the last one's fetches are over, as claims are sized to the free fetch "
+                "slots (claiming further ahead would let claimed entries queue for a slot against their "
+                "lease), and between the claim's reply and its fetches the process has nothing else to do. "
+                "What is left is per-refresh Python work spread over those steps; 50 µs would take a fetch "
+                "without a task of its own (Python 3.12's eager tasks; eagercache supports 3.11) and less per "
+                "claim."
             )
             redis_us = [r["redis_cpu_us_per_refresh"] for r in fast["rounds"] if "redis_cpu_us_per_refresh" in r]
             if redis_us:
@@ -641,7 +644,9 @@ def _causes(s7: Doc) -> list[str]:
                 "bucket tag) and one member in each of two sorted sets (the schedule and the read times: a "
                 "skiplist node and a dictionary entry each, with the entry id stored again). Reaching 200 "
                 "bytes takes a different layout, e.g. entries packed into per-bucket hashes with their "
-                "schedule, which gives up per-key expiry and eviction: not done in this round."
+                "schedule, which gives up per-key expiry and eviction (a hash field's own TTL, HEXPIRE, needs "
+                "Redis 7.4; this machine's server is 7.0) and the per-key `allkeys-*` eviction operators rely "
+                "on: a product decision, not taken here."
             )
             break
     if not out:
