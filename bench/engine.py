@@ -76,6 +76,10 @@ NAMESPACE = "engine:"
 FETCHER_SPEC = "bench.engine_fetchers:engine"
 STACKS: dict[str, tuple[str, str]] = {"fast": ("uvloop", "httptools"), "plain": ("asyncio", "h11")}
 LAG_STACK = "fast"
+# The capacity drain also runs on the fast stack with this many fetch slots (the default is 64): how far more
+# refreshes in flight take one process, and where redis-server's own core then stands.
+WIDE = "fast, 1024 slots"
+WIDE_SLOTS = 1024
 FAR_MS = 3_600_000  # seeded entries fall due this far ahead: nothing is due until the harness says so
 PROBE_ID = -1  # the probe entry of the layout check; no run uses it
 POLL_S = 0.01
@@ -168,12 +172,14 @@ def run_engine(cfg: Config, cores: Cores, redis_url: str, workdir: Path) -> dict
 
 @contextmanager
 def serving(
-    redis_url: str, cores: Cores, stack: str, ttl_s: float, namespace: str = NAMESPACE
+    redis_url: str, cores: Cores, stack: str, ttl_s: float, namespace: str = NAMESPACE, slots: int | None = None
 ) -> Iterator[tuple[Proc, int]]:
     """One `eagercache serve` process on the server core, with this stack and fetcher ttl, ready."""
     port = free_port()
     loop, http = STACKS[stack]
     cmd = [*eagercache_cmd(port, redis_url, namespace, FETCHER_SPEC), "--loop", loop, "--http", http]
+    if slots is not None:
+        cmd += ["--max-concurrent-fetches", str(slots)]
     proc = Proc(f"eagercache ({stack})", cmd, core=cores.server, env=bench_env(**{TTL_ENV: repr(ttl_s)}))
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60)
@@ -584,17 +590,27 @@ def _capacity(
     change in the machine's other load does not fall on one stack only."""
     n = cfg.engine_capacity_entries
     client.flushall()
-    keys = {stack: settle_keys(redis_url, f"engine-{stack}:") for stack in STACKS}
-    seeding = {stack: seed(redis_url, client, keys[stack], layout, n) for stack in STACKS}
-    rounds: dict[str, list[dict[str, Any]]] = {stack: [] for stack in STACKS}
+    # name -> (stack, fetch slots): both stacks on the default, and the fast one with WIDE_SLOTS
+    variants: dict[str, tuple[str, int | None]] = {
+        **{stack: (stack, None) for stack in STACKS},
+        WIDE: (LAG_STACK, WIDE_SLOTS),
+    }
+    keys = {
+        name: settle_keys(redis_url, f"engine-{name.split(',')[0]}{'-wide' if name == WIDE else ''}:")
+        for name in variants
+    }
+    seeding = {name: seed(redis_url, client, keys[name], layout, n) for name in variants}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     profile: dict[str, Any] | None = None
     with contextlib.ExitStack() as running:
         servers = {
-            stack: running.enter_context(serving(redis_url, cores, stack, FAR_MS / 1000, keys[stack].namespace))
-            for stack in STACKS
+            name: running.enter_context(
+                serving(redis_url, cores, stack, FAR_MS / 1000, keys[name].namespace, slots=slots)
+            )
+            for name, (stack, slots) in variants.items()
         }
         for r in range(cfg.engine_capacity_rounds):
-            for stack in list(STACKS)[:: 1 if r % 2 == 0 else -1]:
+            for stack in list(variants)[:: 1 if r % 2 == 0 else -1]:
                 proc, port = servers[stack]
                 before = scrape(port)
                 result = drain(client, keys[stack], proc.pid, n)
@@ -608,15 +624,16 @@ def _capacity(
         )
         facts = {stack: server_facts(proc) for stack, (proc, _) in servers.items()}
     return {
-        stack: {
+        name: {
             "entries": n,
-            "namespace": keys[stack].namespace,
-            "seeding": seeding[stack],
-            "rounds": rounds[stack],
-            "profile": profile if stack == LAG_STACK else None,
-            "server": facts[stack],
+            "namespace": keys[name].namespace,
+            "slots": slots,
+            "seeding": seeding[name],
+            "rounds": rounds[name],
+            "profile": profile if name == LAG_STACK else None,
+            "server": facts[name],
         }
-        for stack in STACKS
+        for name, (_, slots) in variants.items()
     }
 
 

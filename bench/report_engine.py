@@ -102,7 +102,7 @@ def _capacity(s7: Doc, docs: Path, targets: list[list[str]]) -> list[str]:
     for stack, run in capacity.items():
         rounds = run["rounds"]
         rates = [r["refreshes_per_s"] for r in rounds]
-        ok = median(rates) >= goal
+        ok: bool | None = median(rates) >= goal if stack in s7["stacks"] else None  # not the default's slots
         rows.append(
             [
                 stack,
@@ -119,13 +119,15 @@ def _capacity(s7: Doc, docs: Path, targets: list[list[str]]) -> list[str]:
                 verdict(ok),
             ]
         )
-        targets.append(
-            [
-                f"7. refresh capacity ≥ {goal:,.0f} refreshes/s per process ({n:,} entries due at once), {stack} stack",
-                spread(rates) + " /s",
-                verdict(ok),
-            ]
-        )
+        if ok is not None:
+            targets.append(
+                [
+                    f"7. refresh capacity ≥ {goal:,.0f} refreshes/s per process ({n:,} entries due at once), "
+                    f"{stack} stack",
+                    spread(rates) + " /s",
+                    verdict(ok),
+                ]
+            )
     for stack in s7["stacks"]:
         if stack not in capacity:
             targets.append([f"7. refresh capacity, {stack} stack", "phase failed", verdict(False)])
@@ -144,7 +146,14 @@ def _capacity(s7: Doc, docs: Path, targets: list[list[str]]) -> list[str]:
         "backstop interval after the arming) are for reference; the fetch count per round is "
         'the process\'s own `eagercache_fetches_total{cause="schedule",outcome="ok"}`. Process CPU below 100 % '
         "means it waited (for Redis, which shares the other core with the harness and, on a shared machine, other "
-        "work); 1 / CPU per refresh is then the rate the process would reach with a core of its own. **Redis "
+        "work); 1 / CPU per refresh is then the rate the process would reach with a core of its own. "
+        + "".join(
+            f"A third process, **{name}** (the fast stack with `--max-concurrent-fetches {run['slots']}`; the "
+            "default is 64, and the goal is judged on it), shows how far more refreshes in flight take it. "
+            for name, run in capacity.items()
+            if run.get("slots")
+        )
+        + "**Redis "
         "CPU** is redis-server's own CPU time (/proc schedstat) over the same interval, the harness's polls (one "
         "`ZCOUNT` per bucket every 10 ms) included: Redis runs on one core, so 1e6 / its µs per refresh bounds "
         "what any number of processes can refresh through one server.",
@@ -604,6 +613,20 @@ def _causes(s7: Doc) -> list[str]:
                 "without a task of its own (Python 3.12's eager tasks; eagercache supports 3.11) and less per "
                 "claim."
             )
+            for name, run in s7.get("capacity", {}).items():
+                wide = run["rounds"] if run.get("slots") else []
+                if wide and all("redis_cpu_util" in r for r in wide):
+                    out.append(
+                        f"- **More in flight ({name})**: "
+                        f"{spread([r['refreshes_per_s'] for r in wide])}/s at "
+                        f"{num(median([r['cpu_us_per_refresh'] for r in wide]))} µs per refresh, the process at "
+                        f"{num(median([r['cpu_util'] for r in wide]) * 100)} % CPU and redis-server at "
+                        f"{num(median([r['redis_cpu_util'] for r in wide]) * 100)} % of its core "
+                        f"({num(median([r['redis_cpu_us_per_refresh'] for r in wide]))} µs per refresh). With the "
+                        "default's 64 slots a round is claimed only when the last one's fetches are over; with "
+                        f"{run['slots']}, rounds of 256 follow one another and both sides stay busy. More slots "
+                        "mean more fetcher runs at once against the upstream, which is why the default stays."
+                    )
             redis_us = [r["redis_cpu_us_per_refresh"] for r in fast["rounds"] if "redis_cpu_us_per_refresh" in r]
             if redis_us:
                 need = capacity_goal * median(redis_us) / 1e6
