@@ -293,3 +293,41 @@ async def test_claims_go_on_while_refresh_writes_are_on_their_way(
     for i in range(entries):
         body = (await client.get(f"/data/tick?i={i}")).json()
         assert body["data"]["run"] >= 2  # a refresh of each entry was stored
+
+
+@pytest.mark.parametrize("store_url", ["redis", "memory"], indirect=True)
+async def test_failed_refreshes_leave_no_cycle_for_the_garbage_collector(make_app: AppFactory) -> None:
+    """A failing fetcher's refreshes are freed by reference counting: while an upstream is down, every refresh
+    fails, and a cycle each would run the collector on the read path."""
+    failures = 0
+    enough = asyncio.Event()
+    down = False
+
+    @fetcher(ttl=0.2, jitter=0, timeout=1)
+    async def item(i: int) -> int:
+        nonlocal failures
+        if down:
+            failures += 1
+            if failures == 40:
+                enough.set()
+            raise ConnectionError("upstream down")
+        return i
+
+    _, client = await make_app([item])
+    for i in range(20):
+        assert (await client.get(f"/data/item?i={i}")).status_code == 200
+    gc.collect()
+    gc.disable()  # no collection before the one below: it must find nothing of these refreshes
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        down = True
+        async with asyncio.timeout(20):
+            await enough.wait()
+        gc.collect()
+        found = collections.Counter(type(o).__qualname__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert failures >= 40
+    assert found == {}

@@ -207,24 +207,30 @@ class Runner:
     ) -> Outcome:
         """What a fetcher's finished run returned, checked; FetchFailed for whatever it raised."""
         extra = {"fetcher": fetcher.name, "entry": call.entry_id, "cause": cause}
-        try:
-            result = outcome_of(inner.result(), fetcher.name)
-            if result.kind != "data" and previous is None:
-                raise FetchFailed(
-                    f"fetcher {fetcher.name!r} returned {type(inner.result()).__name__}, but this entry has no "
-                    "stored value to keep"
-                )
-            return result
-        except FetchFailed as exc:
-            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-            log.warning("fetch failed", extra={**extra, "error": exc.detail})
-            raise
-        except (Exception, asyncio.CancelledError) as exc:
-            # Whatever the fetcher raised, its own TimeoutError included, is its error, with its message.
-            self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
-            error = f"fetcher {fetcher.name!r} failed: {describe(exc)}"
-            log.warning("fetch failed", extra={**extra, "error": error})
-            raise FetchFailed(f"fetcher {fetcher.name!r} failed: {kind_of(exc)}", error=error) from exc
+        # What the run raised is read, not re-raised here: re-raising it would add this frame, which holds the
+        # task that holds the exception, to its traceback, a reference cycle per failed fetch that only the
+        # garbage collector frees (collections on the read path while an upstream is down).
+        failure = asyncio.CancelledError() if inner.cancelled() else inner.exception()
+        if failure is None:
+            try:
+                result = outcome_of(inner.result(), fetcher.name)
+                if result.kind != "data" and previous is None:
+                    raise FetchFailed(
+                        f"fetcher {fetcher.name!r} returned {type(inner.result()).__name__}, but this entry has "
+                        "no stored value to keep"
+                    )
+                return result
+            except FetchFailed as exc:
+                self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+                log.warning("fetch failed", extra={**extra, "error": exc.detail})
+                raise
+            except Exception as exc:
+                failure = exc
+        # Whatever the fetcher raised, its own TimeoutError included, is its error, with its message.
+        self.metrics.fetches.labels(fetcher.name, cause, "error").inc()
+        error = f"fetcher {fetcher.name!r} failed: {describe(failure)}"
+        log.warning("fetch failed", extra={**extra, "error": error})
+        raise FetchFailed(f"fetcher {fetcher.name!r} failed: {kind_of(failure)}", error=error) from failure
 
     def abandon(self, inner: asyncio.Task[Any], fetcher_name: str) -> None:
         """Cancel a fetcher task and stop waiting for it; one that ignores cancellation is kept track of."""
