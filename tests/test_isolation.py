@@ -506,9 +506,11 @@ async def test_runs_of_a_fetcher_that_ignores_cancellation_do_not_pile_up(
 
     monkeypatch.setattr(isolation, "MAX_ABANDONED_PER_FETCHER", 2)
     release = asyncio.Event()
+    runs: list[str] = []
 
     @fetcher(ttl=60, timeout=0.1)
     async def stubborn(k: str) -> str:
+        runs.append(k)
         while not release.is_set():
             with contextlib.suppress(asyncio.CancelledError):
                 await release.wait()
@@ -525,10 +527,9 @@ async def test_runs_of_a_fetcher_that_ignores_cancellation_do_not_pile_up(
             assert (await client.get("/data/stubborn?k=1")).status_code == 504
             assert (await client.get("/data/stubborn?k=2")).status_code == 504
             assert metrics.sample("eagercache_fetches_abandoned") == 2
-            started = time.monotonic()
             refused = await client.get("/data/stubborn?k=3")
-            assert refused.status_code == 502, refused.text  # not run at all: no 0.1 s timeout waited
-            assert time.monotonic() - started < 0.1
+            assert refused.status_code == 502, refused.text
+            assert runs == ["1", "2"]  # not run at all (so no timeout of its own was waited either)
             assert metrics.sample("eagercache_fetches_abandoned") == 2
             assert (await client.get("/data/fine")).status_code == 200
         finally:

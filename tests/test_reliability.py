@@ -187,6 +187,13 @@ def fleet_calls(client: redis.Redis, key: object) -> list[tuple[float, str]]:
     return sorted((float(t), pid.decode()) for t, pid in (entry.split() for entry in raw))
 
 
+# Two fetches of one entry closer than this (ttl 1 s) are one due time fetched twice. Not the whole ttl: the
+# next due time is the previous one + ttl, so a refresh that ran late on a loaded machine is followed by the
+# next less than a ttl later (a CI run saw 0.9 s crossed that way), while a double fetch comes within a claim's
+# round trip of the first.
+DOUBLE_FETCH_WINDOW_S = 0.5
+
+
 def most_within(stamps: list[float], seconds: float) -> int:
     """The most fetches of one entry within any `seconds`: 1 means no cycle was fetched twice."""
     return max((sum(1 for u in stamps if t <= u < t + seconds) for t in stamps), default=0)
@@ -214,7 +221,7 @@ async def test_three_processes_fetch_each_entry_once_per_cycle(redis_url: str, r
         window = [t for t in stamps if started <= t <= ended]
         per_cycle.append(len(window) / ((ended - started) / 1.0))
         # any two fetches of one entry closer than 0.9 ttl would be one cycle fetched twice
-        busiest = max(busiest, most_within(stamps, 0.9))
+        busiest = max(busiest, most_within(stamps, DOUBLE_FETCH_WINDOW_S))
     mean = sum(per_cycle) / len(per_cycle)
     print(
         f"\n3 processes, 100 entries, ttl 1 s, {ended - started:.1f} s: fetches per entry per cycle "
@@ -512,7 +519,7 @@ async def test_workers_share_the_store_and_refresh_each_entry_once(redis_url: st
         stamps = [t for t, _ in calls]
         pids |= {pid for _, pid in calls}
         assert sum(1 for t in stamps if started <= t <= ended) >= 3
-        busiest = max(busiest, most_within(stamps, 0.9))
+        busiest = max(busiest, most_within(stamps, DOUBLE_FETCH_WINDOW_S))
     assert busiest == 1  # two workers, and still one fetch per entry per cycle
     assert pids <= set(children)  # fetched by the workers, never by the parent
 
