@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from eagercache.errors import StoreUnavailable
@@ -39,3 +41,21 @@ def refreshes_through(store: Any, write: Callable[..., Awaitable[int]]) -> None:
         return await write_each(write, writes)
 
     store.write_refreshes = write_refreshes
+
+
+@contextlib.contextmanager
+def garbage_made() -> Iterator[list[object]]:
+    """What the garbage collector finds unreachable among the objects made in the block, filled in when it ends
+    (no collection runs meanwhile): empty when reference counting alone freed them, cycles otherwise."""
+    gc.collect()
+    gc.disable()
+    found: list[object] = []
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collection finds unreachable stays in gc.garbage
+        yield found
+        gc.collect()
+        found.extend(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

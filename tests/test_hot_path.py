@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import json
 import re
 from typing import Any
@@ -28,7 +27,7 @@ from eagercache.memstore import build_store
 from eagercache.settings import load_settings
 
 from .conftest import AppFactory
-from .helpers import Counter
+from .helpers import Counter, garbage_made
 from .watching import serving
 
 
@@ -205,18 +204,10 @@ async def test_served_requests_leave_no_cycle_for_the_garbage_collector(http: st
         try:
             for path in paths:  # warm: first-use caches and lazily built objects are not what is looked for
                 await _status(reader, writer, "GET", path)
-            gc.collect()
-            gc.disable()  # no collection before the one below: it must find nothing of these requests
-            try:
-                gc.set_debug(gc.DEBUG_SAVEALL)  # what the collection finds unreachable stays in gc.garbage
+            with garbage_made() as garbage:
                 statuses = {path: await _status(reader, writer, "GET", path) for path in paths * 20}
                 head = await _status(reader, writer, "HEAD", "/data/item?i=1")
-                gc.collect()
-                found = collections.Counter(type(o).__qualname__ for o in gc.garbage)
-            finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
-                gc.enable()
+            found = collections.Counter(type(o).__qualname__ for o in garbage)
         finally:
             writer.close()
     assert statuses == dict(zip(paths, [200, 200, 400, 404, 200, 200], strict=True))
@@ -231,17 +222,9 @@ async def test_store_calls_leave_no_cycle_for_the_garbage_collector(redis_url: s
     try:
         await store.prepare()
         assert await store.get("entry") == (None, None)  # warm: the connection and the scripts
-        gc.collect()
-        gc.disable()
-        try:
-            gc.set_debug(gc.DEBUG_SAVEALL)
+        with garbage_made() as garbage:
             replies = [await store.get("entry") for _ in range(20)]
-            gc.collect()
-            found = collections.Counter(type(o).__qualname__ for o in gc.garbage)
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
+        found = collections.Counter(type(o).__qualname__ for o in garbage)
     finally:
         await store.aclose()
     assert replies == [(None, None)] * 20
@@ -316,18 +299,10 @@ async def test_failed_refreshes_leave_no_cycle_for_the_garbage_collector(make_ap
     _, client = await make_app([item])
     for i in range(20):
         assert (await client.get(f"/data/item?i={i}")).status_code == 200
-    gc.collect()
-    gc.disable()  # no collection before the one below: it must find nothing of these refreshes
-    try:
-        gc.set_debug(gc.DEBUG_SAVEALL)
+    with garbage_made() as garbage:
         down = True
         async with asyncio.timeout(20):
             await enough.wait()
-        gc.collect()
-        found = collections.Counter(type(o).__qualname__ for o in gc.garbage)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+    found = collections.Counter(type(o).__qualname__ for o in garbage)
     assert failures >= 40
     assert found == {}

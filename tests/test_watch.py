@@ -7,7 +7,6 @@ Streams are read from uvicorn on a real socket (tests/watching.py). Changes are 
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import secrets
 from typing import Any
@@ -22,7 +21,7 @@ from eagercache import stream as stream_module
 from eagercache import watch as watch_module
 from eagercache.watch import WatchHub
 
-from .helpers import Counter
+from .helpers import Counter, garbage_made
 from .test_redis import running
 from .watching import Event, EventStream, Replica, serving, watching
 
@@ -323,21 +322,14 @@ async def _until(stream: EventStream, event_id: str | None) -> list[Event]:
 
 async def test_a_stream_that_ends_leaves_no_cycle_of_its_own_for_the_garbage_collector() -> None:
     app = create_app([item_fetcher(Source())], settings=settings())
-    gc.disable()  # no collection before the one below: it must find nothing of the stream's
-    try:
-        async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+        with garbage_made() as garbage:
             async with watching(client, "/watch/item") as stream:
                 assert (await stream.next_event()).event == "snapshot"
             async with asyncio.timeout(10):
                 while app.state.watch.count:
                     await asyncio.sleep(0.01)  # the server notices the client left; nothing to await
-            gc.set_debug(gc.DEBUG_SAVEALL)  # what the collection finds unreachable stays in gc.garbage
-            gc.collect()
-            found = [o for o in gc.garbage if isinstance(o, watch_module.Watcher | stream_module._Stream)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+        found = [o for o in garbage if isinstance(o, watch_module.Watcher | stream_module._Stream)]
     assert found == []
 
 
