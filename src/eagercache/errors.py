@@ -61,8 +61,13 @@ def int_param(raw: str | None, name: str, default: int, low: int, high: int) -> 
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise Problem(400, "invalid-parameters", "Invalid parameters", f"{name} must be an integer {low}..{high}")
+        raise invalid_parameter(name, f"must be an integer {low}..{high}")
     return value
+
+
+def invalid_parameter(name: str, detail: str) -> Problem:
+    """The 400 problem for one bad query parameter of the admin and status routes."""
+    return Problem(400, "invalid-parameters", "Invalid parameters", f"{name} {detail}")
 
 
 class ConfigurationError(EagerCacheError):

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .engine import Engine
-from .errors import Problem, int_param
+from .errors import Problem, int_param, invalid_parameter
 from .history import PERCENTILE_WINDOW_S, RATE_WINDOW_S, SAMPLE_INTERVAL_S, Activity, quantile
 from .item import parse_header
 from .keys import split_entry_id
@@ -137,7 +137,7 @@ class StatusPage:
             raise Problem(404, "unknown-fetcher", "Unknown fetcher", f"no fetcher named {fetcher!r}")
         needle = params.get("q", "")
         if len(needle) > MAX_SEARCH_CHARS:
-            raise _invalid("q", f"at most {MAX_SEARCH_CHARS} characters")
+            raise invalid_parameter("q", f"at most {MAX_SEARCH_CHARS} characters")
         limit = int_param(params.get("limit"), "limit", DEFAULT_PAGE, 1, MAX_PAGE)
         names = [fetcher] if fetcher is not None else self._names()
         index, cursor = _parse_cursor(params.get("cursor", ""), len(names))
@@ -345,10 +345,6 @@ def _parse_cursor(raw: str, names: int) -> tuple[int, str]:
     if not sep or not index.isdigit() or not int(index) < names or len(cursor) > 40:
         raise Problem(400, "bad-cursor", "Bad cursor", f"cursor {raw[:60]!r} is not one this API returned")
     return int(index), cursor
-
-
-def _invalid(name: str, detail: str) -> Problem:
-    return Problem(400, "invalid-parameters", "Invalid parameters", f"{name} {detail}")
 
 
 def _json(doc: Any) -> Response:
