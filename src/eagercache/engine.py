@@ -375,8 +375,7 @@ class Engine:
             if written:
                 # Fetched: their slots are free for the next claim round while they are written.
                 self._writing.update(r.claim.entry_id for r in written)
-                for callback in self._on_done:
-                    callback()
+                self._slots_freed()
                 await self._write_batch(written, cause)
         except BaseException:
             # Shutdown (or a bug): no fetcher run is left behind, and no claim is taken for done.
@@ -602,6 +601,9 @@ class Engine:
             self._writing.discard(entry_id)
         if not task.cancelled():
             task.exception()  # retrieved here: a fetch whose readers all left must not warn "never retrieved"
+        self._slots_freed()
+
+    def _slots_freed(self) -> None:
         for callback in self._on_done:
             callback()
 
