@@ -79,9 +79,50 @@ def test_any_spelling_of_a_call_gives_its_canonical_entry(kwargs: dict[str, Any]
         assert call.kwargs[name] == value
     name, _, canonical = call.entry_id.partition("?")
     assert name == "sample"
-    again = SIG.call_from_query(canonical)  # the refresher rebuilds calls from the stored id
+    again = SIG.call_from_query(canonical)
     assert again.entry_id == call.entry_id
     assert again.kwargs == call.kwargs
+    refreshed = SIG.call_of_entry(call.entry_id)  # the refresher rebuilds calls from the stored id
+    assert refreshed.entry_id == call.entry_id
+    assert refreshed.kwargs == call.kwargs
+    assert [type(v) for v in refreshed.kwargs.values()] == [type(call.kwargs[k]) for k in refreshed.kwargs]
+
+
+async def two(a: int, b: str = "x") -> None:
+    return None
+
+
+BAD_ESCAPE = "invalid percent-encoding (% must be followed by two hex digits; send a literal % as %25)"
+
+
+@pytest.mark.parametrize(
+    ("entry_id", "error"),
+    [
+        ("two?", {"a": "required parameter is missing"}),
+        ("two?b=y", {"a": "required parameter is missing"}),
+        ("two?a=1&c=2", {"c": "unknown parameter"}),
+        ("two?a=one", {"a": "expected an integer, got 'one'"}),
+        ("two?a=1&a=2", {"a": "expected one value, got 2"}),
+        ("two?a=%zz", {"a": BAD_ESCAPE}),
+    ],
+)
+def test_a_stored_id_no_longer_valid_is_refused_as_a_query_would_be(entry_id: str, error: dict[str, str]) -> None:
+    with pytest.raises(InvalidParameters) as raised:
+        Signature(two, "two").call_of_entry(entry_id)
+    assert raised.value.errors == error
+
+
+def test_a_stored_id_spelled_otherwise_today_keeps_its_own_id() -> None:
+    """A refresh writes the entry it claimed: an id stored before a default changed (today `b=x` is left
+    out) or with its names out of order is refreshed under that id, with the call it names."""
+    sig = Signature(two, "two")
+    for entry_id, kwargs in [
+        ("two?a=1&b=x", {"a": 1, "b": "x"}),
+        ("two?b=y&a=1", {"a": 1, "b": "y"}),
+        ("two?a=1&b=a%20b", {"a": 1, "b": "a b"}),
+    ]:
+        call = sig.call_of_entry(entry_id)
+        assert (call.entry_id, call.kwargs) == (entry_id, kwargs)
 
 
 @given(calls, calls)

@@ -240,8 +240,8 @@ class Engine:
     async def _wait(self, task: asyncio.Future[bytes | None]) -> bytes | None:
         """The fetch's result, unless the shutdown timeout passes first. The fetch is never cancelled by a
         reader leaving: others may be waiting for it too."""
-        waits: set[asyncio.Future[Any]] = {task, self._closed_future()}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await _first_done(task, self._closed_future())
         if not task.done():
             raise ShuttingDown(
                 "the server is shutting down and the answer was not ready in time; ask again",
@@ -332,9 +332,8 @@ class Engine:
             if entry_id in self._inflight or not claim.header:
                 fetches.append(self.spawn_refresh(claim, cause))
                 continue
-            name, query = split_entry_id(entry_id)
             try:
-                fetcher, call = self.registry.call(name, query)
+                fetcher, call = self.registry.call_of_entry(entry_id)
             except EagerCacheError:  # unknown fetcher, parameters no longer valid
                 fetches.append(self.spawn_refresh(claim, cause))
                 continue
@@ -514,11 +513,11 @@ class Engine:
 
     async def _refresh(self, claim: Claim, cause: Cause) -> bytes | None:
         entry_id = claim.entry_id
-        name, query = split_entry_id(entry_id)
+        name = split_entry_id(entry_id)[0]
         extra = {"fetcher": name, "entry": entry_id, "cause": cause}
         try:
             try:
-                fetcher, call = self.registry.call(name, query)
+                fetcher, call = self.registry.call_of_entry(entry_id)
             except UnknownFetcher:
                 self.metrics.background_errors.labels("unknown-fetcher").inc()
                 last_read = claim.last_read_ms
@@ -858,6 +857,24 @@ class Engine:
         if self._closed is None:
             self._closed = asyncio.get_running_loop().create_future()
         return self._closed
+
+
+async def _first_done(*futures: asyncio.Future[Any]) -> None:
+    """Until one of the futures is done: `asyncio.wait(..., return_when=FIRST_COMPLETED)` without its sets
+    and results, which were ~6 us of every cold read (the reader waits for its fetch, or for shutdown)."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        for future in futures:
+            future.remove_done_callback(wake)
 
 
 def _parse(raw: bytes | None) -> Entry | None:

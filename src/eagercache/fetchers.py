@@ -250,6 +250,14 @@ class Registry(Mapping[str, Fetcher]):
             raise UnknownFetcher(f"no fetcher named {name!r}")
         return f, f.signature.call_from_query(query)
 
+    def call_of_entry(self, entry_id: str) -> tuple[Fetcher, Call]:
+        """A stored entry's fetcher and call (see `Signature.call_of_entry`), raising as `call` does."""
+        name = entry_id.partition("?")[0]
+        f = self._fetchers.get(name)
+        if f is None:
+            raise UnknownFetcher(f"no fetcher named {name!r}")
+        return f, f.signature.call_of_entry(entry_id)
+
 
 def build_registry(
     fetchers: Iterable[Any] | Mapping[str, Any] = (),
