@@ -187,7 +187,10 @@ class Runner:
     def start(self, fetcher: Fetcher, call: Call, cause: Cause, previous: Entry | None) -> asyncio.Task[Any]:
         """The fetcher's run started, in a task of its own; FetchFailed if it may not run now."""
         # copies: the Call is remembered for later requests, and a fetcher may change its list arguments
-        kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
+        if fetcher.signature.takes_lists:
+            kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
+        else:
+            kwargs = dict(call.kwargs)
         if fetcher.signature.previous is not None:
             kwargs[fetcher.signature.previous] = None if previous is None else Previous.of(previous)
         if sum(1 for name in self.abandoned.values() if name == fetcher.name) >= MAX_ABANDONED_PER_FETCHER:

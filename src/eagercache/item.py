@@ -199,8 +199,10 @@ def utc(moment_ms: int) -> datetime:
     return datetime.fromtimestamp(moment_ms / 1000, UTC)
 
 
+@functools.lru_cache(maxsize=1024)
 def rfc3339(moment_ms: int) -> str:
     """UTC with millisecond precision, e.g. 2026-11-24T10:00:00.123Z (RFC 3339, section 5.6)."""
+    # Cached too: the refreshes (and fills) of one millisecond share their last_retrieved.
     return f"{_rfc3339_second(moment_ms // 1000)}.{moment_ms % 1000:03d}Z"
 
 
