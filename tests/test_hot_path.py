@@ -232,12 +232,13 @@ async def test_store_calls_leave_no_cycle_for_the_garbage_collector(redis_url: s
 
 
 @pytest.mark.parametrize("store_url", ["redis", "memory"], indirect=True)
-async def test_claims_go_on_while_refresh_writes_are_on_their_way(
-    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("held", ["made", "written"])
+async def test_claims_go_on_while_fetched_entries_are_made_and_written(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch, held: str
 ) -> None:
-    """A refresh whose fetch is over holds no fetch slot while its batch's write is under way: further claim
-    rounds are taken meanwhile (this process's work overlaps the store's), up to IN_FLIGHT_PER_SLOT times
-    the slots in flight; once the writes go through, every refresh is stored, once."""
+    """A refresh whose fetcher run is over holds no fetch slot while its entry is made and written: further
+    claim rounds are taken meanwhile (this process's work overlaps the store's), up to IN_FLIGHT_PER_SLOT
+    times the slots in flight; once they go on, every refresh is stored, once."""
     slots, entries = 4, 40
     bound = slots * engine_module.IN_FLIGHT_PER_SLOT
     refreshing = False
@@ -257,17 +258,18 @@ async def test_claims_go_on_while_refresh_writes_are_on_their_way(
     for i in range(entries):
         assert (await client.get(f"/data/tick?i={i}")).status_code == 200
     gate = asyncio.Event()
-    write_refreshes = engine.store.write_refreshes
+    target, name = (engine, "_entry_from") if held == "made" else (engine.store, "write_refreshes")
+    step = getattr(target, name)
 
-    async def gated(writes: Any) -> Any:
+    async def gated(*args: Any) -> Any:
         await gate.wait()
-        return await write_refreshes(writes)
+        return await step(*args)
 
-    monkeypatch.setattr(engine.store, "write_refreshes", gated)
+    monkeypatch.setattr(target, name, gated)
     refreshing = True
     async with asyncio.timeout(20):  # the entries fall due a second after their fill
         await bound_reached.wait()
-    assert engine.free_slots == 0  # nothing more is taken while the writes wait
+    assert engine.free_slots == 0  # nothing more is taken while they wait
     assert sum(fetches.values()) - entries == bound
     gate.set()
     async with asyncio.timeout(20):
@@ -276,6 +278,49 @@ async def test_claims_go_on_while_refresh_writes_are_on_their_way(
     for i in range(entries):
         body = (await client.get(f"/data/tick?i={i}")).json()
         assert body["data"]["run"] >= 2  # a refresh of each entry was stored
+
+
+@pytest.mark.parametrize("store_url", ["redis", "memory"], indirect=True)
+async def test_no_entry_is_claimed_to_wait_for_a_fetch_slot(make_app: AppFactory) -> None:
+    """While fetcher runs hold every fetch slot, nothing more is claimed: a claimed entry's lease runs from its
+    claim, so one left waiting behind slow runs for a slot could see its lease end before its own run does
+    (and another replica fetch it again). Once the runs end, the rest are claimed and refreshed."""
+    slots, entries = 4, 20
+    refreshing = False
+    running = 0
+    all_running = asyncio.Event()
+    go_on = asyncio.Event()
+    fetches: dict[int, int] = {}
+
+    @fetcher(ttl=1, jitter=0, max_idle=3600, timeout=30)
+    async def slow(i: int) -> dict[str, int]:
+        nonlocal running
+        fetches[i] = fetches.get(i, 0) + 1
+        if refreshing and not go_on.is_set():
+            running += 1
+            if running == slots:
+                all_running.set()
+            await go_on.wait()
+        return {"i": i, "run": fetches[i]}
+
+    settings = load_settings({"max_concurrent_fetches": slots}, {})
+    app, client = await make_app([slow], settings=settings)
+    engine = app.state.engine
+    refresher = app.state.refresher
+    for i in range(entries):
+        assert (await client.get(f"/data/slow?i={i}")).status_code == 200
+    refreshing = True
+    async with asyncio.timeout(20):  # the entries fall due a second after their fill
+        await all_running.wait()
+        while not refresher._waiting_for_slots:  # the schedule loop has come round to wait for a slot
+            await asyncio.sleep(0.01)
+    assert len(engine._inflight) == slots  # the entries whose runs hold the slots, and no more
+    assert engine.free_slots == 0
+    go_on.set()
+    async with asyncio.timeout(20):
+        while min(fetches.values()) < 2:
+            await asyncio.sleep(0.01)
+    assert running == slots
 
 
 @pytest.mark.parametrize("store_url", ["redis", "memory"], indirect=True)
