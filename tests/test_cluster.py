@@ -233,7 +233,7 @@ async def test_an_event_claim_that_fails_in_one_bucket_still_refreshes_the_other
         if event_claim and state["failed"] is None and len(calls) >= 2:
             # As if the first bucket's reply were lost to its slot moving: the others' claims stand.
             state["failed"] = calls[0][1][0]
-            state["others"] = [entry for _, _, args in calls[1:] for entry in args[3:]]
+            state["others"] = [entry for _, _, args in calls[1:] for entry in args[4:]]  # after the token
             results[0] = TryAgainError("injected: the slot is moving")
         return results
 
@@ -1075,10 +1075,11 @@ def test_live_reshard_keeps_answering_and_refreshing_on_time(reshard: ReshardRun
     late = {i for i, stamps in run.calls.items() if max(gaps([*stamps, run.end])) > MAX_GAP_S}
     late |= {i for i, n in after_move.items() if n < 2}
     # Every entry refreshed every cycle, before, during and after the move; the moved ones on the new primary.
-    # Except one case the design accepts (topology._once): a claim whose reply is lost after it ran (redis-py's
-    # cluster client drops its connections on MOVED and CLUSTERDOWN) is run again, finds its entries leased,
-    # and they wait for the lease to run out (the slowest fetcher's timeout + 5 s: longer than this test
-    # watches). Such an entry is still leased at the end (run.orphaned); seen for one entry in some runs.
+    # A claim whose reply is lost after it ran (redis-py's cluster client drops its connections on MOVED and
+    # CLUSTERDOWN) is run again and answered with the entries it took (scripts._REPLAY). Except one case the
+    # design accepts: a claim whose reply is lost and that is not sent again; its entries wait for the lease
+    # to run out (the slowest fetcher's timeout + 5 s: longer than this test watches) and are still leased at
+    # the end (run.orphaned).
     unexplained = late - set(run.orphaned)
     detail = {i: [round(t - run.move_started, 2) for t in run.calls[i]] for i in sorted(late)}
     assert not unexplained, (detail, run.orphaned)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
 import redis
+import redis.asyncio
 from starlette.applications import Starlette
 
-from eagercache import create_app, fetcher
-from eagercache.item import Entry
-from eagercache.memstore import FAKEREDIS_URL
+from eagercache import create_app, fetcher, roundtrip
+from eagercache.item import Entry, build_entry
+from eagercache.memstore import FAKEREDIS_URL, build_store
 from eagercache.settings import Settings
 
 from .helpers import Counter
@@ -257,3 +260,56 @@ async def test_memory_store_keeps_no_shadow_keys() -> None:
         keys = await app.state.store.client.keys("*")
     assert b"eagercache:{b0}:item:stamp?k=z" in keys
     assert not [k for k in keys if b"shadow" in k]
+
+
+@pytest.mark.parametrize("buckets", [1, 2])
+@pytest.mark.parametrize("claim", ["schedule", "events"])
+async def test_a_claim_whose_reply_is_lost_gets_its_entries_when_sent_again(
+    redis_url: str, redis_sync: redis.Redis, monkeypatch: pytest.MonkeyPatch, buckets: int, claim: str
+) -> None:
+    """A claim ran, and its connection broke before its reply came back (a failover, a cluster client dropping
+    its connections on MOVED): the client sends the same command again. That retry gets the entries the first
+    run took, with their lease, rather than finding them leased to nobody for a lease's length. One bucket
+    sends its claim as one command, two as a pipeline: both retry."""
+    store = build_store(redis_url, namespace="lost:", buckets=buckets)
+    await store.open()
+    try:
+        await store.prepare()
+        ids = [f"f?i={i}" for i in range(6)]
+        for entry_id in ids:
+            value, _ = build_entry(b'"x"', store.clock.now_ms(), 0)
+            assert await store.write(entry_id, "f", value, 0, mode="cold", max_entries=100) == 1
+        lost = {"replies": 0}
+        send: Any = redis.asyncio.Redis._send_command_parse_response
+        exchange = roundtrip._exchange
+
+        def drop_first(reply: Any, command: tuple[Any, ...]) -> Any:
+            if "EVALSHA" in map(str, command) and lost["replies"] == 0:
+                lost["replies"] += 1
+                raise redis.ConnectionError("injected: the connection broke after the claim ran")
+            return reply
+
+        async def sent_once(self: Any, connection: Any, command_name: str, *args: Any, **options: Any) -> Any:
+            return drop_first(await send(self, connection, command_name, *args, **options), (command_name, *args))
+
+        async def exchanged_once(connection: Any, packed: list[bytes], count: int) -> list[Any]:
+            replies: list[Any] = drop_first(await exchange(connection, packed, count), ("EVALSHA",))
+            return replies
+
+        monkeypatch.setattr(redis.asyncio.Redis, "_send_command_parse_response", sent_once)
+        monkeypatch.setattr(roundtrip, "_exchange", exchanged_once)
+        if claim == "schedule":
+            claimed = await store.claim_due(range(buckets), lease_ms=60_000, limit=100)
+        else:
+            claimed = await store.claim(ids, lease_ms=60_000)
+        assert lost["replies"] == 1  # the first reply was lost, and the command sent again
+        assert sorted(c.entry_id for c in claimed.claims) == ids
+        leases = {c.entry_id: c.lease_end_ms for c in claimed.claims}
+        for entry_id in ids:
+            bucket = store.keys.bucket_of(entry_id)
+            assert redis_sync.zscore(bucket.due, entry_id) == leases[entry_id]  # the lease the reply names
+            assert next(c for c in claimed.claims if c.entry_id == entry_id).header  # and its stored header
+        assert abs(store.clock.now_ms() - time.time() * 1000) < 1000  # the replayed reply's time is today's
+        assert (await store.claim_due(range(buckets), lease_ms=60_000, limit=100)).claims == []  # taken: once
+    finally:
+        await store.aclose()

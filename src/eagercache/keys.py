@@ -13,6 +13,8 @@ id. Per bucket `b`:
 - `{ns}{bN}:read`           sorted set: entry id -> last read (ms), written in batches; for max_idle
 - `{ns}{bN}:counts`         hash: fetcher name -> number of entries in the bucket; for max_entries
 - `{ns}{bN}:tag:{tag}`      set: the bucket's entries that carry the tag (percent-encoded, item.encode_tags)
+- `{ns}{bN}:claim:{process}` a process's last claim there and its reply, for 30 s: a retry of that claim
+                            (its reply lost with its connection) gets the same entries (scripts._REPLAY)
 
 And once per namespace (anywhere in a cluster: no script touches them with other keys):
 
@@ -37,6 +39,7 @@ class Bucket:
     """The key names of one bucket: all in one hash slot."""
 
     __slots__ = (
+        "claim_prefix",
         "counts",
         "due",
         "fill_prefix",
@@ -56,6 +59,7 @@ class Bucket:
         self.stale_prefix = f"{base}stale:"
         self.fill_prefix = f"{base}fill:"
         self.tag_prefix = f"{base}tag:"
+        self.claim_prefix = f"{base}claim:"
         self.due = f"{base}due"
         self.read = f"{base}read"
         self.counts = f"{base}counts"
@@ -71,6 +75,9 @@ class Bucket:
 
     def fill(self, entry_id: str) -> str:
         return self.fill_prefix + entry_id
+
+    def claim(self, process: str) -> str:
+        return self.claim_prefix + process
 
 
 class Keys:

@@ -49,17 +49,57 @@ end
 
 _NOW = _TIME + _HEADER
 
-# Claim up to ARGV[2] entries due now by moving their score to now + ARGV[1], the lease end: whoever moved
+# How long a claim's reply is kept for a retry of that claim: a retry comes within a command's timeout.
+CLAIM_REPLY_KEPT_MS = 30_000
+# A claim's reply, kept for a retry of that very claim. A claim's connection may break after the script ran
+# (a server failing over, a cluster client dropping its connections on MOVED) and the client sends it again
+# as it was: without its first reply, the retry would find its entries leased, and they would wait out
+# their lease (a fetcher's timeout + 5 s) unrefreshed. KEYS[3] is this process's last claim in the bucket
+# (`<token> <reply>`); ARGV[1] the claim's token, unique per claim. The reply is kept length-prefixed
+# (`<bytes>:<text>` per element): a header can hold any byte. The kept `now` is replaced by the current one
+# (a retry's reply feeds the clock).
+_REPLAY = (
+    """
+local function replay_of(key, token)
+  if redis.call('GETRANGE', key, 0, #token) ~= token .. ' ' then return nil end
+  local kept, out, at = redis.call('GET', key), {}, #token + 2
+  while at <= #kept do
+    local colon = string.find(kept, ':', at, true)
+    local size = tonumber(string.sub(kept, at, colon - 1))
+    out[#out + 1] = string.sub(kept, colon + 1, colon + size)
+    at = colon + size + 1
+  end
+  out[1] = now
+  return out
+end
+local function keep_reply(key, token, out)
+  local parts = {token, ' '}
+  for i = 1, #out do
+    local text = tostring(out[i])
+    parts[#parts + 1] = #text .. ':' .. text
+  end
+  redis.call('SET', key, table.concat(parts), 'PX', """
+    + str(CLAIM_REPLY_KEPT_MS)
+    + """)
+end
+"""
+)
+
+# Claim up to ARGV[3] entries due now by moving their score to now + ARGV[2], the lease end: whoever moved
 # an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
-# KEYS: due, read. ARGV[3]: the item key prefix; ARGV[4]: the last byte of the header to return.
+# KEYS: due, read, this process's last claim (_REPLAY). ARGV[1]: the claim's token; ARGV[4]: the item key
+# prefix; ARGV[5]: the last byte of the header to return.
 # Returns now, lease end, the bucket's next due time after this claim ('-1' if its schedule is empty), then
 # id, last-read, due, header, ... where header is the start of the stored value (item.Entry's header
 # line), so a refresh that brings unchanged data needs no read of the old value.
 CLAIM_DUE = (
     _NOW
+    + _REPLAY
     + """
-local lease_end = now + tonumber(ARGV[1])
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+local replay = replay_of(KEYS[3], ARGV[1])
+if replay then return replay end
+local lease_end = now + tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {now, lease_end, '-1'}
 for i = 1, #due, 2 do
   local id = due[i]
@@ -70,27 +110,31 @@ for i = 1, #due, 2 do
   out[#out + 1] = id
   out[#out + 1] = read or '-1'
   out[#out + 1] = due[i + 1]
-  out[#out + 1] = header_of(ARGV[3] .. id, ARGV[4])
+  out[#out + 1] = header_of(ARGV[4] .. id, ARGV[5])
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if first[2] then out[3] = first[2] end
+if #out > 3 then keep_reply(KEYS[3], ARGV[1], out) end
 return out
 """
 )
 
-# Claim the entries ARGV[4..] that expired shadow keys say are due, if they are (ARGV: lease ms, item key
-# prefix, last header byte, ids...). An entry that is stored but missing from the schedule is claimed too,
-# so a damaged schedule heals. KEYS: due, read. Returns what CLAIM_DUE does, for the claimed ones (with
-# no next due time: '-1').
+# Claim the entries ARGV[5..] that expired shadow keys say are due, if they are (ARGV: token, lease ms,
+# item key prefix, last header byte, ids...). An entry that is stored but missing from the schedule is
+# claimed too, so a damaged schedule heals. KEYS: due, read, this process's last claim (_REPLAY). Returns
+# what CLAIM_DUE does, for the claimed ones (with no next due time: '-1').
 CLAIM_MANY = (
     _NOW
+    + _REPLAY
     + """
-local lease_end = now + tonumber(ARGV[1])
+local replay = replay_of(KEYS[3], ARGV[1])
+if replay then return replay end
+local lease_end = now + tonumber(ARGV[2])
 local out = {now, lease_end, '-1'}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local id = ARGV[i]
   local due = redis.call('ZSCORE', KEYS[1], id)
-  local header = header_of(ARGV[2] .. id, ARGV[3])
+  local header = header_of(ARGV[3] .. id, ARGV[4])
   if (due and tonumber(due) <= now) or (not due and header ~= '') then
     redis.call('ZADD', KEYS[1], lease_end, id)
     local read = redis.call('ZSCORE', KEYS[2], id)
@@ -101,6 +145,7 @@ for i = 4, #ARGV do
     out[#out + 1] = header
   end
 end
+if #out > 3 then keep_reply(KEYS[3], ARGV[1], out) end
 return out
 """
 )

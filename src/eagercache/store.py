@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -182,6 +183,9 @@ class Store:
         self._totals: dict[str, int] = defaultdict(int)  # the same, summed over the buckets
         self._pending: dict[tuple[int, str], int] = defaultdict(int)  # cold writes in flight: (bucket, fetcher)
         self._map_is_stale = False  # a node's pipeline failed: read the cluster's slot map before the next
+        # This process's name in its claims' keys, and its claim calls so far (each call's token).
+        self._process = uuid.uuid4().hex[:16]
+        self._claims_sent = 0
         self._detected_kind = "unknown"
         self._reads = Coalescer(self._get_many, max_batch=READ_BATCH)
         self._fill_locks = Coalescer(self._start_fills, max_batch=WRITE_BATCH)
@@ -821,9 +825,11 @@ class Store:
         """Claim up to `limit` entries due now in each of these buckets, each for `lease_ms`; with each
         bucket's next due time. A bucket whose claim failed is named in the round, with the error."""
         calls = []
+        token = self._claim_token()
         for index in buckets:
             b = self.keys.buckets[index]
-            calls.append((self._claim_due, [b.due, b.read], [lease_ms, limit, b.item_prefix, HEADER_MAX_BYTES - 1]))
+            keys = [b.due, b.read, b.claim(self._process)]
+            calls.append((self._claim_due, keys, [token, lease_ms, limit, b.item_prefix, HEADER_MAX_BYTES - 1]))
         with self._errors(write=True):
             sent = time.monotonic()
             results = await self._pipelined(calls)
@@ -847,8 +853,10 @@ class Store:
         bucket whose claim failed is named in the round; the other buckets' claims stand (they are taken
         on the server: dropping them would leave those entries leased to nobody)."""
         calls, buckets = [], []
+        token = self._claim_token()
         for b, ids in self._by_bucket(entry_ids).items():
-            calls.append((self._claim_many, [b.due, b.read], [lease_ms, b.item_prefix, HEADER_MAX_BYTES - 1, *ids]))
+            keys = [b.due, b.read, b.claim(self._process)]
+            calls.append((self._claim_many, keys, [token, lease_ms, b.item_prefix, HEADER_MAX_BYTES - 1, *ids]))
             buckets.append(b.index)
         with self._errors(write=True):
             sent = time.monotonic()
@@ -863,6 +871,12 @@ class Store:
             with self._errors():
                 raise next(r for r in results if isinstance(r, BaseException))
         return round_
+
+    def _claim_token(self) -> str:
+        """A token of its own for each claim call: a retry of that call (the same command sent again) is
+        answered with its first run's claims (scripts._REPLAY)."""
+        self._claims_sent += 1
+        return str(self._claims_sent)
 
     def _claims(self, flat: list[bytes], sent: float) -> list[Claim]:
         # Every claim reply starts with the server's time: a free reading for the clock.

@@ -367,8 +367,8 @@ async def connect(
 def _once() -> Retry:
     """One retry, at once, on a new connection: after a server restarts or fails over, every pooled
     connection is dead, and the first command on each would otherwise fail. A script whose connection
-    broke after it ran runs twice: a write or removal finds its work done; a claim finds its entries
-    leased already, and they are refreshed when the lease runs out."""
+    broke after it ran runs twice: a write or removal finds its work done; a claim is answered with the
+    entries its first run took (scripts._REPLAY)."""
     return Retry(NoBackoff(), 1)
 
 
