@@ -18,15 +18,18 @@ def section_memstore(s10: Doc, targets: list[list[str]]) -> str:
         cold, cap = s10["cold"][stack], s10["capacity"][stack]
         cold_ratio = cold["memory"]["misses_per_s"] / cold["redis"]["misses_per_s"]
         cap_ratio = cap["memory"]["refreshes_per_s"] / cap["redis"]["refreshes_per_s"]
+        # A store that kept up with every entry due refreshed as fast as they fell due: its rate (and so the
+        # ratio) is a lower bound.
+        bound = "" if cap["memory"].get("saturated", True) else "≥ "
         rows.append(
             [
                 stack,
                 num(cold["memory"]["misses_per_s"]),
                 num(cold["redis"]["misses_per_s"]),
                 f"{cold_ratio:.2f}x",
-                num(cap["memory"]["refreshes_per_s"]),
+                bound + num(cap["memory"]["refreshes_per_s"]),
                 num(cap["redis"]["refreshes_per_s"]),
-                f"{cap_ratio:.2f}x",
+                f"{bound}{cap_ratio:.2f}x",
                 f"{num(cap['memory']['cpu_us_per_refresh'])} / {num(cap['redis']['cpu_us_per_refresh'])}",
             ]
         )
@@ -40,8 +43,8 @@ def section_memstore(s10: Doc, targets: list[list[str]]) -> str:
         targets.append(
             [
                 f"memory:// refresh capacity ≥ {GOAL_RATIO:g}x redis:// ({stack})",
-                f"{num(cap['memory']['refreshes_per_s'])}/s vs {num(cap['redis']['refreshes_per_s'])}/s: "
-                f"{cap_ratio:.2f}x",
+                f"{bound}{num(cap['memory']['refreshes_per_s'])}/s vs {num(cap['redis']['refreshes_per_s'])}/s: "
+                f"{bound}{cap_ratio:.2f}x" + (" (memory:// kept up with every entry due)" if bound else ""),
                 verdict(cap_ratio >= GOAL_RATIO),
             ]
         )
@@ -69,7 +72,8 @@ def section_memstore(s10: Doc, targets: list[list[str]]) -> str:
             "entries by cold fills, so that more fall due each second than one process refreshes; refreshes/s "
             "from `/metrics` over a window once every entry has been due (the same method for both stores: "
             "section 7 arms its schedule through Redis, which memory:// has not). Both stacks, same run. How it "
-            "is measured: `bench/memstore.py`.",
+            "is measured: `bench/memstore.py`. A rate marked ≥ is a store that kept up with every entry due (they "
+            "fell due no faster than it refreshed them): its rate and ratio are lower bounds.",
             "",
             table(
                 [
