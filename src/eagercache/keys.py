@@ -13,7 +13,7 @@ id. Per bucket `b`:
 - `{ns}{bN}:read`           sorted set: entry id -> last read (ms), written in batches; for max_idle
 - `{ns}{bN}:counts`         hash: fetcher name -> number of entries in the bucket; for max_entries
 - `{ns}{bN}:tag:{tag}`      set: the bucket's entries that carry the tag (percent-encoded, item.encode_tags)
-- `{ns}{bN}:claim:{process}` a process's last claim there and its reply, for 30 s: a retry of that claim
+- `{ns}{bN}:claim:{process}` a process's last claim there (token, lease end, ids), for 30 s: a retry of it
                             (its reply lost with its connection) gets the same entries (scripts._REPLAY)
 
 And once per namespace (anywhere in a cluster: no script touches them with other keys):
