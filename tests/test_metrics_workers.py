@@ -138,10 +138,13 @@ def _children(process: ServeProcess) -> set[str]:
 
 @pytest.fixture
 def workers(redis_url: str, redis_sync: redis.Redis, tmp_path: Path) -> Iterator[ServeProcess]:
-    """`serve --workers 2`, its temporary files (the metrics directory among them) under tmp_path."""
+    """`serve --workers 2`, its temporary files (the metrics directory among them) under tmp_path. `counted`
+    with an hour's ttl: no refresh runs during a test, so the fetches in flight are the tests' own."""
     env = {"FLEET_REDIS_URL": redis_url, "TMPDIR": str(tmp_path)}
     fetchers = ("--fetchers", "tests.fleet:counted", "--fetchers", "tests.fleet:held")
-    server = ServeProcess("--redis-url", redis_url, *fetchers, "--workers", "2", env=env)
+    config = tmp_path / "eagercache.toml"
+    config.write_text("[fetcher.counted]\nttl = 3600\n")
+    server = ServeProcess("--redis-url", redis_url, *fetchers, "--workers", "2", "--config", str(config), env=env)
     try:
         server.wait_ready()
         yield server
