@@ -245,18 +245,19 @@ class Registry(Mapping[str, Fetcher]):
 
     def call(self, name: str, query: bytes | str) -> tuple[Fetcher, Call]:
         """Resolve a request (or a stored entry id's parts) to its fetcher and validated call."""
-        f = self._fetchers.get(name)
-        if f is None:
-            raise UnknownFetcher(f"no fetcher named {name!r}")
+        f = self._known(name)
         return f, f.signature.call_from_query(query)
 
     def call_of_entry(self, entry_id: str) -> tuple[Fetcher, Call]:
         """A stored entry's fetcher and call (see `Signature.call_of_entry`), raising as `call` does."""
-        name = entry_id.partition("?")[0]
+        f = self._known(entry_id.partition("?")[0])
+        return f, f.signature.call_of_entry(entry_id)
+
+    def _known(self, name: str) -> Fetcher:
         f = self._fetchers.get(name)
         if f is None:
             raise UnknownFetcher(f"no fetcher named {name!r}")
-        return f, f.signature.call_of_entry(entry_id)
+        return f
 
 
 def build_registry(
