@@ -34,7 +34,7 @@ from .errors import (
     UnknownFetcher,
 )
 from .fetchers import Fetcher, Registry
-from .isolation import MAX_ERROR_CHARS, Cause, Refresh, Runner, Runs
+from .isolation import MAX_ERROR_CHARS, Cause, Refresh, Runner, Runs, first_done
 from .item import Entry, encode_tags, new_entry, parse_header
 from .keys import split_entry_id
 from .logs import Throttle
@@ -244,7 +244,7 @@ class Engine:
         """The fetch's result, unless the shutdown timeout passes first. The fetch is never cancelled by a
         reader leaving: others may be waiting for it too."""
         if not task.done():
-            await _first_done(task, self._closed_future())
+            await first_done(task, self._closed_future())
         if not task.done():
             raise ShuttingDown(
                 "the server is shutting down and the answer was not ready in time; ask again",
@@ -864,24 +864,6 @@ class Engine:
         if self._closed is None:
             self._closed = asyncio.get_running_loop().create_future()
         return self._closed
-
-
-async def _first_done(*futures: asyncio.Future[Any]) -> None:
-    """Until one of the futures is done: `asyncio.wait(..., return_when=FIRST_COMPLETED)` without its sets
-    and results, which were ~6 us of every cold read (the reader waits for its fetch, or for shutdown)."""
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def wake(_: object) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    for future in futures:
-        future.add_done_callback(wake)
-    try:
-        await waiter
-    finally:
-        for future in futures:
-            future.remove_done_callback(wake)
 
 
 def _parse(raw: bytes | None) -> Entry | None:

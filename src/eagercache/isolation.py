@@ -268,8 +268,15 @@ class FetcherRaised(Exception):
 async def done_within(task: asyncio.Task[Any], timeout_s: float) -> bool:
     """Wait until `task` is done (True) or `timeout_s` has passed (False; the task is left running): what
     `asyncio.wait({task}, timeout=...)` does, without its sets and bookkeeping (~15 us of every refresh)."""
-    if task.done():
-        return True
+    if not task.done():
+        await first_done(task, timeout_s=timeout_s)
+    return task.done()
+
+
+async def first_done(*futures: asyncio.Future[Any], timeout_s: float | None = None) -> None:
+    """Until one of the futures is done, or `timeout_s` has passed: `asyncio.wait(..., FIRST_COMPLETED)`
+    without its sets and results (~6 us of a cold read's wait for its fetch or for shutdown). None of the
+    futures is cancelled."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
 
@@ -277,14 +284,16 @@ async def done_within(task: asyncio.Task[Any], timeout_s: float) -> bool:
         if not waiter.done():
             waiter.set_result(None)
 
-    task.add_done_callback(wake)
-    timer = loop.call_later(timeout_s, wake)
+    for future in futures:
+        future.add_done_callback(wake)
+    timer = None if timeout_s is None else loop.call_later(timeout_s, wake)
     try:
         await waiter
     finally:
-        timer.cancel()
-        task.remove_done_callback(wake)
-    return task.done()
+        if timer is not None:
+            timer.cancel()
+        for future in futures:
+            future.remove_done_callback(wake)
 
 
 async def guarded(func: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
