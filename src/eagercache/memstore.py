@@ -255,8 +255,8 @@ class MemoryStore(Store):
     ) -> int:
         record = self._records.get(entry_id)
         if lease_end_ms is not None and record is not None:
-            if record.due == due_at_ms:
-                return STORED  # this very write was applied already
+            if record.due == due_at_ms and _header_line(record.value) == _header_line(value):
+                return STORED  # this very write was applied already (scripts.WRITE: not the score alone)
             if record.due != lease_end_ms:
                 return NOT_OURS
         bucket = self._bucket(entry_id)

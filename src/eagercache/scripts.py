@@ -207,8 +207,11 @@ return taken
 # is no longer scheduled).
 # ARGV[7]: a refresh's lease end ('' for none: a cold write, an admin's refresh). The write is the claim
 # holder's only while the schedule still shows its lease (or no score at all: the member was lost). If it
-# shows the due time this write sets, an earlier try of the same write was applied and its reply lost:
-# done already. Any other score is someone else's claim or write since: not ours to overwrite.
+# shows the due time this write sets and the item has this write's header line, an earlier try of the same
+# write was applied and its reply lost: done already. The score alone does not say so: a lease can end at
+# that very ms (an entry claimed at its due time, with a lease as long as its ttl), and that write was
+# then skipped, the entry left unrefreshed for a whole ttl. Any other score is someone else's claim or
+# write since: not ours to overwrite.
 # ARGV[8]: '1' to set the shadow key (expiry events on), '' for none.
 # ARGV[9], ARGV[10]: the bucket's tag key prefix, the last byte of a header: the entry leaves the index
 # sets of the tags the stored value had and the new one has not, and joins those of its new tags.
@@ -219,7 +222,10 @@ WRITE = (
     + """
 if ARGV[7] ~= '' then
   local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
-  if score and tonumber(score) == tonumber(ARGV[3]) and redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+  if score and tonumber(score) == tonumber(ARGV[3]) then
+    local stored = header_of(KEYS[1], tonumber(ARGV[10]))
+    if stored ~= '' and string.sub(ARGV[2], 1, #stored) == stored then return 1 end
+  end
   if score and tonumber(score) ~= tonumber(ARGV[7]) then return -2 end
 end
 local is_new = redis.call('EXISTS', KEYS[1]) == 0
