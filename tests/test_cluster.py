@@ -233,7 +233,7 @@ async def test_an_event_claim_that_fails_in_one_bucket_still_refreshes_the_other
         if event_claim and state["failed"] is None and len(calls) >= 2:
             # As if the first bucket's reply were lost to its slot moving: the others' claims stand.
             state["failed"] = calls[0][1][0]
-            state["others"] = [entry for _, _, args in calls[1:] for entry in args[4:]]  # after the token
+            state["others"] = [entry for _, _, args in calls[1:] for entry in args[5:]]  # after the shadow key prefix
             results[0] = TryAgainError("injected: the slot is moving")
         return results
 

@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from eagercache import create_app, fetcher, roundtrip
 from eagercache.item import Entry, build_entry
 from eagercache.memstore import FAKEREDIS_URL, build_store
+from eagercache.scripts import SHADOW_GRACE_MS
 from eagercache.settings import Settings
 
 from .helpers import Counter
@@ -214,7 +215,7 @@ async def test_an_entry_is_stored_whole(redis_url: str, redis_sync: redis.Redis)
             pipe.zscore("eagercache:{b0}:due", "stamp?k=q")
             item, shadow_ttl, due = pipe.execute()
     assert Entry.parse(item).body == body
-    assert 0 < shadow_ttl <= 500
+    assert 0 < shadow_ttl <= 500 + SHADOW_GRACE_MS  # due in the ttl (0.5 s), then the grace
     assert due is not None
 
 
@@ -242,12 +243,69 @@ async def test_without_expiry_events_no_shadow_key_is_kept_and_the_schedule_alon
 async def test_with_expiry_events_every_stored_entry_has_its_shadow_key(
     redis_url: str, redis_sync: redis.Redis
 ) -> None:
-    """The default: each entry's shadow key expires when it is due (the hint the events give)."""
+    """The default: each entry's shadow key expires a grace after it is due (the hint the events give)."""
     app = create_app([stamp], redis_url=redis_url)
     async with running(app) as client:
         await client.get("/data/stamp?k=y")
         assert app.state.refresher.mode == "events+schedule"
-        assert 0 < redis_sync.pttl("eagercache:{b0}:shadow:stamp?k=y") <= 500
+        due_ms = Entry.parse(redis_sync.getrange("eagercache:{b0}:item:stamp?k=y", 0, 127)).due_ms
+        expires_at = redis_sync.execute_command("PEXPIRETIME", "eagercache:{b0}:shadow:stamp?k=y")
+        assert abs(expires_at - (due_ms + SHADOW_GRACE_MS)) <= 2, (expires_at, due_ms)
+
+
+async def test_an_entry_refreshed_on_time_sends_no_expiry_event(redis_url: str, redis_sync: redis.Redis) -> None:
+    """An entry's claim and write move its shadow key on before it expires: an entry the schedule refreshes
+    on time costs no event (was: one per refresh, to every process, each parsing them all). A refresh
+    claimed more than the grace late may send one: the count is bounded by the late refreshes."""
+    app = create_app([stamp], redis_url=redis_url)
+    writes = Counter()
+    app.state.engine.on_write(writes.hit)
+    pubsub = redis_sync.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("__keyevent@0__:expired")
+    try:
+        async with running(app) as client:
+            await client.get("/data/stamp?k=on-time")
+            await writes.reach(4)  # the cold write, then three refreshes of ttl 0.5 s
+        events = []
+        quiet_until = time.monotonic() + SHADOW_GRACE_MS / 1000 + 0.3  # the last shadow key's grace is over
+        while time.monotonic() < quiet_until:
+            if (message := pubsub.get_message(timeout=0.05)) is not None:
+                events.append(message["data"])
+    finally:
+        pubsub.close()
+    metrics = app.state.metrics
+    refreshes = metrics.sample("eagercache_refresh_lag_seconds_count", fetcher="stamp")
+    on_time = metrics.sample("eagercache_refresh_lag_seconds_bucket", fetcher="stamp", le="0.25")
+    assert refreshes >= 3
+    ours = [e for e in events if b"shadow:stamp?k=on-time" in e]
+    assert len(ours) <= refreshes - on_time, (ours, refreshes, on_time)
+
+
+async def test_a_claim_whose_holder_is_gone_sends_its_event_when_its_lease_ends(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """A claim moves the entry's shadow key to its lease's end: if the claimer never writes (it died), the
+    event comes once the entry is due again, for another replica to claim it; not before, when a claim
+    would find it leased."""
+    store = build_store(redis_url)
+    await store.prepare()
+    pubsub = redis_sync.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("__keyevent@0__:expired")
+    try:
+        now = store.clock.now_ms()
+        stored, _ = build_entry(b"\"x\"", now - 1, now - 1)
+        await store.write("stamp?k=gone", "stamp", stored, now - 1, mode="cold", max_entries=10)
+        (claim,) = (await store.claim_due([0], 300, 10)).claims
+        message = None
+        deadline = time.monotonic() + 5
+        while message is None and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1)
+        seconds, micros = redis_sync.time()
+    finally:
+        pubsub.close()
+        await store.aclose()
+    assert message is not None and message["data"] == b"eagercache:{b0}:shadow:stamp?k=gone"
+    assert seconds * 1000 + micros // 1000 >= claim.lease_end_ms + SHADOW_GRACE_MS
 
 
 async def test_memory_store_keeps_no_shadow_keys() -> None:

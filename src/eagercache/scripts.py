@@ -51,6 +51,12 @@ _NOW = _TIME + _HEADER
 
 # How long a claim is kept for a retry of that claim: a retry comes within a command's timeout.
 CLAIM_REPLY_KEPT_MS = 30_000
+# A shadow key expires this long after its entry is due, or after its claim's lease ends: its `expired`
+# event then says "due, and nobody has it". An entry refreshed on time has its shadow key rewritten first
+# (a claim moves it to the lease's end, the write to the next due time), so it sends no event at all.
+# Expiring at the due time itself, every refresh sent one to every process (each parsed them all), ~25 us
+# of a process's CPU per refresh at 10,000 due per second, for a hint the schedule had already acted on.
+SHADOW_GRACE_MS = 250
 # A claim, kept for a retry of that very claim. A claim's connection may break after the script ran (a
 # server failing over, a cluster client dropping its connections on MOVED) and the client sends it again as
 # it was: without the first run's reply, the retry would find its entries leased, and they would wait out
@@ -95,7 +101,8 @@ end
 # Claim up to ARGV[3] entries due now by moving their score to now + ARGV[2], the lease end: whoever moved
 # an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
 # KEYS: due, read, this process's last claim (_REPLAY). ARGV[1]: the claim's token; ARGV[4]: the item key
-# prefix; ARGV[5]: the last byte of the header to return.
+# prefix; ARGV[5]: the last byte of the header to return; ARGV[6]: the shadow key prefix ('' for none: a
+# claimed entry's shadow key then expires only if the lease runs out, see SHADOW_GRACE_MS).
 # Returns now, lease end, the bucket's next due time after this claim ('-1' if its schedule is empty), then
 # id, last-read, due, header, ... where header is the start of the stored value (item.Entry's header
 # line), so a refresh that brings unchanged data needs no read of the old value.
@@ -106,11 +113,15 @@ CLAIM_DUE = (
 local replay = replay_of(KEYS[3], ARGV[1], KEYS[2], ARGV[4], ARGV[5])
 if replay then return replay end
 local lease_end = now + tonumber(ARGV[2])
+local shadow_ms = tonumber(ARGV[2]) + """
+    + str(SHADOW_GRACE_MS)
+    + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {now, lease_end, '-1'}
 for i = 1, #due, 2 do
   local id = due[i]
   redis.call('ZADD', KEYS[1], lease_end, id)
+  if ARGV[6] ~= '' then redis.call('SET', ARGV[6] .. id, '', 'PX', shadow_ms) end
   local read = redis.call('ZSCORE', KEYS[2], id)
   -- an entry with no read time (its record was lost) starts counting towards max_idle now
   if not read then redis.call('ZADD', KEYS[2], now, id) end
@@ -126,10 +137,10 @@ return out
 """
 )
 
-# Claim the entries ARGV[5..] that expired shadow keys say are due, if they are (ARGV: token, lease ms,
-# item key prefix, last header byte, ids...). An entry that is stored but missing from the schedule is
-# claimed too, so a damaged schedule heals. KEYS: due, read, this process's last claim (_REPLAY). Returns
-# what CLAIM_DUE does, for the claimed ones (with no next due time: '-1').
+# Claim the entries ARGV[6..] that expired shadow keys say are due, if they are (ARGV: token, lease ms,
+# item key prefix, last header byte, shadow key prefix as in CLAIM_DUE, ids...). An entry that is stored
+# but missing from the schedule is claimed too, so a damaged schedule heals. KEYS: due, read, this
+# process's last claim (_REPLAY). Returns what CLAIM_DUE does, for the claimed ones (no next due time: '-1').
 CLAIM_MANY = (
     _NOW
     + _REPLAY
@@ -137,13 +148,17 @@ CLAIM_MANY = (
 local replay = replay_of(KEYS[3], ARGV[1], KEYS[2], ARGV[3], ARGV[4])
 if replay then return replay end
 local lease_end = now + tonumber(ARGV[2])
+local shadow_ms = tonumber(ARGV[2]) + """
+    + str(SHADOW_GRACE_MS)
+    + """
 local out = {now, lease_end, '-1'}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local id = ARGV[i]
   local due = redis.call('ZSCORE', KEYS[1], id)
   local header = header_of(ARGV[3] .. id, ARGV[4])
   if (due and tonumber(due) <= now) or (not due and header ~= '') then
     redis.call('ZADD', KEYS[1], lease_end, id)
+    if ARGV[5] ~= '' then redis.call('SET', ARGV[5] .. id, '', 'PX', shadow_ms) end
     local read = redis.call('ZSCORE', KEYS[2], id)
     if not read then redis.call('ZADD', KEYS[2], now, id) end
     out[#out + 1] = id
@@ -212,7 +227,8 @@ return taken
 # that very ms (an entry claimed at its due time, with a lease as long as its ttl), and that write was
 # then skipped, the entry left unrefreshed for a whole ttl. Any other score is someone else's claim or
 # write since: not ours to overwrite.
-# ARGV[8]: '1' to set the shadow key (expiry events on), '' for none.
+# ARGV[8]: '1' to set the shadow key (expiry events on: it expires SHADOW_GRACE_MS after the due time), ''
+# for none.
 # ARGV[9], ARGV[10]: the bucket's tag key prefix, the last byte of a header: the entry leaves the index
 # sets of the tags the stored value had and the new one has not, and joins those of its new tags.
 # Returns 1 stored, 0 not stored (fetcher at max entries), -1 not stored (entry gone), -2 not stored
@@ -250,7 +266,11 @@ local new_tags = tags_of(string.match(ARGV[2], '^[^\\n]*'))
 index('SREM', ARGV[9], ARGV[1], old_tags, new_tags)
 index('SADD', ARGV[9], ARGV[1], new_tags, old_tags)
 redis.call('SET', KEYS[1], ARGV[2])
-if ARGV[8] == '1' then redis.call('SET', KEYS[2], '', 'PX', math.max(1, tonumber(ARGV[3]) - now)) end
+if ARGV[8] == '1' then
+  redis.call('SET', KEYS[2], '', 'PX', math.max(0, tonumber(ARGV[3]) - now) + """
+    + str(SHADOW_GRACE_MS)
+    + """)
+end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 if ARGV[6] == 'cold' then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
 redis.call('DEL', KEYS[5], KEYS[7])
@@ -260,8 +280,8 @@ return 1
 
 # After a failed refresh: keep the body, mark the entry stale, try again later.
 # KEYS: item, shadow, due, stale, read, counts. ARGV: id, retry in ms, stale marker ('' to leave the
-# marker alone), fetcher, '1' to set the shadow key ('' for none). An entry whose item is gone is dropped
-# whole, as in WRITE. Returns 0 if it is gone.
+# marker alone), fetcher, '1' to set the shadow key (expiring SHADOW_GRACE_MS after the retry; '' for
+# none). An entry whose item is gone is dropped whole, as in WRITE. Returns 0 if it is gone.
 POSTPONE = (
     _NOW
     + """
@@ -272,7 +292,9 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
 if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3]) end
-if ARGV[5] == '1' then redis.call('SET', KEYS[2], '', 'PX', ARGV[2]) end
+if ARGV[5] == '1' then redis.call('SET', KEYS[2], '', 'PX', tonumber(ARGV[2]) + """
+    + str(SHADOW_GRACE_MS)
+    + """) end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """

@@ -821,6 +821,10 @@ class Store:
         b = bucket
         return [b.item(entry_id), b.shadow(entry_id), b.due, b.read, b.stale(entry_id), b.counts]
 
+    def _shadow_prefix(self, bucket: Bucket) -> str:
+        """For a claim's script: where its entries' shadow keys are, '' when there are none."""
+        return bucket.shadow_prefix if self.shadow_keys else ""
+
     async def claim_due(self, buckets: Sequence[int], lease_ms: int, limit: int) -> ClaimRound:
         """Claim up to `limit` entries due now in each of these buckets, each for `lease_ms`; with each
         bucket's next due time. A bucket whose claim failed is named in the round, with the error."""
@@ -829,7 +833,8 @@ class Store:
         for index in buckets:
             b = self.keys.buckets[index]
             keys = [b.due, b.read, b.claim(self._process)]
-            calls.append((self._claim_due, keys, [token, lease_ms, limit, b.item_prefix, HEADER_MAX_BYTES - 1]))
+            args = [token, lease_ms, limit, b.item_prefix, HEADER_MAX_BYTES - 1, self._shadow_prefix(b)]
+            calls.append((self._claim_due, keys, args))
         with self._errors(write=True):
             sent = time.monotonic()
             results = await self._pipelined(calls)
@@ -856,7 +861,8 @@ class Store:
         token = self._claim_token()
         for b, ids in self._by_bucket(entry_ids).items():
             keys = [b.due, b.read, b.claim(self._process)]
-            calls.append((self._claim_many, keys, [token, lease_ms, b.item_prefix, HEADER_MAX_BYTES - 1, *ids]))
+            args = [token, lease_ms, b.item_prefix, HEADER_MAX_BYTES - 1, self._shadow_prefix(b), *ids]
+            calls.append((self._claim_many, keys, args))
             buckets.append(b.index)
         with self._errors(write=True):
             sent = time.monotonic()
