@@ -293,7 +293,7 @@ async def test_a_claim_whose_holder_is_gone_sends_its_event_when_its_lease_ends(
     pubsub.subscribe("__keyevent@0__:expired")
     try:
         now = store.clock.now_ms()
-        stored, _ = build_entry(b"\"x\"", now - 1, now - 1)
+        stored, _ = build_entry(b'"x"', now - 1, now - 1)
         await store.write("stamp?k=gone", "stamp", stored, now - 1, mode="cold", max_entries=10)
         (claim,) = (await store.claim_due([0], 300, 10)).claims
         message = None
