@@ -248,8 +248,11 @@ async def test_with_expiry_events_every_stored_entry_has_its_shadow_key(
     async with running(app) as client:
         await client.get("/data/stamp?k=y")
         assert app.state.refresher.mode == "events+schedule"
-        due_ms = Entry.parse(redis_sync.getrange("eagercache:{b0}:item:stamp?k=y", 0, 127)).due_ms
-        expires_at = redis_sync.execute_command("PEXPIRETIME", "eagercache:{b0}:shadow:stamp?k=y")
+        head = redis_sync.getrange("eagercache:{b0}:item:stamp?k=y", 0, 127)
+        assert isinstance(head, bytes)
+        shadow = "eagercache:{b0}:shadow:stamp?k=y"
+        expires_at = redis_sync.execute_command("PEXPIRETIME", shadow)  # type: ignore[no-untyped-call]
+        due_ms = Entry.parse(head).due_ms
         assert abs(expires_at - (due_ms + SHADOW_GRACE_MS)) <= 2, (expires_at, due_ms)
 
 
@@ -260,7 +263,7 @@ async def test_an_entry_refreshed_on_time_sends_no_expiry_event(redis_url: str, 
     app = create_app([stamp], redis_url=redis_url)
     writes = Counter()
     app.state.engine.on_write(writes.hit)
-    pubsub = redis_sync.pubsub(ignore_subscribe_messages=True)
+    pubsub = redis_sync.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe("__keyevent@0__:expired")
     try:
         async with running(app) as client:
@@ -289,7 +292,7 @@ async def test_a_claim_whose_holder_is_gone_sends_its_event_when_its_lease_ends(
     would find it leased."""
     store = build_store(redis_url)
     await store.prepare()
-    pubsub = redis_sync.pubsub(ignore_subscribe_messages=True)
+    pubsub = redis_sync.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe("__keyevent@0__:expired")
     try:
         now = store.clock.now_ms()
