@@ -19,8 +19,8 @@ Stacks: fast = `--loop uvloop --http httptools` (what `auto` picks where they ar
    process), which says where a refresh's CPU time goes; and again after 7.2's window, in the backlog.
 2. Refresh lag. N entries (100,000; also 1,000,000 in the full run) with ttl = N / 10,000 s, so that 10,000
    fall due per second (fast stack). Seeded due an hour ahead, then, with the server running, re-armed in due
-   order: entry i due at start + i * ttl / N in the schedule, its shadow key expiring then (what the entry's
-   previous write would have left). Window: from 1 s after re-arming is done, at most ttl - 4 s long, so that
+   order: entry i due at start + i * ttl / N in the schedule, its shadow key expiring SHADOW_GRACE_MS after
+   that (what the entry's previous write would have left). Window: from 1 s after re-arming is done, at most ttl - 4 s long, so that
    no entry is due twice in it. Lag of each entry due in the window = the `last_retrieved` time in its stored
    header (the refresh's own clock reading, taken after the fetch returned, before the write) - its due time.
    Entries not refreshed by the time their header is read count with lag = read time - due (the percentiles
@@ -63,6 +63,7 @@ import redis
 
 from eagercache.item import Entry, build_entry, encode_data, etag_of
 from eagercache.keys import Bucket, Keys
+from eagercache.scripts import SHADOW_GRACE_MS
 
 from .capacity import open_store, percentiles
 from .config import Config
@@ -448,7 +449,8 @@ def write_entries(
             due = due_of(i)
             commands.append(_command(b"SET", bucket.item(eid).encode(), values.make(i, due)))
             if layout.shadows:
-                commands.append(_command(b"SET", bucket.shadow(eid).encode(), b"", b"PXAT", b"%d" % due))
+                expires = b"%d" % (due + SHADOW_GRACE_MS)
+                commands.append(_command(b"SET", bucket.shadow(eid).encode(), b"", b"PXAT", expires))
             members[bucket] += (b"%d" % due, eid.encode())
         for bucket, scored in members.items():
             commands.append(_command(b"ZADD", bucket.due.encode(), *scored))
@@ -888,7 +890,8 @@ def _rearm(client: redis.Redis, keys: Keys, layout: Layout, n: int, due_of: Call
             bucket = keys.bucket_of(eid)
             by_bucket[bucket] += (b"%d" % due_of(i), eid.encode())
             if layout.shadows:
-                commands.append(_command(b"SET", bucket.shadow(eid).encode(), b"", b"PXAT", b"%d" % due_of(i)))
+                expires = b"%d" % (due_of(i) + SHADOW_GRACE_MS)
+                commands.append(_command(b"SET", bucket.shadow(eid).encode(), b"", b"PXAT", expires))
         commands += [_command(b"ZADD", b.due.encode(), b"XX", *scored) for b, scored in by_bucket.items()]
         late += wall_ms() > due_of(start)
         run_packed(client, commands)
