@@ -20,8 +20,8 @@ Stacks: fast = `--loop uvloop --http httptools` (what `auto` picks where they ar
 2. Refresh lag. N entries (100,000; also 1,000,000 in the full run) with ttl = N / 10,000 s, so that 10,000
    fall due per second (fast stack). Seeded due an hour ahead, then, with the server running, re-armed in due
    order: entry i due at start + i * ttl / N in the schedule, its shadow key expiring SHADOW_GRACE_MS after
-   that (what the entry's previous write would have left). Window: from 1 s after re-arming is done, at most ttl - 4 s long, so that
-   no entry is due twice in it. Lag of each entry due in the window = the `last_retrieved` time in its stored
+   that (what the entry's previous write would have left). Window: from 1 s after re-arming is done, at most
+   ttl - 4 s long, so that no entry is due twice in it. Lag of each entry due in the window = the `last_retrieved` time in its stored
    header (the refresh's own clock reading, taken after the fetch returned, before the write) - its due time.
    Entries not refreshed by the time their header is read count with lag = read time - due (the percentiles
    are then lower bounds). The process's own `eagercache_refresh_lag_seconds` histogram (due to stored) over

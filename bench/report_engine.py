@@ -339,9 +339,10 @@ def _lag(s7: Doc, docs: Path, targets: list[list[str]]) -> list[str]:
         f"### 7.2 Refresh lag: {rate:,} entries due per second (fast stack)",
         "",
         f"N entries with ttl = N / {rate:,} s, seeded, then (process running) re-armed in due order so that "
-        f"{rate:,} fall due per second, each entry's shadow key expiring 250 ms after its due time, as a write "
-        "leaves it (an entry not claimed by then sends its expiry event, as in steady state). Window: from 1 s after re-arming, at most ttl - 4 s long (no entry is "
-        "due twice in it). **Lag** of every entry due in the window = the `last_retrieved` time in its stored "
+        f"{rate:,} fall due per second, each entry's shadow key expiring 250 ms after its due time, as a "
+        "write leaves it (an entry not claimed by then sends its expiry event, as in steady state). Window: "
+        "from 1 s after re-arming, at most ttl - 4 s long (no entry is due twice in it). **Lag** of every "
+        "entry due in the window = the `last_retrieved` time in its stored "
         "header (the refresh's clock reading after the fetch returned, before the write) - its due time; entries "
         "not yet refreshed when their header was read count with lag = read time - due, and then the "
         "percentiles are lower bounds (>=). The process's own `eagercache_refresh_lag_seconds` histogram "
