@@ -21,8 +21,9 @@ Stacks: fast = `--loop uvloop --http httptools` (what `auto` picks where they ar
    fall due per second (fast stack). Seeded due an hour ahead, then, with the server running, re-armed in due
    order: entry i due at start + i * ttl / N in the schedule, its shadow key expiring SHADOW_GRACE_MS after
    that (what the entry's previous write would have left). Window: from 1 s after re-arming is done, at most
-   ttl - 4 s long, so that no entry is due twice in it. Lag of each entry due in the window = the `last_retrieved` time in its stored
-   header (the refresh's own clock reading, taken after the fetch returned, before the write) - its due time.
+   ttl - 4 s long, so that no entry is due twice in it. Lag of each entry due in the window = the
+   `last_retrieved` time in its stored header (the refresh's own clock reading, taken after the fetch
+   returned, before the write) - its due time.
    Entries not refreshed by the time their header is read count with lag = read time - due (the percentiles
    are then lower bounds). The process's own `eagercache_refresh_lag_seconds` histogram (due to stored) over
    the window is the cross-check.
