@@ -266,14 +266,18 @@ async def test_an_entry_refreshed_on_time_sends_no_expiry_event(redis_url: str, 
     pubsub = redis_sync.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe("__keyevent@0__:expired")
     try:
+        events = []
         async with running(app) as client:
             await client.get("/data/stamp?k=on-time")
             await writes.reach(4)  # the cold write, then three refreshes of ttl 0.5 s
-        events = []
-        quiet_until = time.monotonic() + SHADOW_GRACE_MS / 1000 + 0.3  # the last shadow key's grace is over
-        while time.monotonic() < quiet_until:
-            if (message := pubsub.get_message(timeout=0.05)) is not None:
-                events.append(message["data"])
+            # Read while it runs: each event so far has been sent (before, one at each refresh's due time),
+            # and the last write's shadow key has not yet had its time (it would expire once this process,
+            # stopped, no longer claims the entry: an event that is then due).
+            until = time.monotonic() + 0.3
+            while time.monotonic() < until:
+                if (message := pubsub.get_message(timeout=0)) is not None:
+                    events.append(message["data"])
+                await asyncio.sleep(0.01)
     finally:
         pubsub.close()
     metrics = app.state.metrics
