@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -422,6 +423,43 @@ async def test_a_burst_of_expiry_events_larger_than_a_batch_is_delivered_whole(
     assert not missing, f"{len(missing)} events lost: {missing[:10]}; batch sizes {[len(b) for b in delivered]}"
     assert len(ids) == BURST  # none twice
     assert max(len(batch) for batch in delivered) == CLAIM_BATCH  # full batches: the boundary was crossed
+
+
+async def test_expiry_events_are_not_formatted_into_a_debug_line_each(
+    redis_url: str, redis_sync: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py's RESP3 parser formats every pushed message into a debug line (a logger looked up, the
+    message made a string) whether or not it is logged: a third of an event's CPU. The subscription's
+    parser hands messages on as they are; they still arrive whole."""
+    import redis._parsers.hiredis as hiredis_parser
+
+    lookups: list[str] = []
+    real = logging.getLogger
+
+    def get_logger(name: str | None = None) -> logging.Logger:
+        lookups.append(str(name))
+        return real(name)
+
+    monkeypatch.setattr(hiredis_parser, "getLogger", get_logger)
+    keys = Keys("edges-push:")
+    store = Store.from_url(redis_url, keys)
+    await store.prepare()
+    events = ExpiryEvents(store, Metrics(), batch=CLAIM_BATCH, idle_s=0.2)
+    channel = f"__keyevent@{store.db}__:expired"
+    batches = events.batches()
+    try:
+        assert await anext(batches) == []  # subscribed
+        for i in range(3):
+            redis_sync.publish(channel, f"{keys.buckets[0].shadow_prefix}f?k={i}")
+        ids: list[str] = []
+        async with asyncio.timeout(5):
+            while len(ids) < 3:
+                ids += await anext(batches)
+    finally:
+        await batches.aclose()
+        await store.aclose()
+    assert ids == ["f?k=0", "f?k=1", "f?k=2"]
+    assert "push_response" not in lookups
 
 
 # -- shutdown --------------------------------------------------------------------------------------------
