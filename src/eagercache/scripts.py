@@ -101,8 +101,10 @@ end
 # Claim up to ARGV[3] entries due now by moving their score to now + ARGV[2], the lease end: whoever moved
 # an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
 # KEYS: due, read, this process's last claim (_REPLAY). ARGV[1]: the claim's token; ARGV[4]: the item key
-# prefix; ARGV[5]: the last byte of the header to return; ARGV[6]: the shadow key prefix ('' for none: a
-# claimed entry's shadow key then expires only if the lease runs out, see SHADOW_GRACE_MS).
+# prefix; ARGV[5]: the last byte of the header to return; ARGV[6]: the shadow key prefix ('' for none): a
+# claimed entry's shadow key then expires only if the lease runs out (SHADOW_GRACE_MS). Only a shadow key
+# still there is moved (XX): one claimed over the grace late has sent its event, and recreating it cost
+# redis-server a key to create per refresh in a backlog, where the server is the bottleneck.
 # Returns now, lease end, the bucket's next due time after this claim ('-1' if its schedule is empty), then
 # id, last-read, due, header, ... where header is the start of the stored value (item.Entry's header
 # line), so a refresh that brings unchanged data needs no read of the old value.
@@ -121,7 +123,7 @@ local out = {now, lease_end, '-1'}
 for i = 1, #due, 2 do
   local id = due[i]
   redis.call('ZADD', KEYS[1], lease_end, id)
-  if ARGV[6] ~= '' then redis.call('SET', ARGV[6] .. id, '', 'PX', shadow_ms) end
+  if ARGV[6] ~= '' then redis.call('SET', ARGV[6] .. id, '', 'PX', shadow_ms, 'XX') end
   local read = redis.call('ZSCORE', KEYS[2], id)
   -- an entry with no read time (its record was lost) starts counting towards max_idle now
   if not read then redis.call('ZADD', KEYS[2], now, id) end
@@ -158,7 +160,7 @@ for i = 6, #ARGV do
   local header = header_of(ARGV[3] .. id, ARGV[4])
   if (due and tonumber(due) <= now) or (not due and header ~= '') then
     redis.call('ZADD', KEYS[1], lease_end, id)
-    if ARGV[5] ~= '' then redis.call('SET', ARGV[5] .. id, '', 'PX', shadow_ms) end
+    if ARGV[5] ~= '' then redis.call('SET', ARGV[5] .. id, '', 'PX', shadow_ms, 'XX') end
     local read = redis.call('ZSCORE', KEYS[2], id)
     if not read then redis.call('ZADD', KEYS[2], now, id) end
     out[#out + 1] = id
