@@ -60,10 +60,12 @@ async def test_expired_events_drive_refresh_of_entries_written_elsewhere(
 async def test_an_event_for_a_bucket_the_schedule_has_due_costs_no_claim(
     redis_url: str, redis_sync: redis.Redis
 ) -> None:
-    """The schedule loop knows the entry's bucket is due but is held in its claim (as when it is behind): the
-    entry's expiry event must not add a claim of its own. The schedule's claim refreshes it once let go."""
+    """The schedule loop knows the entry's bucket is due and is in its claim (as when it is behind): the
+    entry's expiry event must not add a claim of its own. The schedule's claim refreshes it once let go.
+    (A claim held up for longer than `claim_held_up_s`, a node failing, is the next test's case.)"""
     app = create_app([stamp], redis_url=redis_url)
     refresher, store = app.state.refresher, app.state.store
+    refresher.claim_held_up_s = 30.0  # this claim is only slow, as behind a backlog
     held, let_go = asyncio.Event(), asyncio.Event()
     claim_due, event_claims = store.claim_due, list[list[str]]()
 
@@ -104,6 +106,39 @@ async def test_an_event_for_a_bucket_the_schedule_has_due_costs_no_claim(
     metrics = app.state.metrics
     assert metrics.sample("eagercache_fetches_total", fetcher="stamp", cause="schedule", outcome="ok") >= 1
     assert metrics.sample("eagercache_fetches_total", fetcher="stamp", cause="event", outcome="ok") == 0
+
+
+async def test_an_event_is_claimed_on_its_own_while_the_schedule_claim_is_held_up(
+    redis_url: str, redis_sync: redis.Redis
+) -> None:
+    """The schedule loop's claim hangs (a node failing over held it for seconds in a cluster fault test):
+    an entry's expiry event is claimed and refreshed on its own meanwhile, not dropped as the schedule's
+    (an event comes once: dropped, the entry would wait for that claim)."""
+    app = create_app([stamp], redis_url=redis_url)
+    refresher, store = app.state.refresher, app.state.store
+    held, let_go = asyncio.Event(), asyncio.Event()
+    claim_due = store.claim_due
+
+    async def held_claim_due(*args: object, **kwargs: object) -> object:
+        if not let_go.is_set() and redis_sync.exists("eagercache:{b0}:item:stamp?k=h"):
+            held.set()
+            await let_go.wait()
+        return await claim_due(*args, **kwargs)
+
+    store.claim_due = held_claim_due
+    writes = Counter()
+    app.state.engine.on_write(writes.hit)
+    async with running(app) as client:
+        assert refresher.subscribed
+        try:
+            assert (await client.get("/data/stamp?k=h")).status_code == 200
+            await asyncio.wait_for(held.wait(), 5)  # the entry fell due: the schedule loop is in its claim
+            await writes.reach(2, timeout=5)  # refreshed while that claim is still held
+            assert not let_go.is_set()
+        finally:
+            let_go.set()
+    metrics = app.state.metrics
+    assert metrics.sample("eagercache_fetches_total", fetcher="stamp", cause="event", outcome="ok") >= 1
 
 
 async def test_expiry_events_are_enabled_by_adding_flags(redis_url: str, redis_sync: redis.Redis) -> None:

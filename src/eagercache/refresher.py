@@ -48,6 +48,10 @@ READ_FLUSH_MIN_S = 0.05
 SCHEDULE_COALESCE_MS = 10
 # A bucket whose claim failed (its node failing over, its slot moving) is tried again this much later.
 BUCKET_RETRY_MS = 250
+# A schedule claim out this long is held up (a node failing over or gone, a slot moving; its round trip is
+# otherwise a few ms): expiry events, which come once an entry has been due for a grace and nobody has it,
+# are then claimed on their own instead of being left to that claim.
+SCHEDULE_CLAIM_HELD_UP_S = 0.1
 NOTHING_SCHEDULED = 2**62
 # Entries a claim round asks of each bucket when slots are short of ready buckets.
 CLAIMS_PER_BUCKET = 8
@@ -96,6 +100,8 @@ class Refresher:
         # Per bucket being claimed: the earliest due time written there since its claim was sent, which
         # the claim's reply may not include (NOTHING_SCHEDULED: none).
         self._written_during_claim: dict[int, int] = {}
+        self.claim_held_up_s = SCHEDULE_CLAIM_HELD_UP_S
+        self._claim_sent_at: float | None = None  # time.monotonic() of the schedule claim now out, if any
         self._claim_errors = Throttle(log, 60.0)
         self._waiting_for_slots = False
         self._owner = uuid.uuid4().hex
@@ -243,6 +249,7 @@ class Refresher:
                 take = (ready[turn:] + ready[:turn])[: max(1, -(-limit // CLAIMS_PER_BUCKET))]
                 turn += len(take)
                 self._written_during_claim = dict.fromkeys(take, NOTHING_SCHEDULED)
+                self._claim_sent_at = time.monotonic()
                 try:
                     claimed = await self.store.claim_due(take, self.lease_ms, max(1, limit // len(take)))
                 except StoreUnavailable as exc:
@@ -262,6 +269,8 @@ class Refresher:
                         continue
                     await asyncio.sleep(outage.failed(exc.detail))
                     continue
+                finally:
+                    self._claim_sent_at = None
                 written, self._written_during_claim = self._written_during_claim, {}
                 outage.over()
                 self._refresh(await self.engine.budget.admit(claimed.claims), "schedule")
@@ -325,6 +334,11 @@ class Refresher:
         due_at = self._due_at
         if not self._schedule_running:
             return entry_ids  # not started, or restarting after a failure: the events are all there is
+        sent = self._claim_sent_at
+        if sent is not None and time.monotonic() - sent > self.claim_held_up_s:
+            # Its claim is held up (a node failing): entries elsewhere must not wait for it. An event comes
+            # once, so one filtered out here would be lost to a claim that may take seconds.
+            return entry_ids
         now = self.store.clock.now_ms()
         bucket_of = self.store.keys.bucket_of
         return [e for e in entry_ids if due_at[bucket_of(e).index] > now]
