@@ -3,13 +3,12 @@
 Two signals lead here. The schedule (each bucket's `due` sorted set) is the truth: a loop claims what is
 due in the buckets whose next due time has come (each claim says when its bucket is next due), sleeps
 until the earliest of those, and at least every backstop interval claims in every bucket (another
-replica may have scheduled something sooner). Redis `expired` events
-for shadow keys (events.py) are a hint that an entry is due and nobody has it (a shadow key expires
-a grace after its due time or its claim's lease end: scripts.SHADOW_GRACE_MS); it arrives without
-polling, late by up to a second or so, and not at all while disconnected, for evicted keys, or on
-`memory://`. Whichever comes first, an
-entry is refreshed only by whoever claims it in the schedule, so the two never fetch it twice, and
-neither do several replicas.
+replica may have scheduled something sooner). Redis `expired` events for shadow keys (events.py) are a
+hint that an entry is due and nobody has it (a shadow key expires a grace after its due time or its
+claim's lease end: scripts.SHADOW_GRACE_MS); it arrives without polling, late by up to a second or so,
+and not at all while disconnected, for evicted keys, or on `memory://`. Whichever comes first, an entry
+is refreshed only by whoever claims it in the schedule, so the two never fetch it twice, and neither do
+several replicas.
 
 Each loop runs supervised (supervise.py): whatever it raises, it is logged, counted and restarted,
 and /readyz says so while it is down.
