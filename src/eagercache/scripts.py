@@ -57,6 +57,9 @@ CLAIM_REPLY_KEPT_MS = 30_000
 # Expiring at the due time itself, every refresh sent one to every process (each parsed them all), ~25 us
 # of a process's CPU per refresh at 10,000 due per second, for a hint the schedule had already acted on.
 SHADOW_GRACE_MS = 250
+_SHADOW_GRACE = f"""
+local shadow_grace_ms = {SHADOW_GRACE_MS}
+"""
 # A claim, kept for a retry of that very claim. A claim's connection may break after the script ran (a
 # server failing over, a cluster client dropping its connections on MOVED) and the client sends it again as
 # it was: without the first run's reply, the retry would find its entries leased, and they would wait out
@@ -98,6 +101,28 @@ end
 """
 )
 
+# One entry taken by a claim (CLAIM_DUE, CLAIM_MANY; KEYS: due, read): its score moves to the lease end and
+# its shadow key (if `shadow_prefix` is not '') to the lease end + the grace; its read time, due time and
+# header go into the claim's reply `out`.
+_TAKE = (
+    _SHADOW_GRACE
+    + """
+local function take(id, due, header, lease_end, shadow_prefix, out)
+  redis.call('ZADD', KEYS[1], lease_end, id)
+  if shadow_prefix ~= '' then
+    redis.call('SET', shadow_prefix .. id, '', 'PX', lease_end - now + shadow_grace_ms, 'XX')
+  end
+  local read = redis.call('ZSCORE', KEYS[2], id)
+  -- an entry with no read time (its record was lost) starts counting towards max_idle now
+  if not read then redis.call('ZADD', KEYS[2], now, id) end
+  out[#out + 1] = id
+  out[#out + 1] = read or '-1'
+  out[#out + 1] = due
+  out[#out + 1] = header
+end
+"""
+)
+
 # Claim up to ARGV[3] entries due now by moving their score to now + ARGV[2], the lease end: whoever moved
 # an entry owns its refresh, and if it dies the lease runs out and the entry is due again.
 # KEYS: due, read, this process's last claim (_REPLAY). ARGV[1]: the claim's token; ARGV[4]: the item key
@@ -111,26 +136,15 @@ end
 CLAIM_DUE = (
     _NOW
     + _REPLAY
+    + _TAKE
     + """
 local replay = replay_of(KEYS[3], ARGV[1], KEYS[2], ARGV[4], ARGV[5])
 if replay then return replay end
 local lease_end = now + tonumber(ARGV[2])
-local shadow_ms = tonumber(ARGV[2]) + """
-    + str(SHADOW_GRACE_MS)
-    + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {now, lease_end, '-1'}
 for i = 1, #due, 2 do
-  local id = due[i]
-  redis.call('ZADD', KEYS[1], lease_end, id)
-  if ARGV[6] ~= '' then redis.call('SET', ARGV[6] .. id, '', 'PX', shadow_ms, 'XX') end
-  local read = redis.call('ZSCORE', KEYS[2], id)
-  -- an entry with no read time (its record was lost) starts counting towards max_idle now
-  if not read then redis.call('ZADD', KEYS[2], now, id) end
-  out[#out + 1] = id
-  out[#out + 1] = read or '-1'
-  out[#out + 1] = due[i + 1]
-  out[#out + 1] = header_of(ARGV[4] .. id, ARGV[5])
+  take(due[i], due[i + 1], header_of(ARGV[4] .. due[i], ARGV[5]), lease_end, ARGV[6], out)
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if first[2] then out[3] = first[2] end
@@ -146,27 +160,18 @@ return out
 CLAIM_MANY = (
     _NOW
     + _REPLAY
+    + _TAKE
     + """
 local replay = replay_of(KEYS[3], ARGV[1], KEYS[2], ARGV[3], ARGV[4])
 if replay then return replay end
 local lease_end = now + tonumber(ARGV[2])
-local shadow_ms = tonumber(ARGV[2]) + """
-    + str(SHADOW_GRACE_MS)
-    + """
 local out = {now, lease_end, '-1'}
 for i = 6, #ARGV do
   local id = ARGV[i]
   local due = redis.call('ZSCORE', KEYS[1], id)
   local header = header_of(ARGV[3] .. id, ARGV[4])
   if (due and tonumber(due) <= now) or (not due and header ~= '') then
-    redis.call('ZADD', KEYS[1], lease_end, id)
-    if ARGV[5] ~= '' then redis.call('SET', ARGV[5] .. id, '', 'PX', shadow_ms, 'XX') end
-    local read = redis.call('ZSCORE', KEYS[2], id)
-    if not read then redis.call('ZADD', KEYS[2], now, id) end
-    out[#out + 1] = id
-    out[#out + 1] = read or '-1'
-    out[#out + 1] = due or '-1'
-    out[#out + 1] = header
+    take(id, due or '-1', header, lease_end, ARGV[5], out)
   end
 end
 if #out > 3 then keep_claim(KEYS[3], ARGV[1], lease_end, out) end
@@ -237,6 +242,7 @@ return taken
 # (no longer this refresh's).
 WRITE = (
     _NOW
+    + _SHADOW_GRACE
     + """
 if ARGV[7] ~= '' then
   local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
@@ -269,9 +275,7 @@ index('SREM', ARGV[9], ARGV[1], old_tags, new_tags)
 index('SADD', ARGV[9], ARGV[1], new_tags, old_tags)
 redis.call('SET', KEYS[1], ARGV[2])
 if ARGV[8] == '1' then
-  redis.call('SET', KEYS[2], '', 'PX', math.max(0, tonumber(ARGV[3]) - now) + """
-    + str(SHADOW_GRACE_MS)
-    + """)
+  redis.call('SET', KEYS[2], '', 'PX', math.max(0, tonumber(ARGV[3]) - now) + shadow_grace_ms)
 end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 if ARGV[6] == 'cold' then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
@@ -286,6 +290,7 @@ return 1
 # none). An entry whose item is gone is dropped whole, as in WRITE. Returns 0 if it is gone.
 POSTPONE = (
     _NOW
+    + _SHADOW_GRACE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[6], ARGV[4], -1) end
@@ -294,9 +299,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
 if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3]) end
-if ARGV[5] == '1' then redis.call('SET', KEYS[2], '', 'PX', tonumber(ARGV[2]) + """
-    + str(SHADOW_GRACE_MS)
-    + """) end
+if ARGV[5] == '1' then redis.call('SET', KEYS[2], '', 'PX', tonumber(ARGV[2]) + shadow_grace_ms) end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
